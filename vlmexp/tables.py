@@ -1,0 +1,81 @@
+"""Atomic writes and the one table format every stage shares.
+
+A prediction table has `id`, optionally `label` (gold) and `fold`, then `pred`, then one
+probability column per class in class order, named `p:<label>` (e.g. `p:退款页面`).
+Writes go to a temporary file in the same folder and are renamed into place, so a run killed
+mid-write (kill -9) never leaves a half-written table behind to be read back on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+PROB_PREFIX = "p:"
+
+
+def prob_columns(labels: list[str]) -> list[str]:
+    return [PROB_PREFIX + label for label in labels]
+
+
+def probs(df: pd.DataFrame, labels: list[str]) -> np.ndarray:
+    """The (n, n_classes) probability matrix of a prediction table, in class order."""
+    return df[prob_columns(labels)].to_numpy(dtype=float)
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> Path:
+    return _atomic_write(Path(path), lambda f: df.to_csv(f, index=False))
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    # ids and labels stay strings: "007" must not become 7.
+    df = pd.read_csv(path, dtype={"id": str, "label": str, "pred": str})
+    return df
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    return _atomic_write(
+        Path(path), lambda f: json.dump(obj, f, indent=2, ensure_ascii=False, default=_jsonable)
+    )
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    return _atomic_write(Path(path), lambda f: f.write(text))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
