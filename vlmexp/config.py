@@ -127,6 +127,7 @@ class PseudoConfig:
     source: str = ""  # take pseudo-labels from this finished run's test ensemble (name or folder)
     min_agree: float = 1.0  # share of folds that must vote the ensemble's label, e.g. 1.0 = 5 of 5
     min_confidence: float = 0.9  # ensemble probability of that label must reach this
+    round: int = 0  # which pseudo-label round this run is (set by pseudo.rounds chaining)
 
 
 @dataclass
@@ -144,6 +145,7 @@ class Config:
     experiment: str = ""  # name of experiments/<experiment>.yaml applied over the defaults
     name: str = ""  # run folder name; default: <experiment or prompt>-<config hash>
     runs_dir: str = "runs"  # where run folders live
+    leaderboard: str = "experiments/leaderboard.csv"  # every finished run appends one row here
     prompt: str = "baseline"  # template name: baseline, label_desc, reason_label, cot, describe_classify
     folds: int = 5  # K of stratified (grouped if the data has groups) K-fold
     fold_seed: int = 42  # seed of the fold assignment (shared by all runs on the same data)
@@ -164,7 +166,7 @@ class Config:
 
 # Fields that name or place a run without changing its results: left out of the hash,
 # so that `name=foo` reruns into the same numbers.
-_UNHASHED = {"name", "runs_dir", "experiment"}
+_UNHASHED = {"name", "runs_dir", "experiment", "leaderboard"}
 
 
 
@@ -189,6 +191,14 @@ def _field(key: str) -> Any:
 
 def nearest_key(key: str) -> str:
     keys = _all_keys()
+    section, _, leaf_name = key.rpartition(".")
+    if section and section in keys:
+        # "lora.rank" -> stay inside lora.*: "lora.r", not a key of another section.
+        inside = [k for k in keys if k.startswith(section + ".")]
+        leaves = [k.rpartition(".")[2] for k in inside]
+        prefixed = [leaf for leaf in leaves if leaf_name.startswith(leaf)]  # "rank" starts with "r"
+        best = max(prefixed, key=len) if prefixed else difflib.get_close_matches(leaf_name, leaves, 1, 0.0)[0]
+        return f"{section}.{best}"
     best = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
     # "lr" should suggest train.lr, not "dir": compare the last part too.
     leaf = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in keys], n=1, cutoff=0.6)

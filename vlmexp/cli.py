@@ -1,0 +1,228 @@
+"""`exp`: the command line. Each command is a thin wrapper over one module's function.
+
+Errors a user can fix (bad config key, broken data, malformed submission) print one clear
+message and exit 2 instead of a traceback; everything already computed stays on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import re
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from vlmexp.config import ConfigError, load_config, run_name, to_yaml
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="K-fold SFT of VLMs for image classification.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect competition data.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. prompt=label_desc folds=5 train.lr=1e-4")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    # transformers/trl chatter would bury our progress display; warnings still show.
+    for noisy in ("transformers", "trl", "peft", "accelerate", "httpx", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(fn):
+    """Turn the errors a user can fix into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from vlmexp.data import DataError
+        from vlmexp.submit import SubmissionError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, SubmissionError, FileNotFoundError, FileExistsError) as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def config(overrides: list[str] = OVERRIDES) -> None:
+    """Print the resolved config (defaults < experiments/<experiment>.yaml < key=value)."""
+    cfg = load_config(overrides)
+    typer.echo(f"# run name: {run_name(cfg)}")
+    typer.echo(to_yaml(cfg))
+
+
+@app.command()
+@user_errors
+def run(
+    overrides: list[str] = OVERRIDES,
+    force: bool = typer.Option(False, "--force", help="redo finished folds instead of resuming"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run (or resume) one K-fold experiment: exp run prompt=label_desc folds=5."""
+    _setup_logging(verbose)
+    from vlmexp.recipe import run_experiment
+
+    cfg = load_config(overrides)
+    run_dir = run_experiment(cfg, force=force)
+    _print_cv(run_dir.root)
+
+
+def _print_cv(root: Path) -> None:
+    from vlmexp.tables import read_json
+
+    cv = read_json(root / "cv.json")
+    folds = " ".join(f"{s:.4f}" for s in cv["folds"])
+    console.print(
+        f"[bold green]{root.name}[/]: CV {cv['metric']} {cv['mean']:.4f} ± {cv['std']:.4f} "
+        f"(folds {folds}; accuracy {cv['accuracy']:.4f}) -> {root}/submission.csv"
+    )
+
+
+def expand_grid(overrides: list[str]) -> list[list[str]]:
+    """`prompt=a,b lora.r=8,16` -> the 4 override lists of the grid (list values `[a,b]` are kept whole)."""
+    axes = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        values = [value] if value.startswith("[") else value.split(",")
+        axes.append([f"{key}={v}" for v in values])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+@app.command()
+@user_errors
+def sweep(
+    overrides: list[str] = OVERRIDES,
+    force: bool = typer.Option(False, "--force"),
+    report_out: Path = typer.Option(None, "--report", help="report folder; default runs/_reports/sweep-<runs>"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a grid (skipping finished runs), then one report over it: exp sweep prompt=baseline,label_desc."""
+    _setup_logging(verbose)
+    from vlmexp.recipe import run_experiment
+    from vlmexp.report import write_report
+
+    grid = expand_grid(overrides)
+    configs = [load_config(o) for o in grid]  # every point validated before any training starts
+    runs = []
+    for i, cfg in enumerate(configs):
+        console.rule(f"sweep {i + 1}/{len(configs)}: {' '.join(grid[i])}")
+        runs.append(run_experiment(cfg, force=force).root)
+        _print_cv(runs[-1])
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(r.name for r in runs))[:80]
+    out = report_out or Path(configs[0].runs_dir) / "_reports" / f"sweep-{tag}"
+    path = write_report(runs, baseline=None, out=out)
+    console.print(f"report: {path}")
+
+
+@app.command()
+@user_errors
+def report(
+    runs: list[Path] = typer.Argument(..., help="run folders (or names under runs/)"),
+    baseline: Path = typer.Option(None, "--baseline", help="run to compare against; default the first"),
+    out: Path = typer.Option(None, "--out", help="report folder; default runs/_reports/<runs>"),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+) -> None:
+    """Ablation report: CV deltas, paired bootstrap CI, McNemar, plots."""
+    from vlmexp.report import write_report
+
+    dirs = [_run_path(r, runs_dir) for r in runs]
+    base = _run_path(baseline, runs_dir) if baseline else None
+    out = out or runs_dir / "_reports" / "-vs-".join(d.name for d in dirs)[:120]
+    console.print(f"report: {write_report(dirs, baseline=base, out=out)}")
+
+
+def _run_path(name: Path, runs_dir: Path) -> Path:
+    for p in (name, runs_dir / name):
+        if p.is_dir():
+            return p
+    raise FileNotFoundError(f"no run folder '{name}' (looked in . and {runs_dir}/); see `exp leaderboard`")
+
+
+@app.command(name="leaderboard")
+@user_errors
+def leaderboard_cmd(
+    path: Path = typer.Option(Path("experiments/leaderboard.csv"), "--path"),
+    md: Path = typer.Option(None, "--md", help="Markdown copy; default beside the CSV"),
+    top: int = typer.Option(30, "--top"),
+) -> None:
+    """Print the leaderboard sorted by CV score and write it as Markdown."""
+    from vlmexp import leaderboard
+
+    if not path.exists():
+        raise FileNotFoundError(f"no leaderboard at {path}: finish a run first (exp run ...)")
+    md = md or path.with_suffix(".md")
+    leaderboard.write_markdown(path, md)
+    df = leaderboard.load(path)
+    typer.echo(leaderboard.to_markdown(df.head(top) if len(df) <= top else df, metric=None))
+    console.print(f"written: {md}")
+
+
+@app.command()
+@user_errors
+def submit(
+    run_name_: Path = typer.Argument(..., metavar="RUN", help="finished run folder or name"),
+    sample: Path = typer.Option(None, "--sample", help="sample_submission.csv: its columns and row order"),
+    out: Path = typer.Option(None, "--out", help="default <run>/submission.csv"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+) -> None:
+    """Write the submission CSV of a finished run, validated against the test set."""
+    from omegaconf import OmegaConf
+
+    from vlmexp.config import Config
+    from vlmexp.data import load_competition
+    from vlmexp.submit import make_submission
+
+    root = _run_path(run_name_, runs_dir)
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(root / "config.yaml")))
+    comp = load_competition(cfg.data)
+    path = make_submission(root, comp.test["id"].tolist(), comp.labels, sample=sample, out=out, force=force,
+                           id_col=cfg.data.id_col)
+    console.print(f"submission: {path}")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Argument(Path("demo_data"), help="folder to write the demo competition into"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write the bundled synthetic e-commerce screenshot competition (deterministic)."""
+    from vlmexp.demo import make_demo
+
+    path = make_demo(out, seed=seed)
+    console.print(f"demo competition written to {path}; next: exp data check {path}")
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    directory: Path = typer.Argument(..., metavar="DIR"),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Load a competition folder, print a summary and every problem with file, row and fix."""
+    from vlmexp.data import check_competition, format_check
+
+    cfg = load_config([*(overrides or []), f"data.dir={directory}"])
+    result = check_competition(cfg.data)
+    console.print(format_check(result))
+    if result.problems:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])

@@ -1,0 +1,413 @@
+"""A deterministic synthetic competition: e-commerce app screenshots in 12 classes.
+
+Some classes differ only in their words (payment vs refund_request share layout and colours;
+order_details vs invoice likewise), others by layout or colour (product photo = one big shape,
+chat = speech bubbles, coupons = red page of tickets). Class sizes are clearly imbalanced
+(e.g. 68 product photos vs 8 settings pages at n_train=400) and one label is CJK (`优惠券`).
+The same seed gives byte-identical files: every image draws from its own `random.Random`
+seeded by a string, and PNGs are saved with fixed parameters and no metadata.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+
+from vlmexp.tables import write_json, write_table, write_text
+
+FONT_DIRS = (Path(__file__).parent / "fonts", Path("/usr/share/fonts/truetype/dejavu"))
+RGB = tuple[int, int, int]
+
+
+@functools.cache
+def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    for folder in FONT_DIRS:
+        if (folder / name).exists():
+            return ImageFont.truetype(str(folder / name), size)
+    warnings.warn(
+        f"demo: font {name} not found in {', '.join(map(str, FONT_DIRS))}; using PIL's built-in font, "
+        "so images differ from other machines. Fix: apt-get install fonts-dejavu-core",
+        stacklevel=2,
+    )
+    return ImageFont.load_default(size)
+
+
+class _Canvas:
+    """One screenshot being drawn, with its own random source for every jitter."""
+
+    def __init__(self, rng: random.Random, w: int, h: int, bg: RGB):
+        self.rng, self.w, self.h = rng, w, h
+        self.img = Image.new("RGB", (w, h), self.jit(bg, 6))
+        self.d = ImageDraw.Draw(self.img)
+
+    def jit(self, rgb: RGB, amount: int = 14) -> RGB:
+        return tuple(min(255, max(0, c + self.rng.randint(-amount, amount))) for c in rgb)
+
+    def text(self, xy: tuple[float, float], s: str, size: int = 15, bold: bool = False, fill: RGB = (40, 40, 40)):
+        self.d.text(xy, s, font=_font(size, bold), fill=fill)
+
+    def button(self, box: tuple[float, float, float, float], label: str, colour: RGB, size: int = 17):
+        self.d.rounded_rectangle(box, radius=8, fill=self.jit(colour))
+        x0, y0, x1, y1 = box
+        tw = self.d.textlength(label, font=_font(size, True))
+        self.text(((x0 + x1 - tw) / 2, (y0 + y1 - size) / 2 - 1), label, size, True, (255, 255, 255))
+
+    def status_bar(self) -> int:
+        self.text((10, 4), f"{self.rng.randint(7, 23)}:{self.rng.randint(0, 59):02d}", 12)
+        self.d.rectangle((self.w - 34, 7, self.w - 12, 16), outline=(60, 60, 60), width=1)
+        self.d.rectangle((self.w - 32, 9, self.w - 32 + self.rng.randint(4, 18), 14), fill=(60, 60, 60))
+        return 22
+
+    def header(self, top: int, title: str, colour: RGB) -> int:
+        bottom = top + self.rng.randint(44, 56)
+        self.d.rectangle((0, top, self.w, bottom), fill=self.jit(colour))
+        size = self.rng.randint(18, 22)
+        self.text((self.rng.randint(12, 20), (top + bottom - size) / 2), "<", size, True, (255, 255, 255))
+        self.text((self.rng.randint(38, 60), (top + bottom - size) / 2 - 1), title, size, True, (255, 255, 255))
+        return bottom
+
+
+NOISE_WORDS = ["Home", "Help", "v2.4.1", "Mall", "Deals", "Ad", "Today", "Share", "More", "Live", "Hot", "New"]
+PRODUCTS = ["Wireless earbuds", "Running shoes", "Desk lamp", "Phone case", "Rice cooker", "Backpack", "Green tea"]
+DATES = ["2024-03-{:02d}", "2024-07-{:02d}", "2025-01-{:02d}", "2025-11-{:02d}"]
+
+
+def _money(rng: random.Random, lo: int = 5, hi: int = 300) -> str:
+    return f"${rng.randint(lo, hi)}.{rng.choice(['00', '50', '99', '49', '20'])}"
+
+
+def _date(rng: random.Random) -> str:
+    return rng.choice(DATES).format(rng.randint(1, 28))
+
+
+def _rows_page(c: _Canvas, titles: list[str], rows: list[tuple[str, str]], action: str) -> dict:
+    """order_details and invoice: the same key/value list; only the words differ."""
+    title = c.rng.choice(titles)
+    y = c.header(c.status_bar(), title, (40, 110, 220)) + c.rng.randint(12, 24)
+    for key, value in rows:
+        c.text((18, y), key, 15, fill=(110, 110, 110))
+        c.text((c.w * 0.45, y), value, 15, fill=(30, 30, 30))
+        y += c.rng.randint(30, 38)
+        c.d.line((14, y - 8, c.w - 14, y - 8), fill=(225, 225, 225))
+    c.d.rounded_rectangle((18, y + 10, c.w - 18, y + 50), radius=8, outline=c.jit((40, 110, 220)), width=2)
+    c.text((c.w / 2 - 50, y + 20), action, 16, True, (40, 110, 220))
+    return {"title": title, "first": f"{rows[0][0]} {rows[0][1]}", "last": f"{rows[-1][0]} {rows[-1][1]}"}
+
+
+def order_details(c: _Canvas) -> dict:
+    r = c.rng
+    rows = [("Order No.", str(r.randint(10**9, 10**10 - 1))), ("Placed on", _date(r)),
+            ("Items", str(r.randint(1, 6))), ("Shipping", r.choice(["Free", "$4.99"])), ("Total", _money(r))]
+    return _rows_page(c, ["Order details", "Order info", "My order"], rows, r.choice(["Track package", "Buy again"]))
+
+
+def invoice(c: _Canvas) -> dict:
+    r = c.rng
+    rows = [("Invoice No.", f"INV-{r.randint(10000, 99999)}"), ("Issued", _date(r)),
+            ("Tax ID", str(r.randint(10**8, 10**9 - 1))), ("Tax", _money(r, 1, 30)), ("Amount", _money(r))]
+    return _rows_page(c, ["Invoice", "Tax invoice", "E-invoice"], rows, r.choice(["Download PDF", "Email invoice"]))
+
+
+def _form_page(c: _Canvas, titles: list[str], caption: str, options: list[str], action: str) -> dict:
+    """payment and refund_request: one layout and colour scheme; only the words differ."""
+    title, amount = c.rng.choice(titles), _money(c.rng)
+    y = c.header(c.status_bar(), title, (245, 130, 30)) + c.rng.randint(18, 30)
+    c.text((c.w / 2 - 60, y), caption, 16, fill=(100, 100, 100))
+    c.text((c.w / 2 - 55, y + 26), amount, 32, True, (30, 30, 30))
+    y += c.rng.randint(90, 110)
+    for i, option in enumerate(options):
+        c.d.ellipse((20, y + 2, 36, y + 18), outline=(245, 130, 30), width=2, fill=(245, 130, 30) if i == 0 else None)
+        c.text((46, y), option, 15)
+        y += c.rng.randint(38, 46)
+    c.button((20, c.h - 90, c.w - 20, c.h - 48), action, (245, 130, 30))
+    return {"title": title, "amount": amount, "caption": caption, "action": action}
+
+
+def payment(c: _Canvas) -> dict:
+    cards = [f"Visa **** {c.rng.randint(1000, 9999)}", "PayPal", "Apple Pay", "Alipay"]
+    return _form_page(c, ["Payment", "Pay order", "Confirm payment"], "Amount to pay",
+                      c.rng.sample(cards, 2), c.rng.choice(["Pay now", "Confirm and pay"]))
+
+
+def refund_request(c: _Canvas) -> dict:
+    reasons = ["Reason: Item damaged", "Reason: Wrong size", "Reason: Not as described", "Reason: Late delivery"]
+    return _form_page(c, ["Refund request", "Request refund", "Apply for refund"], "Refund amount",
+                      [c.rng.choice(reasons), "Refund to: original card"], c.rng.choice(["Submit refund", "Request refund"]))
+
+
+def logistics_tracking(c: _Canvas) -> dict:
+    title = c.rng.choice(["Tracking", "Package tracking", "Shipment status"])
+    y = c.header(c.status_bar(), title, (40, 160, 80)) + 14
+    number = f"SF{c.rng.randint(10**10, 10**11 - 1)}"
+    c.text((18, y), f"Tracking No. {number}", 14, fill=(90, 90, 90))
+    events = ["Delivered", "Out for delivery", "Arrived at local hub", "In transit", "Shipped", "Order placed"]
+    steps = events[c.rng.randint(0, 2):][: c.rng.randint(3, 5)]
+    y += 36
+    c.d.line((30, y + 8, 30, y + 8 + 48 * (len(steps) - 1)), fill=(180, 180, 180), width=3)
+    for i, step in enumerate(steps):
+        colour = (40, 160, 80) if i == 0 else (180, 180, 180)
+        c.d.ellipse((23, y + 1, 37, y + 15), fill=colour)
+        c.text((50, y - 2), step, 16, i == 0, (30, 30, 30) if i == 0 else (110, 110, 110))
+        c.text((50, y + 18), f"{_date(c.rng)} {c.rng.randint(8, 21)}:{c.rng.randint(0, 59):02d}", 12, fill=(150, 150, 150))
+        y += 48
+    return {"title": title, "status": steps[0], "number": number}
+
+
+def chat_support(c: _Canvas) -> dict:
+    title = c.rng.choice(["Customer service", "Chat with support", "Live chat"])
+    y = c.header(c.status_bar(), title, (20, 150, 160)) + 14
+    lines = ["Hi, how can I help?", "Where is my order?", "Let me check that.", "It ships tomorrow.",
+             "Can I change size?", "Sure, done!", "Thanks a lot", "Anything else?"]
+    n = c.rng.randint(3, 6)
+    for i in range(n):
+        mine = i % 2 == 1
+        line = c.rng.choice(lines)
+        tw = c.d.textlength(line, font=_font(15))
+        x0 = c.w - tw - 40 if mine else 16
+        fill = c.jit((150, 230, 120)) if mine else c.jit((235, 235, 235))
+        c.d.rounded_rectangle((x0, y, x0 + tw + 24, y + 34), radius=14, fill=fill)
+        c.text((x0 + 12, y + 8), line, 15)
+        y += c.rng.randint(44, 56)
+        if y > c.h - 90:
+            break
+    c.d.rounded_rectangle((12, c.h - 50, c.w - 12, c.h - 14), radius=16, outline=(190, 190, 190), width=2)
+    c.text((26, c.h - 41), "Type a message", 14, fill=(160, 160, 160))
+    return {"title": title, "bubbles": n}
+
+
+def product_photo(c: _Canvas) -> dict:
+    top = c.status_bar()
+    colour = c.jit(c.rng.choice([(220, 50, 50), (50, 90, 220), (240, 190, 30), (150, 60, 200), (30, 170, 120)]), 25)
+    size = min(c.w, c.h) * c.rng.uniform(0.5, 0.68)
+    x0, y0 = c.rng.uniform(20, c.w - size - 20), top + c.rng.uniform(20, 50)
+    box = (x0, y0, x0 + size, y0 + size)
+    shape = c.rng.choice(["circle", "square", "triangle"])
+    if shape == "circle":
+        c.d.ellipse(box, fill=colour)
+    elif shape == "square":
+        c.d.rounded_rectangle(box, radius=12, fill=colour)
+    else:
+        c.d.polygon([(x0 + size / 2, y0), (x0 + size, y0 + size), (x0, y0 + size)], fill=colour)
+    name, price = c.rng.choice(PRODUCTS), _money(c.rng)
+    y = y0 + size + 16
+    c.text((18, y), price, 24, True, (220, 40, 40))
+    c.text((18, y + 34), name, 16)
+    return {"shape": shape, "price": price, "name": name}
+
+
+def coupons(c: _Canvas) -> dict:
+    c.d.rectangle((0, 0, c.w, c.h), fill=c.jit((225, 45, 45)))
+    top = c.status_bar()
+    title = c.rng.choice(["My coupons", "Coupon center", "Get coupons"])
+    c.text((18, top + 12), title, 22, True, (255, 255, 255))
+    y, n, first = top + 56, 0, ""
+    while y + 80 < c.h - 10 and n < 4:
+        off = f"${c.rng.choice([3, 5, 10, 20, 50])} OFF"
+        first = first or off
+        c.d.rounded_rectangle((16, y, c.w - 16, y + 72), radius=10, fill=c.jit((255, 245, 225), 8))
+        c.d.line((c.w * 0.42, y + 8, c.w * 0.42, y + 64), fill=(225, 45, 45), width=2)
+        c.text((28, y + 22), off, 20, True, (225, 45, 45))
+        c.text((c.w * 0.42 + 12, y + 12), f"Min. spend ${c.rng.choice([20, 30, 59, 99])}", 13, fill=(90, 90, 90))
+        c.text((c.w * 0.42 + 12, y + 40), "Claim", 15, True, (225, 45, 45))
+        y, n = y + c.rng.randint(84, 96), n + 1
+    return {"title": title, "tickets": n, "off": first}
+
+
+def shopping_cart(c: _Canvas) -> dict:
+    n = c.rng.randint(2, 4)
+    title = c.rng.choice([f"Shopping cart ({n})", f"My cart ({n})", "Cart"])
+    y = c.header(c.status_bar(), title, (70, 70, 80)) + 12
+    for _ in range(n):
+        c.d.rectangle((14, y + 24, 30, y + 40), outline=(245, 130, 30), width=2)
+        c.d.rectangle((40, y + 6, 100, y + 66), fill=c.jit(c.rng.choice([(200, 80, 80), (80, 120, 200), (90, 180, 110)]), 30))
+        c.text((112, y + 12), c.rng.choice(PRODUCTS), 15)
+        c.text((112, y + 40), _money(c.rng), 15, True, (220, 40, 40))
+        y += 78
+    total = _money(c.rng, 20, 600)
+    c.d.rectangle((0, c.h - 56, c.w, c.h), fill=(248, 248, 248))
+    c.text((14, c.h - 38), f"Total: {total}", 16, True)
+    c.button((c.w - 150, c.h - 48, c.w - 12, c.h - 10), f"Checkout ({n})", (245, 130, 30), 15)
+    return {"title": title, "items": n, "total": total}
+
+
+def login(c: _Canvas) -> dict:
+    top = c.status_bar()
+    cx, r = c.w / 2 + c.rng.randint(-20, 20), c.rng.randint(28, 40)
+    c.d.ellipse((cx - r, top + 40, cx + r, top + 40 + 2 * r), fill=c.jit((120, 70, 200)))
+    y = top + 60 + 2 * r
+    for placeholder in ["Phone number or email", "Password"]:
+        c.d.rounded_rectangle((24, y, c.w - 24, y + 42), radius=8, outline=(190, 190, 190), width=2)
+        c.text((36, y + 12), placeholder, 15, fill=(150, 150, 150))
+        y += c.rng.randint(54, 62)
+    action = c.rng.choice(["Log in", "Sign in"])
+    c.button((24, y + 8, c.w - 24, y + 52), action, (120, 70, 200))
+    c.text((c.w / 2 - 60, y + 66), "Forgot password?", 13, fill=(120, 70, 200))
+    return {"action": action}
+
+
+def search_results(c: _Canvas) -> dict:
+    top = c.status_bar()
+    query = c.rng.choice(["red shoes", "phone case", "lamp", "tea gift box", "backpack"])
+    c.d.rounded_rectangle((12, top + 8, c.w - 12, top + 44), radius=18, fill=(238, 238, 238))
+    c.text((30, top + 17), f"Q  {query}", 15, fill=(80, 80, 80))
+    c.text((16, top + 54), "Sort   Price   Sales   Filter", 13, fill=(120, 120, 120))
+    cw, y = (c.w - 36) / 2, top + 80
+    for row in range(2):
+        for col in range(2):
+            x = 12 + col * (cw + 12)
+            c.d.rectangle((x, y, x + cw, y + cw * 0.8), fill=c.jit((200, 200, 210), 40))
+            c.text((x + 4, y + cw * 0.8 + 6), _money(c.rng), 14, True, (220, 40, 40))
+        y += cw * 0.8 + 34
+    return {"query": query}
+
+
+def account_settings(c: _Canvas) -> dict:
+    title = c.rng.choice(["Settings", "Account settings"])
+    y = c.header(c.status_bar(), title, (110, 110, 120)) + 10
+    options = ["Notifications", "Dark mode", "Location access", "Personalised ads", "Auto-play videos"]
+    for name in c.rng.sample(options, 4):
+        c.text((18, y + 12), name, 15)
+        on = c.rng.random() < 0.5
+        x = c.w - 66
+        c.d.rounded_rectangle((x, y + 8, x + 46, y + 32), radius=12, fill=(60, 190, 90) if on else (200, 200, 200))
+        kx = x + 24 if on else x + 2
+        c.d.ellipse((kx, y + 10, kx + 20, y + 30), fill=(255, 255, 255))
+        y += 46
+        c.d.line((14, y, c.w - 14, y), fill=(225, 225, 225))
+    return {"title": title}
+
+
+@dataclass(frozen=True)
+class _Class:
+    label: str
+    description: str
+    share: float  # share of the rows, e.g. 0.17 -> 68 of 400 train images
+    draw: Callable[[_Canvas], dict]
+    reasons: tuple[str, ...]  # str.format templates over the drawer's facts
+
+
+CLASSES = [
+    _Class("product_photo", "A product shown as one large picture with its price and name below.", 0.17,
+           product_photo, ("One large {shape} picture fills the screen with the price {price} under it",
+                           "A big product image and a price tag ({price}); no form or list",
+                           "Mostly a single {shape} product shot, captioned '{name}'")),
+    _Class("order_details", "An order's details: order number, date, items and total.", 0.165,
+           order_details, ("Title says '{title}' and the rows start with {first}",
+                           "Blue header '{title}' with order rows ending in {last}",
+                           "Key/value list of an order ({first}) under '{title}'")),
+    _Class("chat_support", "A chat with customer service: speech bubbles and a message box.", 0.16,
+           chat_support, ("{bubbles} speech bubbles under a '{title}' header",
+                          "Chat bubbles left and right and a 'Type a message' box",
+                          "Header '{title}' and alternating message bubbles")),
+    _Class("logistics_tracking", "Parcel tracking: a tracking number and a timeline of delivery steps.", 0.12,
+           logistics_tracking, ("Timeline of delivery steps, latest '{status}'",
+                                "'{title}' page with tracking no. {number} and a step timeline",
+                                "Green header and a vertical timeline topped by '{status}'")),
+    _Class("search_results", "Search results: a search bar with a query above a grid of products.", 0.10,
+           search_results, ("Search bar with '{query}' above a grid of product tiles",
+                            "A 2x2 grid of results for the query '{query}'",
+                            "Query '{query}' in the search box, sort/filter row, product grid")),
+    _Class("shopping_cart", "The shopping cart: item rows with checkboxes and a checkout button.", 0.075,
+           shopping_cart, ("'{title}' lists {items} items with checkboxes and a Checkout button",
+                           "Cart rows with thumbnails and a total of {total}",
+                           "Checkbox item rows and a bottom bar 'Total: {total}'")),
+    _Class("payment", "Paying for an order: the amount to pay, payment methods and a pay button.", 0.065,
+           payment, ("Title says '{title}', the amount field reads '{caption}' and the button '{action}'",
+                     "'{caption}' {amount} with payment methods and '{action}'",
+                     "Orange form titled '{title}' asking to pay {amount}")),
+    _Class("login", "A login screen: account and password boxes and a log-in button.", 0.045,
+           login, ("Phone/email and password boxes with a '{action}' button",
+                   "Login form: two input boxes, '{action}', 'Forgot password?'",
+                   "A logo circle above account and password fields")),
+    _Class("refund_request", "Asking for a refund: the refund amount, a reason and a submit button.", 0.03,
+           refund_request, ("Title says '{title}' and there is a '{caption}' field of {amount}",
+                            "'{caption}' {amount} and a '{action}' button",
+                            "Orange form titled '{title}' with a refund reason")),
+    _Class("优惠券", "Coupons page: a red page of discount tickets to claim.", 0.03,
+           coupons, ("Red page '{title}' with {tickets} discount tickets like '{off}'",
+                     "Coupon tickets ('{off}') with Claim buttons on red",
+                     "'{title}': tickets showing '{off}' and a minimum spend")),
+    _Class("invoice", "An invoice: invoice number, tax ID, tax and amount.", 0.025,
+           invoice, ("Title says '{title}' with rows {first} and {last}",
+                     "Invoice rows ({first}) under the header '{title}'",
+                     "Key/value list with a tax ID; header '{title}'")),
+    _Class("account_settings", "Account settings: rows of options with on/off switches.", 0.015,
+           account_settings, ("'{title}' page with rows of on/off switches",
+                              "Toggle switches next to option names under '{title}'",
+                              "A list of settings, each with a switch")),
+]
+
+
+def _counts(n: int, floor: int) -> list[int]:
+    """Per-class counts: `floor` each, the rest by share (largest remainder), summing to n."""
+    raw = [floor + c.share * (n - floor * len(CLASSES)) for c in CLASSES]
+    counts = [int(r) for r in raw]
+    by_remainder = sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _render(seed: int, split: str, i: int, cls: _Class) -> tuple[Image.Image, str]:
+    rng = random.Random(f"{seed}:{split}:{i}")
+    w, h = rng.randint(320, 400), rng.randint(400, 480)
+    if rng.random() < 0.1:  # a few landscape tablet shots, e.g. 470 x 340
+        w, h = rng.randint(440, 480), rng.randint(330, 360)
+    c = _Canvas(rng, w, h, (250, 250, 250))
+    facts = cls.draw(c)
+    for _ in range(rng.randint(0, 2)):  # stray words that mean nothing, e.g. "Deals" in a corner
+        c.text((rng.randint(4, w - 60), rng.randint(30, h - 20)), rng.choice(NOISE_WORDS), 11, fill=(170, 170, 170))
+    return c.img, rng.choice(cls.reasons).format(**facts)
+
+
+def make_demo(out_dir: Path, seed: int = 0, n_train: int = 400, n_test: int = 200) -> Path:
+    """Write the demo competition into `out_dir` and return it; same seed -> same bytes."""
+    if n_train < 2 * len(CLASSES) or n_test < len(CLASSES):
+        raise ValueError(f"make_demo: need n_train >= {2 * len(CLASSES)} and n_test >= {len(CLASSES)} "
+                         f"to show every class; got {n_train} and {n_test}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    order = random.Random(f"{seed}:labels")
+    tables, written = {}, set()
+    for split, n, floor in (("train", n_train, 2), ("test", n_test, 1)):
+        labels = [c.label for c, k in zip(CLASSES, _counts(n, floor), strict=True) for _ in range(k)]
+        order.shuffle(labels)
+        rows = []
+        for i, label in enumerate(labels, 1):
+            img, reason = _render(seed, split, i, next(c for c in CLASSES if c.label == label))
+            name = f"images/{split}_{i:04d}.png"
+            img.save(out / name, format="PNG", optimize=False, compress_level=6)
+            written.add(name)
+            rows.append({"id": f"{split}_{i:04d}", "image": name, "label": label, "reason": reason})
+        tables[split] = pd.DataFrame(rows)
+    for stale in (out / "images").glob("*_*.png"):  # a bigger earlier demo left more images
+        if f"images/{stale.name}" not in written:
+            stale.unlink()
+    train, test = tables["train"], tables["test"]
+    write_table(train[["image", "label", "reason"]], out / "train.csv")
+    write_table(test[["id", "image"]], out / "test.csv")
+    write_table(test[["id", "label"]], out / "test_answers.csv")
+    write_table(test[["id"]].assign(label=CLASSES[0].label), out / "sample_submission.csv")
+    write_json({c.label: c.description for c in CLASSES}, out / "labels.json")
+    write_text(README.format(n_train=n_train, n_test=n_test, seed=seed, k=len(CLASSES)), out / "README.md")
+    return out
+
+
+README = """# vlmexp demo competition (synthetic, seed {seed})
+
+{k} classes of e-commerce app screenshots; {n_train} train and {n_test} test images in `images/`.
+
+- `train.csv`: image, label, reason (the visible evidence for the label)
+- `test.csv`: id, image; `test_answers.csv`: id, label (for scoring; a real competition hides these)
+- `labels.json`: {{label: description}} in class order; `sample_submission.csv`: the submission format
+
+payment/refund_request and order_details/invoice share layout and colours: only their words differ.
+"""

@@ -1,0 +1,146 @@
+"""The leaderboard: one CSV row per finished run, appended under a file lock.
+
+Several runs (a sweep on several GPUs) may finish at the same moment, so every write holds an
+exclusive `fcntl.flock` on `<csv>.lock`. A row with a column the file lacks (a field added in a
+later version) makes the writer rewrite the whole file with the union of columns, still under
+the lock, so old rows get empty cells instead of shifting into the wrong columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+from vlmexp.tables import write_text
+
+DEFAULT_PATH = Path("experiments/leaderboard.csv")
+
+FIELDS = [
+    "run",
+    "overrides",
+    "config_hash",
+    "git_sha",
+    "metric",
+    "cv_mean",
+    "cv_std",
+    "fold_scores",
+    "accuracy",
+    "macro_f1",
+    "train_size",
+    "pseudo_round",
+    "pseudo_count",
+    "duration_s",
+    "finished_at",
+    "submission",
+]
+
+# Read back as text: a config hash "12345678" or a git sha "0123e4" must not become a number.
+_TEXT = ["run", "overrides", "config_hash", "git_sha", "metric", "fold_scores", "finished_at", "submission"]
+
+
+@contextmanager
+def _locked(path: Path, mode: int) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _cell(v: object) -> str:
+    """Lists and dicts as JSON (fold_scores "[0.81, 0.79]"), None/NaN as an empty cell."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, ensure_ascii=False)
+    return str(v)
+
+
+def _csv_text(rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def append(row: dict, path: Path = DEFAULT_PATH) -> Path:
+    """Append one run's row to the leaderboard CSV; safe when several processes do it at once."""
+    if not row.get("run"):
+        raise ValueError("a leaderboard row needs a 'run' name")
+    path = Path(path)
+    with _locked(path, fcntl.LOCK_EX):
+        if not path.exists() or path.stat().st_size == 0:
+            header = FIELDS + [k for k in row if k not in FIELDS]
+            write_text(_csv_text([header, [_cell(row.get(k)) for k in header]]), path)
+            return path
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f))
+        new = [k for k in row if k not in header]
+        if new:
+            with open(path, newline="", encoding="utf-8") as f:
+                old = list(csv.DictReader(f))
+            header += new
+            body = [[r.get(k) or "" for k in header] for r in old]
+            write_text(_csv_text([header, *body, [_cell(row.get(k)) for k in header]]), path)
+            return path
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            # One write call of one line; the lock keeps other writers out meanwhile.
+            f.write(_csv_text([[_cell(row.get(k)) for k in header]]))
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+def load(path: Path = DEFAULT_PATH) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no leaderboard at {path}: finish a run first (exp run ...)")
+    with _locked(path, fcntl.LOCK_SH):
+        return pd.read_csv(path, dtype={c: str for c in _TEXT}, keep_default_na=False, na_values=[""])
+
+
+def _fmt(v: object) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(df: pd.DataFrame, metric: str | None = None) -> str:
+    """A Markdown table, best cv_mean first. With `metric`, only runs ranked by that metric.
+
+    Runs ranked by different metrics are not comparable, so without `metric` they are grouped.
+    """
+    if metric is not None and "metric" in df.columns:
+        df = df[df["metric"] == metric]
+    if df.empty:
+        return "_no runs yet_\n"
+    keys = (["metric"] if "metric" in df.columns and metric is None else []) + ["cv_mean"]
+    df = df.sort_values(keys, ascending=[True] * (len(keys) - 1) + [False], kind="stable", na_position="last")
+    shown = [
+        c
+        for c in ["run", "metric", "cv_mean", "cv_std", "accuracy", "macro_f1", "train_size", "pseudo_count"]
+        + ["overrides", "duration_s", "finished_at", "submission"]
+        if c in df.columns
+    ]
+    lines = ["| # | " + " | ".join(shown) + " |", "|" + "---|" * (len(shown) + 1)]
+    for rank, (_, r) in enumerate(df.iterrows(), start=1):
+        lines.append(f"| {rank} | " + " | ".join(_fmt(r[c]) for c in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path_csv: Path = DEFAULT_PATH, path_md: Path | None = None, metric: str | None = None) -> Path:
+    """Write `to_markdown(load(path_csv))` next to the CSV (leaderboard.md) or to `path_md`."""
+    path_md = Path(path_md) if path_md else Path(path_csv).with_suffix(".md")
+    return write_text(to_markdown(load(path_csv), metric), path_md)

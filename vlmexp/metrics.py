@@ -1,0 +1,67 @@
+"""Accuracy, macro-F1, per-class scores and the confusion matrix.
+
+A prediction that is None/NaN (generation whose answer could not be parsed) or not one of the
+labels counts as wrong: it takes no true positive and still costs its true class recall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+# Stands in for a missing prediction; never a real label, so it is never right.
+UNPARSED = "(unparsed)"
+
+
+def _clean(values: Sequence | pd.Series | np.ndarray) -> np.ndarray:
+    return np.array([UNPARSED if _missing(v) else str(v) for v in values], dtype=object)
+
+
+def _missing(v: object) -> bool:
+    return v is None or (not isinstance(v, str) and bool(pd.isna(v)))
+
+
+def score(y_true, y_pred, labels: list[str]) -> dict:
+    """{"accuracy", "macro_f1", "n", "unparsed"} over the given samples."""
+    t, p = _clean(y_true), _clean(y_pred)
+    if len(t) != len(p):
+        raise ValueError(f"y_true has {len(t)} values but y_pred has {len(p)}")
+    if len(t) == 0:
+        raise ValueError("cannot score zero samples")
+    return {
+        "accuracy": float(np.mean(t == p)),
+        "macro_f1": float(f1_score(t, p, labels=list(labels), average="macro", zero_division=0)),
+        "n": int(len(t)),
+        "unparsed": int(np.sum(p == UNPARSED)),
+    }
+
+
+def per_class_report(y_true, y_pred, labels: list[str]) -> pd.DataFrame:
+    """One row per label in class order: label, precision, recall, f1, support.
+
+    `label` is a column, not the index, so `tables.write_table` keeps it.
+    """
+    t, p = _clean(y_true), _clean(y_pred)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        t, p, labels=list(labels), zero_division=0
+    )
+    return pd.DataFrame(
+        {"label": list(labels), "precision": precision, "recall": recall, "f1": f1, "support": support}
+    )
+
+
+def confusion(y_true, y_pred, labels: list[str]) -> pd.DataFrame:
+    """Counts with true labels as the index ("true") and predicted labels as columns ("pred").
+
+    If some predictions are missing or not a label, one more column `(unparsed)` holds them, so
+    that each row still sums to the class support. Write it with `df.reset_index()`.
+    """
+    t, p = _clean(y_true), _clean(y_pred)
+    cols = list(labels) + ([UNPARSED] if np.any(~np.isin(p, list(labels))) else [])
+    p = np.where(np.isin(p, list(labels)), p, UNPARSED)
+    m = confusion_matrix(t, p, labels=cols)[: len(labels)]
+    df = pd.DataFrame(m, index=pd.Index(list(labels), name="true"), columns=pd.Index(cols, name="pred"))
+    return df

@@ -1,0 +1,201 @@
+"""The experiment recipe: `exp run prompt=label_desc folds=5` reads top to bottom.
+
+folds -> data -> (per fold: split -> balance -> model -> train -> predict OOF + test -> save)
+-> score OOF -> vote on test -> reconcile -> suspects -> submission -> leaderboard.
+
+Every fold's outputs land in `runs/<name>/folds/fold{k}/` before its `done.json`, so a rerun
+skips finished folds and a killed run resumes at the fold it was in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlmexp import leaderboard
+from vlmexp.balance import resample
+from vlmexp.config import Config, config_hash, diff_from_defaults, run_name
+from vlmexp.data import Competition, load_competition
+from vlmexp.engine.predict import predict
+from vlmexp.engine.samples import build_samples
+from vlmexp.engine.train import train_fold
+from vlmexp.kfold.ensemble import apply_suspects, disagreements, reconcile, suspect_labels, vote
+from vlmexp.kfold.folds import assign_folds
+from vlmexp.metrics import confusion, per_class_report, score
+from vlmexp.models.load import load_for_inference, load_model, load_processor
+from vlmexp.progress import RunProgress
+from vlmexp.prompts.render import load_template
+from vlmexp.pseudolabel.select import add_pseudo, select_pseudo, split_with_pseudo
+from vlmexp.rundir import RunDir
+from vlmexp.tables import read_table, write_json, write_table
+
+log = logging.getLogger("vlmexp")
+
+
+def run_experiment(cfg: Config, force: bool = False) -> RunDir:
+    """Run (or resume) one experiment; with pseudo.rounds=N, chain N pseudo-label rounds after it."""
+    rounds = cfg.pseudo.rounds
+    # Round 0 is the plain run: same hash as `exp run` without pseudo.rounds, so it is reused.
+    cfg = dataclasses.replace(cfg, pseudo=dataclasses.replace(cfg.pseudo, rounds=0))
+    run = run_once(cfg, force=force)
+    for r in range(1, rounds + 1):
+        pseudo = dataclasses.replace(cfg.pseudo, source=str(run.root), round=r)
+        cfg_r = dataclasses.replace(cfg, pseudo=pseudo, name=f"{run_name(cfg)}-pl{r}" if cfg.name else "")
+        run = run_once(cfg_r, force=force)
+    return run
+
+
+def run_once(cfg: Config, force: bool = False) -> RunDir:
+    t0 = time.time()
+    # -- setup: run folder, data, prompt -------------------------------------------
+    template = load_template(cfg.prompt, cfg.prompts.dir)
+    run = RunDir.for_config(cfg)
+    prov = run.start(cfg, template.source, force=force)
+    comp = load_competition(cfg.data)
+    labels = comp.labels
+    train = comp.train
+    if cfg.ensemble.suspects != "keep":
+        train = _apply_source_suspects(train, cfg)
+
+    # -- folds: computed once per dataset/k/seed and shared by every run ------------
+    folds = assign_folds(train, cfg.folds, cfg.fold_seed, store_dir=Path(cfg.runs_dir) / "_folds")
+
+    # -- pseudo-labels: confident, agreeing test predictions of a finished run ------
+    pseudo = pd.DataFrame()
+    if cfg.pseudo.source:
+        src = _resolve_run(cfg.pseudo.source, cfg.runs_dir)
+        pseudo = select_pseudo(read_table(src / "test_probs.csv"), labels, cfg.pseudo.min_agree,
+                               cfg.pseudo.min_confidence)
+        log.info("pseudo-labels from %s: %d of %d test rows", src.name, len(pseudo), len(comp.test))
+        write_table(pseudo, run.path("pseudo_labels.csv"))
+    train_all = add_pseudo(train, comp.test, pseudo)
+
+    # -- OCR text, read once per image and cached by content hash -------------------
+    ocr = _ocr_texts(cfg, comp)
+    processor = load_processor(cfg)
+
+    def samples(df: pd.DataFrame, with_answer: bool) -> list[dict]:
+        return build_samples(df, labels=labels, descriptions=comp.descriptions, template=template, cfg=cfg,
+                             ocr=ocr, with_answer=with_answer)
+
+    test_samples = samples(comp.test, with_answer=False)
+
+    # -- per fold: split -> balance -> train -> predict OOF and test -> save ---------
+    with RunProgress(cfg.folds, title=run.root.name) as progress:
+        for k in range(cfg.folds):
+            if run.fold_done(k):
+                progress.skip_fold(k)
+                continue
+            fdir = run.fold_dir(k)
+            progress.start_fold(k)
+            train_split, val_split = split_with_pseudo(train_all, folds, k)
+            train_split, before, after = resample(train_split, cfg.balance, seed=cfg.seed + k)
+            write_json({"before": before, "after": after, "pseudo_rows": int(train_split["pseudo"].sum())},
+                       fdir / "class_counts.json")
+
+            model = load_model(cfg, training=True)
+            result = train_fold(cfg, model, processor, samples(train_split, True), samples(val_split, False),
+                                labels, fdir, on_log=progress.on_log)
+            del model
+            _free_memory()
+
+            model = load_for_inference(cfg, result.adapter_dir)
+            oof = predict(cfg, model, processor, samples(val_split, False), labels, progress=False)
+            oof.insert(1, "label", val_split["label"].to_numpy())
+            oof.insert(2, "fold", k)
+            test_k = predict(cfg, model, processor, test_samples, labels, progress=False)
+            del model
+            _free_memory()
+
+            write_table(oof, fdir / "oof.csv")
+            write_table(test_k, fdir / "test.csv")
+            metrics = score(oof["label"], oof["pred"], labels)
+            write_json({**metrics, "best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
+                        "train_rows": len(train_split)}, fdir / "metrics.json")
+            run.mark_fold_done(k, {"fold": k, cfg.metric: metrics[cfg.metric]})
+            progress.end_fold(k, metrics[cfg.metric])
+
+    # -- score: out-of-fold CV on the original labels only --------------------------
+    oof = pd.concat([read_table(run.fold_dir(k) / "oof.csv") for k in range(cfg.folds)], ignore_index=True)
+    write_table(oof, run.path("oof.csv"))
+    fold_scores = [score(g["label"], g["pred"], labels)[cfg.metric] for _, g in oof.groupby("fold")]
+    overall = score(oof["label"], oof["pred"], labels)
+    cv = {"metric": cfg.metric, "mean": float(np.mean(fold_scores)), "std": float(np.std(fold_scores)),
+          "folds": fold_scores, "accuracy": overall["accuracy"], "macro_f1": overall["macro_f1"],
+          "n_oof": len(oof), "config_hash": config_hash(cfg), "git_sha": prov["git"]["sha"]}
+    write_table(per_class_report(oof["label"], oof["pred"], labels).reset_index(names="label"),
+                run.path("per_class.csv"))
+    write_table(confusion(oof["label"], oof["pred"], labels).reset_index(names="label"), run.path("confusion.csv"))
+
+    # -- vote: fold models on the test set, disputed rows reconciled ------------------
+    fold_tests = [read_table(run.fold_dir(k) / "test.csv") for k in range(cfg.folds)]
+    ensemble = vote(fold_tests, labels, how=cfg.ensemble.vote)
+    disputed = disagreements(fold_tests, labels)
+    write_table(disputed, run.path("disagreements.csv"))
+    rerun = None
+    if cfg.ensemble.reconcile == "rerun":
+        rerun = read_table(_resolve_run(cfg.ensemble.rerun_from, cfg.runs_dir) / "test_probs.csv")
+    final = reconcile(ensemble, fold_tests, labels, cfg.ensemble.reconcile, rerun_table=rerun)
+    write_table(final, run.path("test_probs.csv"))
+    write_table(suspect_labels(oof, labels, cfg.ensemble.suspect_confidence), run.path("suspect_labels.csv"))
+
+    # -- save: submission, cv.json last (it marks the run finished), leaderboard -----
+    from vlmexp.submit import make_submission
+
+    sub = make_submission(run.root, comp.test["id"].tolist(), labels, out=run.path("submission.csv"), force=True)
+    cv["duration_s"] = round(time.time() - t0, 1)
+    write_json(cv, run.path("cv.json"))
+    leaderboard.append(
+        {"run": run.root.name, "overrides": " ".join(f"{k}={v}" for k, v in diff_from_defaults(cfg).items()),
+         "config_hash": cv["config_hash"], "git_sha": cv["git_sha"][:10], "metric": cfg.metric,
+         "cv_mean": round(cv["mean"], 4), "cv_std": round(cv["std"], 4),
+         "fold_scores": " ".join(f"{s:.4f}" for s in fold_scores), "accuracy": round(cv["accuracy"], 4),
+         "macro_f1": round(cv["macro_f1"], 4), "train_size": len(train), "pseudo_round": cfg.pseudo.round,
+         "pseudo_count": len(pseudo), "duration_s": cv["duration_s"],
+         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "submission": str(sub)},
+        Path(cfg.leaderboard),
+    )
+    log.info("%s: CV %s %.4f ± %.4f", run.root.name, cfg.metric, cv["mean"], cv["std"])
+    return run
+
+
+def _ocr_texts(cfg: Config, comp: Competition) -> dict[str, str] | None:
+    if not cfg.ocr.enabled:
+        return None
+    from vlmexp.ocr import ocr_text_for
+
+    return ocr_text_for(comp.train["image"].tolist() + comp.test["image"].tolist(), cfg.ocr)
+
+
+def _apply_source_suspects(train: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    src = _resolve_run(cfg.ensemble.suspects_from, cfg.runs_dir)
+    suspects = read_table(src / "suspect_labels.csv")
+    log.info("%s %d suspect labels from %s", cfg.ensemble.suspects, len(suspects), src.name)
+    return apply_suspects(train, suspects, how=cfg.ensemble.suspects)
+
+
+def _resolve_run(name_or_path: str, runs_dir: str) -> Path:
+    """A run given by folder path or by name under runs_dir; it must be finished."""
+    if not name_or_path:
+        raise ValueError("no source run given; set it, e.g. pseudo.source=baseline-1a2b3c4d")
+    for p in (Path(name_or_path), Path(runs_dir) / name_or_path):
+        if (p / "cv.json").exists():
+            return p
+    raise FileNotFoundError(f"run '{name_or_path}' not found or not finished (no cv.json) in . or {runs_dir}/")
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
