@@ -140,7 +140,9 @@ def to_markdown(df: pd.DataFrame, metric: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path_csv: Path = DEFAULT_PATH, path_md: Path | None = None, metric: str | None = None) -> Path:
+def write_markdown(
+    path_csv: Path = DEFAULT_PATH, path_md: Path | None = None, metric: str | None = None
+) -> Path:
     """Write `to_markdown(load(path_csv))` next to the CSV (leaderboard.md) or to `path_md`."""
     path_md = Path(path_md) if path_md else Path(path_csv).with_suffix(".md")
     return write_text(to_markdown(load(path_csv), metric), path_md)

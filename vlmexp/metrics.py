@@ -16,7 +16,8 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 UNPARSED = "(unparsed)"
 
 
-def _clean(values: Sequence | pd.Series | np.ndarray) -> np.ndarray:
+def as_labels(values: Sequence | pd.Series | np.ndarray) -> np.ndarray:
+    """Object array of label strings; a missing value becomes UNPARSED."""
     return np.array([UNPARSED if _missing(v) else str(v) for v in values], dtype=object)
 
 
@@ -26,7 +27,7 @@ def _missing(v: object) -> bool:
 
 def score(y_true, y_pred, labels: list[str]) -> dict:
     """{"accuracy", "macro_f1", "n", "unparsed"} over the given samples."""
-    t, p = _clean(y_true), _clean(y_pred)
+    t, p = as_labels(y_true), as_labels(y_pred)
     if len(t) != len(p):
         raise ValueError(f"y_true has {len(t)} values but y_pred has {len(p)}")
     if len(t) == 0:
@@ -40,16 +41,17 @@ def score(y_true, y_pred, labels: list[str]) -> dict:
 
 
 def per_class_report(y_true, y_pred, labels: list[str]) -> pd.DataFrame:
-    """One row per label in class order: label, precision, recall, f1, support.
+    """One row per label in class order (index "label"): precision, recall, f1, support.
 
-    `label` is a column, not the index, so `tables.write_table` keeps it.
+    Write it with `df.reset_index()`, as `tables.write_table` drops the index.
     """
-    t, p = _clean(y_true), _clean(y_pred)
+    t, p = as_labels(y_true), as_labels(y_pred)
     precision, recall, f1, support = precision_recall_fscore_support(
         t, p, labels=list(labels), zero_division=0
     )
     return pd.DataFrame(
-        {"label": list(labels), "precision": precision, "recall": recall, "f1": f1, "support": support}
+        {"precision": precision, "recall": recall, "f1": f1, "support": support},
+        index=pd.Index(list(labels), name="label"),
     )
 
 
@@ -59,7 +61,7 @@ def confusion(y_true, y_pred, labels: list[str]) -> pd.DataFrame:
     If some predictions are missing or not a label, one more column `(unparsed)` holds them, so
     that each row still sums to the class support. Write it with `df.reset_index()`.
     """
-    t, p = _clean(y_true), _clean(y_pred)
+    t, p = as_labels(y_true), as_labels(y_pred)
     cols = list(labels) + ([UNPARSED] if np.any(~np.isin(p, list(labels))) else [])
     p = np.where(np.isin(p, list(labels)), p, UNPARSED)
     m = confusion_matrix(t, p, labels=cols)[: len(labels)]

@@ -219,7 +219,9 @@ def apply_suspects(train: pd.DataFrame, suspects: pd.DataFrame, how: str = "keep
         )
     if not known.all():
         # e.g. the source run used all rows and this one data.limit=100: the rest do not apply.
-        warnings.warn(f"{int((~known).sum())} suspect ids are not in this training table; ignored", stacklevel=2)
+        warnings.warn(
+            f"{int((~known).sum())} suspect ids are not in this training table; ignored", stacklevel=2
+        )
     if how == "drop":
         return train[~ids.isin(sus.index)].reset_index(drop=True)
     hit = ids.isin(sus.index).to_numpy()

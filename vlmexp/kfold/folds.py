@@ -25,8 +25,7 @@ def data_hash(train: pd.DataFrame) -> str:
     """12-hex sha256 of the sorted (id, label, group) rows: same data, same hash, whatever the row order."""
     group = train["group"] if "group" in train.columns else pd.Series([""] * len(train), index=train.index)
     rows = sorted(
-        "\x1f".join(_text(v) for v in row)
-        for row in zip(train["id"], train["label"], group, strict=True)
+        "\x1f".join(_text(v) for v in row) for row in zip(train["id"], train["label"], group, strict=True)
     )
     return hashlib.sha256("\x1e".join(rows).encode("utf-8")).hexdigest()[:12]
 
@@ -52,7 +51,9 @@ def assign_folds(train: pd.DataFrame, k: int, seed: int, store_dir: Path) -> pd.
         missing = set(train["id"]) - set(folds.index)
         if missing:
             # The hash covers the ids, so this means the file was edited or truncated by hand.
-            raise FoldError(f"{path} lacks {len(missing)} training ids (e.g. {sorted(missing)[:3]}); delete it")
+            raise FoldError(
+                f"{path} lacks {len(missing)} training ids (e.g. {sorted(missing)[:3]}); delete it"
+            )
     else:
         folds = pd.Series(_split(train, k, seed), index=train["id"].to_numpy(), name="fold")
         write_table(pd.DataFrame({"id": folds.index, "fold": folds.to_numpy()}), path)
@@ -69,7 +70,9 @@ def _check(train: pd.DataFrame, k: int) -> None:
     if k < 2:
         raise FoldError(f"k={k}: K-fold needs at least 2 folds, e.g. folds=5")
     if k > len(train):
-        raise FoldError(f"k={k} folds but only {len(train)} training rows; use folds={max(2, len(train))} or less")
+        raise FoldError(
+            f"k={k} folds but only {len(train)} training rows; use folds={max(2, len(train))} or less"
+        )
     dup = train["id"][train["id"].duplicated()]
     if len(dup):
         raise FoldError(f"training ids must be unique; {len(dup)} repeat, e.g. {list(dup.unique()[:3])}")
@@ -89,13 +92,16 @@ def _split(train: pd.DataFrame, k: int, seed: int) -> list[int]:
             stacklevel=3,
         )
     fold = [0] * len(train)
-    if "group" in train.columns:
+    if "group" in train.columns and train["group"].notna().any():
         # A row without a group is its own group: it may land in any fold.
         groups = [
-            f"id:{i}" if pd.isna(g) else f"group:{g}" for i, g in zip(train["id"], train["group"], strict=True)
+            f"id:{i}" if pd.isna(g) else f"group:{g}"
+            for i, g in zip(train["id"], train["group"], strict=True)
         ]
         if len(set(groups)) < k:
-            raise FoldError(f"k={k} folds but only {len(set(groups))} groups; use folds={len(set(groups))} or less")
+            raise FoldError(
+                f"k={k} folds but only {len(set(groups))} groups; use folds={len(set(groups))} or less"
+            )
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         splits = _quiet(lambda: list(splitter.split(y, y, groups)))
     else:

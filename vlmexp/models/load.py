@@ -63,9 +63,12 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
     # Build beside the final folder, then rename: a crash leaves only a stray temp folder and a
     # concurrent run either sees no folder or a complete one, never a half-written one.
     tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=cache))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
     try:
         tiny.build_tiny(family, tmp)
         (tmp / _STAMP).write_text(json.dumps(stamp))
+        if _read_stamp(final) == stamp:  # a concurrent run finished the same build first
+            return str(final)
         if final.exists():  # stale build (older tiny.py or transformers): move it aside first
             old = Path(tempfile.mkdtemp(prefix=f".{family}-old-", dir=cache))
             os.replace(final, old / family)

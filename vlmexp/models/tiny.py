@@ -206,9 +206,7 @@ def _smolvlm():
         unk_token="<|endoftext|>",
     )
     image_id = tok.convert_tokens_to_ids("<image>")
-    ids = dict(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     text = dict(_text_sizes(), model_type="llama", vocab_size=len(tok), **ids)
     # 32 px images in 8 px patches = 16 patches; pixel shuffle by 2 -> 4 image tokens per image
     vision = dict(
@@ -238,9 +236,7 @@ def _llava():
         pad_token="<pad>",
         unk_token="<unk>",
     )
-    ids = dict(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     text = LlamaConfig(**_text_sizes(), vocab_size=len(tok), **ids)
     # 32 px, patch 8: 16 patches + CLS; the "default" strategy drops CLS -> 16 image tokens.
     # One vision layer, so read its output (-1) rather than LLaVA's usual -2 (which would be the embeddings).

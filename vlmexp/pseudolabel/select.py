@@ -50,6 +50,10 @@ def add_pseudo(train: pd.DataFrame, test: pd.DataFrame, pseudo: pd.DataFrame) ->
     A pseudo row takes its image from `test` and its label from `pseudo`; its id becomes
     "pseudo:<test id>"; its other columns (reason, group) are empty.
     """
+    base = train.copy()
+    base["pseudo"] = False
+    if pseudo.empty:  # e.g. pd.DataFrame() when the run has no pseudo source
+        return base
     if "image" not in test.columns:
         raise ValueError(f"test table has no 'image' column; columns are {list(test.columns)}")
     images = test.set_index(test["id"].astype(str))["image"]
@@ -57,8 +61,6 @@ def add_pseudo(train: pd.DataFrame, test: pd.DataFrame, pseudo: pd.DataFrame) ->
     unknown = pid[~pid.isin(images.index)]
     if len(unknown):
         raise ValueError(f"{len(unknown)} pseudo-label ids are not test ids (e.g. {list(unknown[:3])})")
-    base = train.copy()
-    base["pseudo"] = False
     extra = pd.DataFrame(
         {
             "id": PSEUDO_ID_PREFIX + pid,
@@ -79,14 +81,18 @@ def split_with_pseudo(
     """(train split, validation split) of one fold: original rows by `folds`, pseudo rows always train."""
     df = train_with_pseudo
     is_pseudo = (
-        df["pseudo"].fillna(False).astype(bool) if "pseudo" in df.columns else pd.Series(False, index=df.index)
+        df["pseudo"].fillna(False).astype(bool)
+        if "pseudo" in df.columns
+        else pd.Series(False, index=df.index)
     )
     orig_ids = df.loc[~is_pseudo, "id"].astype(str)
     fold_of = folds.copy()
     fold_of.index = fold_of.index.astype(str)
     missing = orig_ids[~orig_ids.isin(fold_of.index)]
     if len(missing):
-        raise ValueError(f"{len(missing)} training ids have no fold (e.g. {list(missing[:3])}); reassign folds")
+        raise ValueError(
+            f"{len(missing)} training ids have no fold (e.g. {list(missing[:3])}); reassign folds"
+        )
     in_val = pd.Series(False, index=df.index)
     in_val[~is_pseudo] = (orig_ids.map(fold_of) == fold).to_numpy()
     if not in_val.any():

@@ -1,0 +1,99 @@
+"""Prediction speed: HF `generate` + parsing (the reference) against KV-shared candidate scoring.
+
+The reference decodes as many tokens as the longest label answer (label + end-of-turn), the work a
+trained model does before it stops; random weights never stop on their own, so min_new_tokens pins it.
+Every row includes the processor's image preprocessing, except the `cached` row, which models the
+steady state of a K-fold run: each image's vision features computed once and reused by every fold.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from vlmexp.bench.synth import candidate_ids, collate_prompts
+from vlmexp.engine import fast
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _batches(samples: list[dict], batch_size: int) -> list[list[dict]]:
+    return [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+
+
+def _timed(fn, batches: list, warmup: int) -> tuple[float, list]:
+    """Seconds for the batches after the first `warmup` ones, and every batch's output."""
+    outs, t0 = [], time.perf_counter()
+    for i, b in enumerate(batches):
+        outs.append(fn(b))
+        if i == warmup - 1:
+            _sync()
+            t0 = time.perf_counter()
+    _sync()
+    return time.perf_counter() - t0, outs
+
+
+def _row(name: str, seconds: float, n_images: int, peak: bool = True, **extra) -> dict:
+    gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and peak else None
+    return {"path": name, "images_per_s": n_images / seconds, "peak_gib": gib, **extra}
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def generate_row(model, processor, samples, label_names, *, batch_size: int, warmup: int) -> dict:
+    """Reference: processor -> generate (greedy) -> decode -> parse against the label list."""
+    device = next(model.parameters()).device
+    n_new = max(len(c) for c in candidate_ids(processor, label_names))
+    batches = _batches(samples, batch_size)
+
+    def step(chunk):
+        inputs = _to(collate_prompts(processor, chunk), device)
+        out = model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [t.strip() if t.strip() in label_names else None for t in texts]
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        seconds, outs = _timed(step, batches, warmup)
+    n = sum(len(b) for b in batches[warmup:])
+    parsed = sum(p is not None for o in outs for p in o)
+    return _row("reference-generate", seconds, n, batch_size=batch_size, new_tokens=n_new, parsed=parsed)
+
+
+def score_row(model, processor, samples, label_names, *, batch_size: int, warmup: int,
+              cached: bool = False, name: str = "project-score") -> tuple[dict, list]:
+    """Project: processor -> one prefill per image -> all candidates on the shared KV cache."""
+    device = next(model.parameters()).device
+    cands = candidate_ids(processor, label_names)
+    batches = _batches(samples, batch_size)
+    cache = fast.VisionFeatureCache() if cached else None
+    prepared = None
+    if cached:  # images processed once and their features computed once, before timing
+        prepared = [fast.precompute_position_ids(model, _to(collate_prompts(processor, c), device))
+                    for c in batches]
+        for b, c in zip(prepared, batches):
+            cache.encoder_outputs(model, b["pixel_values"], b["image_grid_thw"], [s["id"] for s in c])
+
+    def step(i):
+        if cached:
+            b = prepared[i]
+            mm = cache.encoder_outputs(model, b["pixel_values"], b["image_grid_thw"],
+                                       [s["id"] for s in batches[i]])
+            inputs = {k: v for k, v in b.items() if k != "pixel_values"} | {"mm_encoder_outputs": mm}
+        else:
+            inputs = _to(collate_prompts(processor, batches[i]), device)
+        scores = fast.score_candidates(model, inputs, cands)
+        return scores.float().cpu()
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    seconds, outs = _timed(step, list(range(len(batches))), warmup)
+    n = sum(len(b) for b in batches[warmup:])
+    return _row(name, seconds, n, batch_size=batch_size, vision_cache=cached), outs

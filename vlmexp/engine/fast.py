@@ -1,0 +1,236 @@
+"""Fast-path pieces for training and prediction, each equal in result to the plain path.
+
+- `answer_only_loss`: logits and cross-entropy only at supervised positions. The plain path computes
+  (batch x tokens x vocab) logits, e.g. 8 x 570 x 151936 in fp32 = 2.8 GB, to use ~4 positions a sample.
+- `patch_vision_attention`: Qwen-VL vision towers under sdpa loop over every attention window in Python
+  (8 images at 448 px = 128 windows x 28 window layers = 3584 tiny kernel calls a forward); windows of
+  equal length go through one batched sdpa call instead.
+- `gradient_checkpointing_needed`: checkpointing only when activations would not fit in free memory.
+- `VisionFeatureCache`: a frozen vision tower gives the same features for an image every epoch and fold.
+- `score_candidates`: one prefill of prompt + image, its KV cache shared by every candidate label.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+IGNORE = -100
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in its modules)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _vlm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = unwrap(model)
+    core, head = getattr(base, "model", None), getattr(base, "lm_head", None)
+    if core is None or head is None or not hasattr(core, "language_model"):
+        raise TypeError(
+            f"{type(base).__name__}: the fast path needs a *ForConditionalGeneration model with .model "
+            "(vision + language) and .lm_head, e.g. Qwen2_5_VLForConditionalGeneration; use the plain path"
+        )
+    return core, head
+
+
+def answer_only_loss(
+    model: torch.nn.Module,
+    inputs: dict,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    mm_encoder_outputs: dict | None = None,
+) -> torch.Tensor:
+    """Causal-LM loss of `inputs["labels"]`, equal to `model(**inputs).loss` (mean over supervised
+    tokens, or their sum / `num_items_in_batch` as transformers does under gradient accumulation), with
+    the lm_head applied only where a label is supervised."""
+    core, head = _vlm_parts(model)
+    batch = {k: v for k, v in inputs.items() if k != "labels"}
+    if mm_encoder_outputs is not None:
+        batch.pop("pixel_values", None)
+        batch["mm_encoder_outputs"] = mm_encoder_outputs
+    hidden = core(**batch, use_cache=False).last_hidden_state
+    targets = inputs["labels"][:, 1:].to(hidden.device)
+    keep = targets != IGNORE
+    logits = head(hidden[:, :-1][keep]).float()  # (answer tokens, vocab), e.g. (32, 151936)
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    denom = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    return loss / denom
+
+
+def precompute_position_ids(model: torch.nn.Module, batch: dict) -> dict:
+    """`batch` plus its 3D rope `position_ids`: get_rope_index loops over samples in Python, so a batch
+    that is used every epoch computes them once."""
+    core, _ = _vlm_parts(model)
+    if "position_ids" in batch or not hasattr(core, "get_rope_index"):
+        return batch
+    pos, _ = core.get_rope_index(
+        batch["input_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch.get("image_grid_thw"),
+        attention_mask=batch.get("attention_mask"),
+    )
+    return {**batch, "position_ids": pos}
+
+
+# -- vision attention ---------------------------------------------------------------------------
+_PATCHABLE = {"Qwen2_5_VLVisionAttention", "VisionAttention"}  # Qwen2.5-VL, Qwen2-VL
+
+
+def _batched_window_forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    # Same computation as the module's own non-flash branch, with windows of equal length batched:
+    # (1, heads, S, d) -> (n_windows, heads, L, d). 448 px: 16 windows of 64 patches per image.
+    seq = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = self._vlmexp_rope(q, k, cos, sin)  # (S, heads, d)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    outs, start, i = [], 0, 0
+    while i < len(lengths):
+        j = i
+        while j < len(lengths) and lengths[j] == lengths[i]:
+            j += 1
+        n, span = j - i, lengths[i] * (j - i)
+        qkv = [t[start : start + span].reshape(n, lengths[i], self.num_heads, -1).transpose(1, 2) for t in (q, k, v)]
+        o = F.scaled_dot_product_attention(*qkv, scale=self.scaling)  # (n, heads, L, d)
+        outs.append(o.transpose(1, 2).reshape(span, -1))
+        start, i = start + span, j
+    return self.proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+
+
+def patch_vision_attention(model: torch.nn.Module) -> int:
+    """Batch the vision tower's windowed attention (sdpa/eager only; flash-attention already packs).
+    Patches instances, not the class, so other models in the process are untouched. Returns the count."""
+    patched = 0
+    for module in unwrap(model).modules():
+        if type(module).__name__ not in _PATCHABLE or not hasattr(module, "qkv"):
+            continue
+        if "flash" in (module.config._attn_implementation or ""):
+            continue
+        module._vlmexp_rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        module.forward = types.MethodType(_batched_window_forward, module)
+        patched += 1
+    return patched
+
+
+# -- gradient checkpointing ---------------------------------------------------------------------
+def activation_bytes(model: torch.nn.Module, batch_size: int, tokens: int, patches: int) -> int:
+    """Activation memory of one training step without checkpointing, bf16.
+
+    Per token and layer ~ 2 bytes x (16 hidden + 6 intermediate): fitted to the H200 measurements in
+    /work/shared/ENVIRONMENT.md (Qwen2.5-VL-3B, batch 8 x 570 tokens: ~30 GiB language, ~20 GiB more
+    when the vision tower has adapters). The vision tower keeps activations only when it trains.
+    """
+    cfg = unwrap(model).config
+    tc, vc = cfg.text_config, cfg.vision_config
+    total = 2 * (16 * tc.hidden_size + 6 * tc.intermediate_size) * tc.num_hidden_layers * tokens * batch_size
+    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if ".visual." in f".{n}")
+    if vision_trains:
+        d = getattr(vc, "embed_dim", None) or vc.hidden_size
+        inter = getattr(vc, "intermediate_size", None) or d * getattr(vc, "mlp_ratio", 4)
+        total += 2 * (16 * d + 6 * inter) * vc.depth * patches * batch_size
+    return int(total)
+
+
+def gradient_checkpointing_needed(
+    setting: str, model: torch.nn.Module, batch_size: int, tokens: int, patches: int,
+    free_bytes: int | None = None, margin: float = 1.3,
+) -> tuple[bool, str]:
+    """(use checkpointing?, why). `setting` is train.gradient_checkpointing: on, off or auto.
+    auto: off on the CPU; on a GPU off when `margin` x the estimated activations fit in free memory."""
+    if setting in ("on", "off"):
+        return setting == "on", f"train.gradient_checkpointing={setting}"
+    if free_bytes is None:
+        if not torch.cuda.is_available():
+            return False, "auto: CPU"
+        free_bytes = torch.cuda.mem_get_info()[0]
+    need = activation_bytes(model, batch_size, tokens, patches)
+    fits = need * margin <= free_bytes
+    why = f"auto: activations ~{need / 2**30:.1f} GiB x {margin} {'fit in' if fits else 'exceed'} " \
+          f"{free_bytes / 2**30:.1f} GiB free"
+    return not fits, why
+
+
+# -- vision features ----------------------------------------------------------------------------
+class VisionFeatureCache:
+    """Image features of a frozen vision tower by image key (path or content hash), computed once.
+
+    A 5-fold run with E epochs otherwise runs the tower 4E+1 times per image. 448 px in Qwen2.5-VL-3B:
+    256 x 2048 bf16 = 1 MiB per image, so 10k images take ~10 GiB on `device` (use "cpu" to spill)."""
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = device
+        self._store: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def encoder_outputs(self, model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                        keys: Sequence[str]) -> dict:
+        """`mm_encoder_outputs` for the model's forward: one feature tensor per image, in batch order."""
+        core, _ = _vlm_parts(model)
+        if any(p.requires_grad for p in core.visual.parameters()):
+            raise ValueError("VisionFeatureCache needs a frozen vision tower; lora.vision=true trains it")
+        if len(keys) != len(image_grid_thw):
+            raise ValueError(f"{len(keys)} keys for {len(image_grid_thw)} images: give one key per image")
+        sizes = image_grid_thw.prod(-1).tolist()
+        offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        missing = [i for i, k in enumerate(keys) if k not in self._store]
+        if missing:
+            pix = torch.cat([pixel_values[offsets[i] : offsets[i + 1]] for i in missing])
+            with torch.no_grad():
+                feats = core.get_image_features(pix, image_grid_thw[missing], return_dict=True).pooler_output
+            for i, f in zip(missing, feats):
+                self._store[keys[i]] = f.detach().to(self.device or f.device)
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        device = pixel_values.device
+        feats = tuple(self._store[k].to(device, non_blocking=True) for k in keys)
+        return {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+
+
+# -- candidate scoring --------------------------------------------------------------------------
+@torch.no_grad()
+def score_candidates(model: torch.nn.Module, inputs: dict, candidates: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(batch, len(candidates)) summed log-probabilities of each candidate's token ids after each prompt.
+
+    `inputs` are left-padded prompts ending with the generation prompt (processor output). The prompt and
+    image are encoded once; the KV cache is repeated for the candidates, which run as one batch. Equal to
+    scoring prompt + candidate from scratch for each candidate (tests/test_engine_fast.py)."""
+    core, head = _vlm_parts(model)
+    if inputs["attention_mask"][:, -1].min() == 0:
+        raise ValueError("score_candidates needs left-padded prompts: set tokenizer.padding_side='left'")
+    inputs = precompute_position_ids(model, inputs)
+    out = core(**inputs, use_cache=True)
+    first = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)  # (B, V)
+    n_b, n_c = inputs["input_ids"].shape[0], len(candidates)
+    device = first.device
+    width = max(len(c) for c in candidates)
+    toks = torch.zeros(n_c, width, dtype=torch.long, device=device)
+    for i, c in enumerate(candidates):
+        if not c:
+            raise ValueError(f"candidate {i} has no tokens")
+        toks[i, : len(c)] = torch.tensor(list(c), device=device)
+    lens = torch.tensor([len(c) for c in candidates], device=device)
+    scores = first[:, toks[:, 0]]  # (B, C)
+    if width == 1:
+        return scores
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_c)  # sample b's C copies are rows b*C .. b*C+C-1
+    step = toks[:, :-1].repeat(n_b, 1)  # (B*C, width-1): feed c_1..c_{n-1}, predict c_2..c_n
+    # Text after the prompt continues at the prompt's highest rope position + 1 in all 3 rope axes.
+    nxt = inputs["position_ids"].amax(dim=(0, 2)) + 1  # (B,)
+    pos = (nxt[:, None] + torch.arange(width - 1, device=device)).repeat_interleave(n_c, 0)
+    mask = torch.cat([inputs["attention_mask"].repeat_interleave(n_c, 0), torch.ones_like(step)], dim=1)
+    hid = core(input_ids=step, attention_mask=mask, position_ids=pos[None].expand(3, -1, -1),
+               past_key_values=cache, use_cache=True).last_hidden_state
+    logp = head(hid).float().log_softmax(-1)  # (B*C, width-1, V)
+    target = toks[:, 1:].repeat(n_b, 1)
+    tok_lp = logp.gather(-1, target[..., None])[..., 0]
+    valid = torch.arange(1, width, device=device)[None] < lens.repeat(n_b)[:, None]
+    return scores + (tok_lp * valid).sum(-1).view(n_b, n_c)

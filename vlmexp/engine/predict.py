@@ -1,0 +1,289 @@
+"""Label probabilities for samples: score every label's likelihood, or generate and parse.
+
+`mode=score` (default): for each image, the prompt (and, for reason/CoT variants, the reasoning the
+model first generates up to the marker, e.g. "Reason: red tag.\\nLabel:") is encoded once; its KV
+cache is then copied once per candidate label and only the candidates' own tokens (label + end of
+turn, e.g. "red<|im_end|>") are run through the model. Softmax over the candidates' summed
+log-likelihoods gives one probability per class, so there are no parse failures.
+
+`mode=generate`: greedy decoding, parsed with `parse_answer`; the parsed label gets probability 1,
+an unparseable answer gets pred None and all-zero probabilities, and the failures are counted.
+
+The text layout is exactly the one training used (`samples.split_turn`): prompt, then the
+completion `lead + answer + eot` tokenised on its own, as trl's prompt-completion collator does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import Progress
+
+from vlmexp.config import Config
+from vlmexp.engine.samples import Turn, prompt_messages, split_turn
+from vlmexp.prompts.render import parse_answer
+from vlmexp.tables import prob_columns
+
+log = logging.getLogger(__name__)
+
+
+def predict(cfg: Config, model, processor, samples: list[dict], labels: list[str], *, progress: bool = True):
+    """DataFrame with id, pred, p:<label> per class (class order), and raw (generated text) if any."""
+    if not samples:
+        raise ValueError("predict() got no samples")
+    model.eval()
+    mode = cfg.predict.mode
+    rows: list[dict] = []
+    with torch.inference_mode(), Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"predict ({mode})", total=len(samples))
+        for batch in _chunks(samples, cfg.predict.batch_size):
+            turns = [split_turn(processor, prompt_messages(s["messages"])) for s in batch]
+            marker = batch[0]["rendered"].marker
+            if mode == "generate":
+                rows += _generate_rows(cfg, model, processor, batch, turns, labels, marker)
+            else:
+                rows += _score_rows(cfg, model, processor, batch, turns, labels, marker)
+            bar.advance(task, len(batch))
+    df = pd.DataFrame(rows)
+    if mode == "generate":
+        failures = int(df["pred"].isna().sum())
+        if failures:
+            example = df.loc[df["pred"].isna(), "raw"].iloc[0]
+            log.warning(
+                "%d of %d generated answers name no label (pred left empty, probabilities 0); e.g. %r",
+                failures,
+                len(df),
+                example[-200:],
+            )
+    return df
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    size = max(1, size)
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _row(sample_id: str, pred: str | None, probs: np.ndarray, labels: list[str], raw: str | None) -> dict:
+    row = {"id": sample_id, "pred": pred, **dict(zip(prob_columns(labels), probs.tolist(), strict=True))}
+    if raw is not None:
+        row["raw"] = raw
+    return row
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+
+def _score_rows(cfg, model, processor, batch, turns: list[Turn], labels, marker: str) -> list[dict]:
+    raws: list[str | None] = [None] * len(batch)
+    prefixes = [t.lead for t in turns]
+    if marker:
+        # Reason/CoT variants: the label follows the model's own reasoning, so generate that first.
+        texts = _generate(cfg, model, processor, batch, turns, stop=marker.rstrip())
+        raws = texts
+        prefixes = [_cut_at_marker(text, marker, t.lead) for text, t in zip(texts, turns, strict=True)]
+    completions = [[p + label + t.eot for label in labels] for p, t in zip(prefixes, turns, strict=True)]
+    logliks = score_completions(model, processor, [t.prompt for t in turns], _images(batch), completions)
+    probs = torch.softmax(logliks, dim=-1).numpy()
+    out = []
+    for sample, p, raw in zip(batch, probs, raws, strict=True):
+        out.append(_row(sample["id"], labels[int(p.argmax())], p, labels, raw))
+    return out
+
+
+def _cut_at_marker(text: str, marker: str, lead: str) -> str:
+    """Generated reasoning up to and including the marker; the marker is added if the model forgot it."""
+    at = text.find(marker.rstrip())
+    if at >= 0:
+        return text[:at] + marker
+    # No marker within max_new_tokens: score the labels after what it wrote, on a new line.
+    body = text.rstrip()
+    return (body + "\n" + marker) if body.strip() else lead + marker
+
+
+def score_completions(
+    model, processor, prompts: list[str], images: list[list], completions: list[list[str]]
+) -> torch.Tensor:
+    """Log-likelihood (B, n) of each of the n completions of each prompt.
+
+    Each completion is tokenised on its own (as in training). Tokens all n completions of a
+    prompt share (e.g. "Reason: red tag.\\nLabel:") join the prompt; the prompt and image are
+    encoded ONCE, and the KV cache is repeated n times for the candidates' remaining tokens.
+    Shared tokens have the same probability under every candidate and cancel in the softmax.
+    """
+    tok = processor.tokenizer
+    ids = [[tok(c, add_special_tokens=False)["input_ids"] for c in cands] for cands in completions]
+    n = len(ids[0])
+    if any(len(cands) != n for cands in ids):
+        raise ValueError("every prompt needs the same number of candidate completions")
+    shared = [_common_prefix(cands) for cands in ids]
+    ctx = _encode(processor, prompts, images, extra=[cands[0][:k] for cands, k in zip(ids, shared, strict=True)])
+    ctx = {k: v.to(model.device) for k, v in ctx.items()}
+    positions, next_pos = _positions(model, ctx)
+
+    # 1) the prompt (+ shared tokens) once per image: logits for each candidate's first token + cache
+    out = model(**ctx, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+    suffixes = [cands[c][k:] for cands, k in zip(ids, shared, strict=True) for c in range(n)]
+    rows = torch.arange(len(ids), device=first.device).repeat_interleave(n)
+    firsts = torch.tensor([s[0] for s in suffixes], device=first.device)
+    loglik = first[rows, firsts]  # (B*n,)
+
+    # 2) the candidates' remaining tokens, all B*n at once, continuing from the repeated cache
+    width = max(len(s) for s in suffixes) - 1
+    if width > 0:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        inp = torch.full((len(suffixes), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(suffixes), width), dtype=torch.long)
+        for i, s in enumerate(suffixes):
+            inp[i, : len(s) - 1] = torch.tensor(s[:-1])
+            mask[i, : len(s) - 1] = 1
+        inp, mask = inp.to(first.device), mask.to(first.device)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        steps = torch.arange(width, device=first.device)
+        pos = next_pos.repeat_interleave(n).unsqueeze(-1) + steps  # (B*n, width)
+        if positions is not None and positions.dim() == 3:  # M-RoPE: text tokens share one position on all axes
+            pos = pos.unsqueeze(0).expand(positions.shape[0], -1, -1)
+        full_mask = torch.cat([ctx["attention_mask"].repeat_interleave(n, dim=0), mask], dim=1)
+        logits = model(input_ids=inp, attention_mask=full_mask, position_ids=pos, past_key_values=cache).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        targets = torch.zeros_like(inp)
+        for i, s in enumerate(suffixes):
+            targets[i, : len(s) - 1] = torch.tensor(s[1:])
+        picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        loglik = loglik + (picked * mask).sum(-1)
+    return loglik.view(len(ids), n).cpu()
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix all `seqs` share, leaving every one at least one token."""
+    k = 0
+    shortest = min(len(s) for s in seqs)
+    while k < shortest - 1 and all(s[k] == seqs[0][k] for s in seqs):
+        k += 1
+    return k
+
+
+def _images(batch: list[dict]) -> list[list]:
+    return [list(s["images"]) for s in batch]
+
+
+def _encode(processor, prompts: list[str], images: list[list], extra: list[list[int]] | None = None) -> dict:
+    """Processor output for left-padded prompts, with `extra` token ids appended to each row."""
+    # add_special_tokens=False: the chat template already wrote BOS where the model wants one;
+    # trl's collator tokenises the same way, so training and prediction see the same ids.
+    has_images = any(images)
+    enc = processor(
+        text=prompts,
+        images=images if has_images else None,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
+    enc = dict(enc)
+    if extra and any(extra):
+        enc = _append_left_padded(enc, extra, processor.tokenizer.pad_token_id)
+    return enc
+
+
+# Per-token tensors the processor returns beside input_ids; they are re-padded with the ids.
+_PER_TOKEN = ("attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def _append_left_padded(enc: dict, extra: list[list[int]], pad_id: int) -> dict:
+    mask = enc["attention_mask"].bool()
+    rows = {key: [] for key in ("input_ids", *_PER_TOKEN) if key in enc}
+    for b, more in enumerate(extra):
+        for key in rows:
+            kept = enc[key][b][mask[b]]
+            add = torch.tensor(more, dtype=kept.dtype) if key == "input_ids" else torch.zeros(len(more), dtype=kept.dtype)
+            if key == "attention_mask":
+                add = torch.ones(len(more), dtype=kept.dtype)
+            rows[key].append(torch.cat([kept, add]))
+    width = max(len(r) for r in rows["input_ids"])
+    for key, seqs in rows.items():
+        fill = pad_id if key == "input_ids" else 0
+        out = torch.full((len(seqs), width), fill, dtype=seqs[0].dtype)
+        for b, s in enumerate(seqs):
+            out[b, width - len(s) :] = s
+        enc[key] = out
+    return enc
+
+
+def _rope_index_fn(model):
+    """The model's M-RoPE position builder (Qwen2/2.5/3-VL `get_rope_index`), or None for 1D RoPE."""
+    for module in model.modules():
+        fn = getattr(module, "get_rope_index", None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def _positions(model, ctx: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Position ids for the left-padded context and the next position of each row, (B,).
+
+    Explicit positions make a left-padded row see exactly the positions it would see alone, and let
+    the candidates continue from the cache at the right place. For Qwen-VL's 3D M-RoPE the context
+    positions come from the model's own `get_rope_index`; text after it continues at max + 1.
+    """
+    mask = ctx["attention_mask"]
+    fn = _rope_index_fn(model)
+    if fn is not None and "mm_token_type_ids" in ctx:
+        keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+        positions, deltas = fn(
+            input_ids=ctx["input_ids"],
+            mm_token_type_ids=ctx["mm_token_type_ids"],
+            attention_mask=mask,
+            **{k: ctx[k] for k in keys if k in ctx},
+        )
+        return positions, mask.sum(-1) + deltas.view(-1).to(mask.device)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions, mask.sum(-1)
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+def _generate(cfg, model, processor, batch, turns: list[Turn], stop: str | None = None) -> list[str]:
+    """Greedy continuations of the prompts (left-padded batch), decoded without special tokens."""
+    tok = processor.tokenizer
+    enc = _encode(processor, [t.prompt for t in turns], _images(batch))
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    # Stop at the template's end-of-turn token (e.g. <|im_end|>) as well as at the tokenizer's EOS.
+    eos = {tok.eos_token_id} - {None}
+    for eot in {t.eot for t in turns}:
+        ids = tok(eot, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            eos.add(ids[0])
+    eos = sorted(eos)
+    kwargs = {"stop_strings": [stop], "tokenizer": tok} if stop else {}
+    out = model.generate(
+        **enc,
+        max_new_tokens=cfg.predict.max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=eos,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
+        **kwargs,
+    )
+    new = out[:, enc["input_ids"].shape[1] :]
+    return tok.batch_decode(new, skip_special_tokens=True)
+
+
+def _generate_rows(cfg, model, processor, batch, turns, labels, marker: str) -> list[dict]:
+    texts = _generate(cfg, model, processor, batch, turns)
+    out = []
+    for sample, text in zip(batch, texts, strict=True):
+        pred = parse_answer(text, labels, marker)
+        probs = np.array([1.0 if label == pred else 0.0 for label in labels])
+        out.append(_row(sample["id"], pred, probs, labels, text))
+    return out

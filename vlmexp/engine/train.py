@@ -1,0 +1,212 @@
+"""One fold's supervised fine-tuning with trl's `SFTTrainer`.
+
+Data goes to trl as prompt-completion rows, {"prompt", "completion", "images"}, built from the
+model's own chat template (`samples.to_prompt_completion`): the prompt is the chat up to the
+generation prompt, the completion `lead + answer + eot`, e.g. "red<|im_end|>". trl's VLM collator
+then supervises only the completion tokens (completion_only_loss), for any chat template. (trl's
+other route, messages + assistant_only_loss, needs a template trl recognises or one with
+{% generation %} markers, and includes whatever the template puts after the end-of-turn token.)
+The completion is tokenised on its own, exactly as `predict` scores it.
+
+Validation accuracy/macro-F1 come from `predict` on the fold's validation samples (EvalCallback);
+the best epoch's weights are put back into the model and saved to `out_dir/adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from vlmexp.config import Config
+from vlmexp.engine.callbacks import EvalCallback, LogRelay, load_trainable_state
+from vlmexp.engine.samples import load_images, to_prompt_completion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path  # LoRA adapter (or the full model for finetune=full) + processor
+    log_history: list[dict] = field(default_factory=list)  # trainer logs and val evaluations
+    best_metric: float | None = None  # best validation cfg.metric; None when eval is off
+    best_epoch: float | None = None  # epoch whose weights were saved
+    train_seconds: float = 0.0
+
+
+def train_fold(
+    cfg: Config,
+    model,
+    processor,
+    train_samples: list[dict],
+    val_samples: list[dict],
+    labels: list[str],
+    out_dir: Path,
+    on_log=None,
+) -> TrainResult:
+    """Fine-tune `model` (already LoRA-wrapped for finetune=lora) and save it to out_dir/adapter."""
+    if not train_samples:
+        raise ValueError("train_fold got no training samples")
+    out_dir = Path(out_dir)
+    rows = [to_prompt_completion(processor, s) for s in train_samples]
+    if cfg.train.mix_dataset and cfg.train.mix_ratio > 0:
+        mixed = mix_samples(cfg, len(train_samples))
+        rows += [to_prompt_completion(processor, s) for s in mixed]
+        log.info("mixed in %d general samples from %s", len(mixed), cfg.train.mix_dataset)
+    dataset = Dataset.from_list(rows)  # PIL images survive: datasets stores them as lossless PNG
+
+    callbacks = []
+    evaluator = None
+    if cfg.train.eval and val_samples:
+        evaluator = EvalCallback(cfg, processor, val_samples, labels, on_log=on_log)
+        callbacks.append(evaluator)
+    elif cfg.train.eval:
+        log.warning("train.eval is on but the fold has no validation samples: keeping the final weights")
+    if on_log is not None:
+        callbacks.append(LogRelay(on_log))
+
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(cfg, out_dir / "trainer", model),
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    trainer.data_collator = _RequireSupervision(trainer.data_collator, cfg.train.max_length)
+    t0 = time.time()
+    trainer.train()
+    seconds = time.time() - t0
+
+    best_metric = best_epoch = None
+    if evaluator is not None and evaluator.best_state is not None:
+        load_trainable_state(model, evaluator.best_state)
+        best_metric, best_epoch = evaluator.best_metric, evaluator.best_epoch
+        log.info("best epoch %.2f: val %s %.4f", best_epoch, cfg.metric, best_metric)
+    else:
+        best_epoch = float(trainer.state.epoch or cfg.train.epochs)
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    processor.save_pretrained(adapter_dir)
+    model.eval()
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        log_history=list(trainer.state.log_history),
+        best_metric=best_metric,
+        best_epoch=best_epoch,
+        train_seconds=round(seconds, 2),
+    )
+
+
+def sft_config(cfg: Config, output_dir: Path, model) -> SFTConfig:
+    """TrainConfig -> SFTConfig; CPU-safe (trl's defaults, bf16 and checkpointing, fail there)."""
+    t = cfg.train
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ValueError(f"train.warmup_ratio={t.warmup_ratio} is a share of the steps in [0, 1), e.g. 0.05")
+    cuda = torch.cuda.is_available()
+    bf16 = {"on": True, "off": False, "auto": cuda and torch.cuda.is_bf16_supported()}[t.bf16]
+    n_params = sum(p.numel() for p in model.parameters())
+    # Checkpointing halves activation memory but costs ~2x time (4.0 vs 8.0 samples/s on a 3B model):
+    # worth it only when memory is tight, i.e. on a GPU with a big model.
+    checkpointing = {"on": True, "off": False, "auto": cuda and n_params > 1e9}[t.gradient_checkpointing]
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5 reads a float in [0, 1) as a share of the steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        bf16=bf16 and cuda,
+        tf32=t.tf32 if cuda else None,
+        gradient_checkpointing=checkpointing and cuda,
+        use_cpu=not cuda,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        max_length=t.max_length,
+        logging_steps=t.logging_steps,
+        completion_only_loss=True,
+        # The collator needs the raw prompt/completion/images columns.
+        remove_unused_columns=False,
+        # Validation runs through EvalCallback (real accuracy), and the best weights are kept in memory.
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        push_to_hub=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+class _RequireSupervision:
+    """Fails loud when a row has no supervised token left: its prompt alone exceeds max_length."""
+
+    def __init__(self, inner, max_length: int):
+        self.inner = inner
+        self.max_length = max_length
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.inner(examples)
+        empty = (batch["labels"] != -100).sum(-1) == 0
+        if bool(empty.any()):
+            raise ValueError(
+                f"{int(empty.sum())} training sample(s) are longer than train.max_length={self.max_length} "
+                "tokens before their answer starts, so nothing would be learned from them (and image tokens "
+                "would be cut). Raise train.max_length, or shrink images (image.max_pixels / longest_side)."
+            )
+        return batch
+
+
+def mix_samples(cfg: Config, n_competition: int) -> list[dict]:
+    """`round(mix_ratio * n)` general chat samples from `train.mix_dataset`, chosen by `seed`.
+
+    The file is JSONL, one {"messages": [...], "images": ["a.png", ...]} per line (images optional,
+    relative to the file's folder); the final assistant message is what is learned.
+    """
+    path = Path(cfg.train.mix_dataset)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.mix_dataset={path}: no such file (JSONL of {{'messages': [...]}})")
+    pool = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not pool:
+        raise ValueError(f"train.mix_dataset={path} is empty")
+    n = round(cfg.train.mix_ratio * n_competition)
+    rng = random.Random(cfg.seed)
+    # Without replacement while the pool lasts, then whole extra passes over it.
+    picks = [i for _ in range(math.ceil(n / len(pool))) for i in rng.sample(range(len(pool)), len(pool))][:n]
+    return [_mix_sample(pool[i], i, path, cfg) for i in picks]
+
+
+def _mix_sample(record: dict, line: int, path: Path, cfg: Config) -> dict:
+    messages = record.get("messages")
+    where = f"{path} line {line + 1}"
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError(f"{where}: needs 'messages' ending with an assistant message")
+    paths = [str(p if Path(p).is_absolute() else path.parent / p) for p in record.get("images") or []]
+    images = [img for p in paths for img in load_images(p, cfg)]
+    return {"id": f"mix:{line}", "images": images, "messages": _structured(messages, len(images), where)}
+
+
+def _structured(messages: list[dict], n_images: int, where: str) -> list[dict]:
+    """String contents -> [{"type": "text"}] parts; images go before the first user text if unplaced."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        out.append({"role": m["role"], "content": parts})
+    placed = sum(p.get("type") == "image" for m in out for p in m["content"])
+    if placed == 0 and n_images:
+        first_user = next(m for m in out if m["role"] == "user")
+        first_user["content"] = [{"type": "image"}] * n_images + first_user["content"]
+    elif placed != n_images:
+        raise ValueError(f"{where}: {placed} image slots in the messages but {n_images} images listed")
+    return out
