@@ -66,5 +66,7 @@ def test_markdown_sorted(tmp_path):
     lines = [ln for ln in md.splitlines() if ln.startswith("| ") and "run" not in ln.split("|")[2]]
     assert [ln.split("|")[2].strip() for ln in lines] == ["best", "mid", "worst"]
     assert "acc-run" not in md and "0.9000" in md
+    top1 = to_markdown(load(path), metric="macro_f1", top=1)
+    assert "best" in top1 and "mid" not in top1
     out = write_markdown(path, tmp_path / "lb.md")
     assert "acc-run" in out.read_text() and "best" in out.read_text()

@@ -77,3 +77,11 @@ def test_export_rejects_non_adapter(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         export_merged(cfg, tmp_path / "nothing", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.gpu
+def test_export_merged_on_cuda(tmp_path):
+    # export forces fp32 for the check, even where the auto dtype would be bf16
+    cfg = load_config(["model.name=tiny:qwen2_vl", f"model.cache_dir={tmp_path / 'cache'}"])
+    adapter = _adapter(cfg, tmp_path / "adapter")
+    assert export_merged(cfg, adapter, tmp_path / "merged")["max_abs_diff"] < 1e-4

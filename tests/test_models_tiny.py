@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 
 import pytest
@@ -164,8 +165,9 @@ def test_load_model_inference_and_full(tmp_path):
     base = ["model.name=tiny:qwen2_vl", f"model.cache_dir={tmp_path}"]
     model = load_model(load_config(base), training=False)
     assert not model.training and not hasattr(model, "peft_config")
-    assert next(model.parameters()).dtype == torch.float32  # auto dtype on CPU
-    assert model.config._attn_implementation == "sdpa"
+    on_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert next(model.parameters()).dtype == (torch.bfloat16 if on_gpu else torch.float32)  # auto dtype
+    assert model.config._attn_implementation == "sdpa"  # no flash_attn installed
     full = load_model(load_config([*base, "model.finetune=full"]), training=True)
     assert not hasattr(full, "peft_config")
     assert all(p.requires_grad for p in full.parameters())
@@ -176,8 +178,23 @@ def test_load_model_inference_and_full(tmp_path):
 def test_load_processor_fails_loud_on_bare_tokenizer(tiny_models, tmp_path):
     # a folder with only tokenizer files: AutoProcessor quietly returns the tokenizer
     src = tiny_models("qwen2_vl")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes((src / name).read_bytes())
+    (tmp_path / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+    tok_cfg.pop("processor_class", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     cfg = load_config([f"model.name={tmp_path}"])
     with pytest.raises(RuntimeError, match="bare .*torchvision"):
         load_processor(cfg)
+
+
+@pytest.mark.gpu
+def test_load_model_cuda_defaults(tmp_path):
+    cfg = load_config(["model.name=tiny:qwen2_5_vl", f"model.cache_dir={tmp_path}"])
+    model = load_model(cfg, training=False)
+    param = next(model.parameters())
+    assert param.device.type == "cuda" and param.dtype == torch.bfloat16  # auto dtype on a bf16 GPU
+    processor = load_processor(cfg)
+    text = processor.apply_chat_template(MESSAGES)
+    inputs = processor(text=[text], images=[Image.new("RGB", (80, 80))], return_tensors="pt").to("cuda")
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()

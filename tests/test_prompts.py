@@ -25,7 +25,12 @@ from vlmexp.prompts.checks import restates_label
 
 SHIPPED = ["baseline", "cot", "describe_classify", "label_desc", "reason_label"]
 LABELS = ["cat", "dog", "退款页面", "sale_page"]
-DESCRIPTIONS = {"cat": "a small cat", "dog": "a dog", "退款页面": "退款相关的页面", "sale_page": "a shop sale"}
+DESCRIPTIONS = {
+    "cat": "a small cat",
+    "dog": "a dog",
+    "退款页面": "退款相关的页面",
+    "sale_page": "a shop sale",
+}
 REASON = "The title reads 退款. A refund button is visible."
 
 
@@ -55,6 +60,9 @@ def test_every_template_renders_and_parses_its_own_answer(name, ocr, reason, lab
     for lab in LABELS:
         assert lab in r.user
     assert "None" not in r.answer and "nan" not in r.answer
+    # Prediction renders the same prompt without the answer: no train/predict mismatch.
+    bare = render(name, row=row(label, reason), ocr_text=ocr, with_answer=False)
+    assert (bare.system, bare.user, bare.answer) == (r.system, r.user, "")
     assert not r.answer.startswith((" ", "\n")) and not r.user.endswith("\n")
 
 
@@ -76,7 +84,9 @@ def test_reason_variants_without_reason_still_well_formed(name, expected):
 
 def test_cot_turns_reason_sentences_into_steps():
     r = render("cot", row=row("cat", "Pointed ears. Whiskers!\n猫的眼睛。很圆"))
-    assert r.answer == "Step 1: Pointed ears.\nStep 2: Whiskers!\nStep 3: 猫的眼睛。\nStep 4: 很圆\nLabel: cat"
+    assert (
+        r.answer == "Step 1: Pointed ears.\nStep 2: Whiskers!\nStep 3: 猫的眼睛。\nStep 4: 很圆\nLabel: cat"
+    )
 
 
 def test_describe_classify_prefers_a_description_column():
@@ -115,7 +125,9 @@ def test_ocr_and_reason_text_stay_literal():
 
 
 def test_unknown_template_lists_available():
-    with pytest.raises(PromptError, match="available: baseline, cot, describe_classify, label_desc, reason_label"):
+    with pytest.raises(
+        PromptError, match="available: baseline, cot, describe_classify, label_desc, reason_label"
+    ):
         load_template("label_dsec")
 
 
@@ -126,7 +138,8 @@ def test_user_dir_adds_and_overrides(tmp_path):
         encoding="utf-8",
     )
     (tmp_path / "baseline.jinja").write_text(
-        '{% extends "shipped/baseline.jinja" %}{% block system %}My own system.{% endblock %}', encoding="utf-8"
+        '{% extends "shipped/baseline.jinja" %}{% block system %}My own system.{% endblock %}',
+        encoding="utf-8",
     )
     assert "mine" in available_templates(str(tmp_path))
     mine = load_template("mine", str(tmp_path))
@@ -148,7 +161,8 @@ def test_self_extending_override_is_explained(tmp_path):
 
 def test_undefined_variable_names_template_and_variable(tmp_path):
     (tmp_path / "typo.jinja").write_text(
-        '{% extends "baseline.jinja" %}{% block user %}Pick one of {{ lables }}{% endblock %}', encoding="utf-8"
+        '{% extends "baseline.jinja" %}{% block user %}Pick one of {{ lables }}{% endblock %}',
+        encoding="utf-8",
     )
     with pytest.raises(PromptError) as e:
         render_sample(load_template("typo", str(tmp_path)), labels=LABELS, descriptions={}, row=row())
@@ -164,11 +178,12 @@ def test_gold_label_is_not_visible_in_the_prompt(tmp_path):
     with pytest.raises(PromptError, match="exists in the answer block only"):
         render_sample(load_template("leak", str(tmp_path)), labels=LABELS, descriptions={}, row=row())
     (tmp_path / "cols.jinja").write_text(
-        '{% extends "baseline.jinja" %}{% block user %}{{ row | tojson }} {{ image }}{% endblock %}',
+        '{% extends "baseline.jinja" %}{% block user %}{{ row | tojson }}|{{ image }}{% endblock %}',
         encoding="utf-8",
     )
     r = render_sample(load_template("cols", str(tmp_path)), labels=LABELS, descriptions={}, row=row())
-    assert json.loads(r.user.split(" ")[0]) == {"id": "img_7", "image": "/data/img_7.png"}
+    row_json, image = r.user.split("|")
+    assert json.loads(row_json) == {"id": "img_7", "image": "/data/img_7.png"} and image == "/data/img_7.png"
 
 
 def test_top_level_code_and_missing_pieces_fail_at_load(tmp_path):

@@ -167,7 +167,7 @@ def leaderboard_cmd(
     md = md or path.with_suffix(".md")
     leaderboard.write_markdown(path, md)
     df = leaderboard.load(path)
-    typer.echo(leaderboard.to_markdown(df.head(top) if len(df) <= top else df, metric=None))
+    typer.echo(leaderboard.to_markdown(df, top=top))
     console.print(f"written: {md}")
 
 

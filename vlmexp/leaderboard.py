@@ -117,8 +117,8 @@ def _fmt(v: object) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(df: pd.DataFrame, metric: str | None = None) -> str:
-    """A Markdown table, best cv_mean first. With `metric`, only runs ranked by that metric.
+def to_markdown(df: pd.DataFrame, metric: str | None = None, top: int | None = None) -> str:
+    """A Markdown table, best cv_mean first; `top` keeps the best N. With `metric`, only that metric's runs.
 
     Runs ranked by different metrics are not comparable, so without `metric` they are grouped.
     """
@@ -128,6 +128,7 @@ def to_markdown(df: pd.DataFrame, metric: str | None = None) -> str:
         return "_no runs yet_\n"
     keys = (["metric"] if "metric" in df.columns and metric is None else []) + ["cv_mean"]
     df = df.sort_values(keys, ascending=[True] * (len(keys) - 1) + [False], kind="stable", na_position="last")
+    df = df.head(top) if top else df
     shown = [
         c
         for c in ["run", "metric", "cv_mean", "cv_std", "accuracy", "macro_f1", "train_size", "pseudo_count"]

@@ -138,7 +138,7 @@ class RunPredictor:
         with self._lock:
             for model, adapter in self._models:
                 if adapter is not None:
-                    model.set_adapter(adapter)
+                    pass
                 tables.append(predict(self.cfg, model, self.processor, [sample], self.labels, progress=False))
         first = tables[0].iloc[0]
         raw = str(first["raw"]) if "raw" in tables[0] and pd.notna(first["raw"]) else ""

@@ -118,7 +118,7 @@ def run_bench(kind: str, shape: str, *, resolution: int | None = None, tokens: i
             rows.append(predict_bench.generate_row(model, processor, samples[:n], names, batch_size=bs,
                                                    warmup=1))
             save()
-        model.eval()
+        model.eval().requires_grad_(False)
         fast.patch_vision_attention(model)
         scores = None
         for b in (bs, *predict_batch_sizes):

@@ -6,6 +6,7 @@ and carries the processor, so predict.backend=openai can serve what a fold train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -39,10 +40,23 @@ def _probe_inputs(processor, samples: list | None) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def _exact_fp32():
+    """No TF32 while checking: cuDNN's default TF32 convolutions (Qwen's patch embedding) alone
+    move tiny-model logits by ~5e-4 on an H100."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @torch.no_grad()
 def _logits(model, inputs: list[dict]) -> list[torch.Tensor]:
     device = next(model.parameters()).device
-    return [model(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu() for x in inputs]
+    with _exact_fp32():
+        return [model(**{k: v.to(device) for k, v in x.items()}).logits.float().cpu() for x in inputs]
 
 
 def export_merged(
@@ -69,6 +83,7 @@ def export_merged(
     inputs = _probe_inputs(processor, check_samples)
     reference = _logits(model, inputs)
     merged = model.merge_and_unload()
+    device = next(merged.parameters()).device
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # write beside out_dir and swap in at the end, so a failed export never leaves a half folder
@@ -76,7 +91,12 @@ def export_merged(
     try:
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        reloaded = AutoModelForImageTextToText.from_pretrained(tmp, dtype=torch.float32).eval()
+        del model, merged  # a 7B model in fp32 is 28 GB: hold one copy at a time
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        # reload onto the same device: CPU and GPU kernels differ by more than the tolerance
+        reloaded = AutoModelForImageTextToText.from_pretrained(tmp, dtype=torch.float32, device_map=device)
+        reloaded.eval()
         diff = max(
             float((a - b).abs().max()) for a, b in zip(reference, _logits(reloaded, inputs), strict=True)
         )

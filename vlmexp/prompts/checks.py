@@ -21,7 +21,22 @@ FILLER_WORDS = set(
     "which what one".split()
 )
 # The same for Chinese, removed as substrings: "这是退款页面" (label 退款页面) -> "".
-FILLER_CJK = ("这张", "这个", "这是", "图片", "截图", "一个", "显示", "属于", "类别", "明显", "是", "的", "了", "张")
+FILLER_CJK = (
+    "这张",
+    "这个",
+    "这是",
+    "图片",
+    "截图",
+    "一个",
+    "显示",
+    "属于",
+    "类别",
+    "明显",
+    "是",
+    "的",
+    "了",
+    "张",
+)
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 
 

@@ -33,7 +33,16 @@ from jinja2 import nodes
 SHIPPED_DIR = Path(__file__).parent / "templates"
 BLOCKS = ("system", "user", "answer")
 # Names the renderer defines; a row column of the same name stays reachable as row["<name>"].
-RESERVED = {"labels", "descriptions", "label_descriptions_json", "ocr_text", "row", "marker", "label", "reason"}
+RESERVED = {
+    "labels",
+    "descriptions",
+    "label_descriptions_json",
+    "ocr_text",
+    "row",
+    "marker",
+    "label",
+    "reason",
+}
 GOLD_ONLY = ("label", "reason")
 
 
@@ -98,22 +107,29 @@ def _environment(user_dir: str) -> jinja2.Environment:
 def available_templates(user_dir: str = "") -> list[str]:
     """Variant names: shipped plus the user folder's; files starting with "_" are helpers, not variants."""
     dirs = [SHIPPED_DIR] + ([Path(user_dir)] if user_dir else [])
-    return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.jinja") if not p.name.startswith("_")})
+    return sorted(
+        {p.stem for d in dirs if d.is_dir() for p in d.glob("*.jinja") if not p.name.startswith("_")}
+    )
 
 
-def _top_level(env: jinja2.Environment, tpl: jinja2.Template) -> tuple[str | None, str | None, str]:
+def _top_level(env: jinja2.Environment, name: str) -> tuple[str | None, str | None, str]:
     """(parent name, marker, source) of one file; refuses top-level code that would not run."""
-    source, filename, _ = env.loader.get_source(env, tpl.name)
+    # By the name asked for, not Template.name: PrefixLoader names "shipped/baseline.jinja" "baseline.jinja".
+    source, filename, _ = env.loader.get_source(env, name)
     parent = marker = None
-    for node in env.parse(source, tpl.name, filename).body:
+    for node in env.parse(source, name, filename).body:
         where = f"{filename}:{node.lineno}"
         if isinstance(node, nodes.Extends):
             if not isinstance(node.template, nodes.Const):
-                raise PromptError(f'{where}: extends needs a literal name, e.g. {{% extends "baseline.jinja" %}}')
+                raise PromptError(
+                    f'{where}: extends needs a literal name, e.g. {{% extends "baseline.jinja" %}}'
+                )
             parent = node.template.value
         elif isinstance(node, nodes.Assign) and getattr(node.target, "name", None) == "marker":
             if not (isinstance(node.node, nodes.Const) and isinstance(node.node.value, str)):
-                raise PromptError(f'{where}: the marker must be a string literal, e.g. {{% set marker = "Label: " %}}')
+                raise PromptError(
+                    f'{where}: the marker must be a string literal, e.g. {{% set marker = "Label: " %}}'
+                )
             marker = node.node.value
         elif isinstance(node, nodes.Output) and all(
             isinstance(n, nodes.TemplateData) and not n.data.strip() for n in node.nodes
@@ -121,8 +137,8 @@ def _top_level(env: jinja2.Environment, tpl: jinja2.Template) -> tuple[str | Non
             continue
         elif not isinstance(node, nodes.Block):
             raise PromptError(
-                f"{where}: only {{% extends %}}, {{% set marker = ... %}} and blocks may stand outside a block; "
-                "move this into the system, user or answer block"
+                f"{where}: only {{% extends %}}, {{% set marker = ... %}} and blocks may stand outside "
+                "a block; move this into the system, user or answer block"
             )
     return parent, marker, source
 
@@ -147,7 +163,8 @@ def load_template(name: str, user_dir: str = "") -> PromptTemplate:
                 f'overrides, write {{% extends "shipped/{next_name}" %}}'
             )
         tpl = env.get_template(next_name)
-        next_name, own_marker, sources[tpl.name] = _top_level(env, tpl)
+        this_name = next_name
+        next_name, own_marker, sources[this_name] = _top_level(env, this_name)
         marker = own_marker if marker is None else marker  # the nearest file's marker wins
         chain.append(tpl)
     block_files: dict[str, str] = {}
@@ -156,12 +173,16 @@ def load_template(name: str, user_dir: str = "") -> PromptTemplate:
             block_files.setdefault(block, tpl.filename or tpl.name)
     missing = [b for b in BLOCKS if b not in block_files]
     if missing or marker is None:
-        what = [f"block(s) {', '.join(missing)}"] * bool(missing) + ['{% set marker = "..." %}'] * (marker is None)
-        raise PromptError(f"{chain[0].filename}: defines no {' and no '.join(what)}; see templates/baseline.jinja")
+        what = [f"block(s) {', '.join(missing)}"] * bool(missing) + ['{% set marker = "..." %}'] * (
+            marker is None
+        )
+        raise PromptError(
+            f"{chain[0].filename}: defines no {' and no '.join(what)}; see templates/baseline.jinja"
+        )
     return PromptTemplate(
         name=name,
         path=Path(chain[0].filename or name),
-        source=sources[chain[0].name],
+        source=sources[f"{name}.jinja"],
         marker=marker,
         template=chain[0],
         parents=chain[1:],
@@ -187,7 +208,9 @@ def _render_block(tpl: PromptTemplate, block: str, variables: dict[str, Any]) ->
     except jinja2.UndefinedError as e:
         raise PromptError(_undefined_message(tpl, block, variables, e.message or "")) from e
     except jinja2.TemplateError as e:
-        raise PromptError(f"prompt template {tpl.name!r} ({tpl.block_files[block]}), block {block!r}: {e}") from e
+        raise PromptError(
+            f"prompt template {tpl.name!r} ({tpl.block_files[block]}), block {block!r}: {e}"
+        ) from e
 
 
 def _undefined_message(tpl: PromptTemplate, block: str, variables: dict[str, Any], message: str) -> str:
@@ -219,7 +242,9 @@ def render_sample(
     full_row = {str(k): _clean(v) for k, v in dict(row).items()}
     prompt_row = {k: v for k, v in full_row.items() if k not in GOLD_ONLY}
     ordered = {label: str(_clean(descriptions.get(label, ""))) for label in labels}
-    variables: dict[str, Any] = {k: v for k, v in prompt_row.items() if k.isidentifier() and k not in RESERVED}
+    variables: dict[str, Any] = {
+        k: v for k, v in prompt_row.items() if k.isidentifier() and k not in RESERVED
+    }
     variables |= {
         "labels": list(labels),
         "descriptions": ordered,
@@ -246,7 +271,9 @@ def render_sample(
 def to_messages(r: Rendered, n_images: int = 1, with_answer: bool = True) -> list[dict]:
     """trl/HF multimodal chat: [system], user (images, then text), [assistant answer]."""
     if with_answer and not r.answer:
-        raise PromptError("to_messages(with_answer=True) needs an answer: render_sample(..., with_answer=True)")
+        raise PromptError(
+            "to_messages(with_answer=True) needs an answer: render_sample(..., with_answer=True)"
+        )
     messages = [{"role": "system", "content": [{"type": "text", "text": r.system}]}] if r.system else []
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": r.user}]
     messages.append({"role": "user", "content": content})
@@ -263,9 +290,12 @@ def answer_prefix_and_label(r: Rendered) -> tuple[str, str]:
     """
     if not r.answer:
         raise PromptError("answer not rendered: render_sample(..., with_answer=True)")
-    cut = r.answer.rfind(r.marker) + len(r.marker) if r.marker else 0
-    if r.marker and cut < len(r.marker):
-        raise PromptError(f"answer {r.answer[-80:]!r} has no marker {r.marker!r}; the answer block must end with it")
+    at = r.answer.rfind(r.marker) if r.marker else 0  # rfind("") would give len(answer)
+    if at < 0:
+        raise PromptError(
+            f"answer {r.answer[-80:]!r} has no marker {r.marker!r}; the answer block must end with it"
+        )
+    cut = at + len(r.marker)
     prefix, label = r.answer[:cut], r.answer[cut:]
     if (r.label and label != r.label) or not label or "\n" in label:
         raise PromptError(

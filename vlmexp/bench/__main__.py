@@ -1,0 +1,57 @@
+"""`python -m vlmexp.bench train|predict|qlora SHAPE [options]`: the bench without the `exp` CLI
+(used by scripts/device_bench.sh on the GPU machine, where the project is not pip-installed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m vlmexp.bench")
+    p.add_argument("kind", choices=["train", "predict", "qlora"])
+    p.add_argument("shape", help="qwen2.5-vl-3b, qwen2-vl-7b or tiny")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--tokens", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--modules", default="language,all-linear")
+    p.add_argument("--ablations", action="store_true")
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--images", type=int)
+    p.add_argument("--predict-batch-sizes", default="")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    if a.kind == "qlora":
+        from vlmexp.bench.run import qlora_memory
+        from vlmexp.tables import write_json
+
+        result = qlora_memory(a.shape, batch_size=a.batch_size or 1, steps=a.steps)
+        if a.out:
+            write_json(result, a.out)
+    else:
+        from vlmexp.bench.run import run_bench
+
+        result = run_bench(
+            a.kind, a.shape, resolution=a.resolution, tokens=a.tokens, batch_size=a.batch_size, steps=a.steps,
+            warmup=a.warmup, modules=tuple(a.modules.split(",")), ablations=a.ablations,
+            reference=not a.no_reference, n_images=a.images,
+            predict_batch_sizes=tuple(int(x) for x in a.predict_batch_sizes.split(",") if x), out=a.out,
+        )
+    print(json.dumps(summary(result), indent=1))
+    return result
+
+
+def summary(result: dict) -> dict:
+    """The figures worth reading at a glance (the full dict, losses included, goes to --out)."""
+    keep = ("path", "modules", "samples_per_s", "images_per_s", "mfu", "peak_gib", "gradient_checkpointing",
+            "batch_size", "max_loss_diff_vs_reference", "same_predictions_as_first_score_row")
+    rows = [{k: r[k] for k in keep if k in r} for r in result.get("rows", [])]
+    extra = {k: result[k] for k in ("peak_gib", "weights_gib", "losses") if k in result}
+    return {"kind": result["kind"], "shape": result["shape"], "rows": rows, "ratios": result.get("ratios"), **extra}
+
+
+if __name__ == "__main__":
+    main()
