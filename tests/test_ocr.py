@@ -42,8 +42,10 @@ def render(path: Path, items: list[tuple[int, int, str]], size: int = 24, font: 
 def images(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("ocr_images")
     return {
-        "refund": render(d / "refund.png", [(20, 20, "Refund request"), (20, 80, "Order details"),
-                                            (20, 140, "Total: 59.90")]),
+        "refund": render(
+            d / "refund.png",
+            [(20, 20, "Refund request"), (20, 80, "Order details"), (20, 140, "Total: 59.90")],
+        ),
         # The top line starts right of the bottom one: sorting by x alone would put "Welcome" first.
         "order": render(d / "order.png", [(200, 30, "Checkout"), (20, 130, "Welcome back")]),
         "row": render(d / "row.png", [(20, 60, "Name:"), (240, 62, "Alice")]),
@@ -70,8 +72,12 @@ def count_reads(monkeypatch) -> list[str]:
 
 
 def test_reads_rendered_english_words_in_reading_order(images, tmp_path):
-    texts = ocr_images([str(images["refund"]), str(images["order"]), str(images["row"])],
-                       _cfg(tmp_path), workers=1, progress=False)
+    texts = ocr_images(
+        [str(images["refund"]), str(images["order"]), str(images["row"])],
+        _cfg(tmp_path),
+        workers=1,
+        progress=False,
+    )
     refund = texts[str(images["refund"])]
     assert refund.count("\n") == 2, refund  # three lines of text -> three lines out
     squashed = refund.lower().replace(" ", "")
@@ -102,7 +108,9 @@ def test_min_confidence_applies_without_new_ocr(images, tmp_path, count_reads):
     assert strict[path] == ""  # every line filtered at read time ...
     assert len(count_reads) == 1  # ... from the cached raw lines, without reading the image again
     record = json.loads(cache_path(tmp_path / "cache", file_hash(path)).read_text())
-    assert record["settings"]["det_limit_type"] == "max" and all(0 < ln["conf"] <= 1 for ln in record["lines"])
+    assert record["settings"]["det_limit_type"] == "max" and all(
+        0 < ln["conf"] <= 1 for ln in record["lines"]
+    )
 
 
 def test_cache_resumes_after_a_crash_and_reads_only_missing(images, tmp_path, count_reads):
@@ -146,19 +154,22 @@ def test_other_settings_or_damaged_file_is_read_again(images, tmp_path, count_re
     assert len(count_reads) == 3
 
 
-def test_process_pool_reads_the_same_text(images, tmp_path, monkeypatch):
+def test_process_pool_reads_the_same_text(images, tmp_path, monkeypatch, count_reads):
     monkeypatch.setattr(reader_mod, "POOL_MIN", 2)  # use the pool for 2 images instead of 16
     paths = [str(images["refund"]), str(images["order"])]
     pooled, stats = ocr_records(paths, _cfg(tmp_path, "a"), workers=2, progress=False)
+    assert stats.read == 2 and count_reads == []  # read in the worker processes, not here
     local, _ = ocr_records(paths, _cfg(tmp_path, "b"), workers=1, progress=False)
-    assert stats.read == 2
+    assert len(count_reads) == 2
     assert {p: r["lines"] for p, r in pooled.items()} == {p: r["lines"] for p, r in local.items()}
 
 
 def test_cjk_text(tmp_path):
     if not Path(CJK_FONT).exists():
         pytest.skip(f"no CJK font at {CJK_FONT}: apt-get install fonts-wqy-microhei")
-    path = str(render(tmp_path / "cjk.png", [(20, 40, "退款页面"), (20, 120, "订单 Order 59.90")], font=CJK_FONT))
+    path = str(
+        render(tmp_path / "cjk.png", [(20, 40, "退款页面"), (20, 120, "订单 Order 59.90")], font=CJK_FONT)
+    )
     text = ocr_images([path], _cfg(tmp_path), workers=1, progress=False)[path]
     assert text.splitlines()[0] == "退款页面"
     assert "Order" in text and "59.90" in text

@@ -63,7 +63,7 @@ def test_every_training_row_predicted_once_out_of_fold(finished_run, demo):
 
 
 def test_run_folder_holds_provenance_and_outputs(finished_run):
-    for name in ("config.yaml", "overrides.json", "prompt.jinja", "provenance.json", "oof.csv", "test_probs.csv",
+    for name in ("config.yaml", "overrides.json", "prompt/baseline.jinja", "provenance.json", "oof.csv", "test_probs.csv",
                  "cv.json", "per_class.csv", "confusion.csv", "submission.csv", "disagreements.csv",
                  "suspect_labels.csv", "folds/fold0/adapter", "folds/fold1/metrics.json"):
         assert (finished_run / name).exists(), name

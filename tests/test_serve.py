@@ -65,7 +65,7 @@ def run(comp_dir, tiny_models, tmp_path_factory):
     )  # fmt: skip
     template = load_template(cfg.prompt)
     rundir = RunDir.for_config(cfg)
-    rundir.start(cfg, template.source)
+    rundir.start(cfg, template.sources)
     for k in range(2):
         torch.manual_seed(k)
         model = load_model(cfg, training=True)

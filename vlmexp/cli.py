@@ -22,6 +22,8 @@ from vlmexp.config import ConfigError, load_config, run_name, to_yaml
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="K-fold SFT of VLMs for image classification.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect competition data.")
 app.add_typer(data_app, name="data")
+prompts_app = typer.Typer(no_args_is_help=True, help="List and preview prompt templates.")
+app.add_typer(prompts_app, name="prompts")
 console = Console(stderr=True)
 
 OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. prompt=label_desc folds=5 train.lr=1e-4")
@@ -222,6 +224,45 @@ def data_check(
     console.print(format_check(result))
     if result.problems:
         raise typer.Exit(1)
+
+
+@prompts_app.command("list")
+@user_errors
+def prompts_list(directory: str = typer.Option("", "--dir", help="your own templates folder")) -> None:
+    """Names of the prompt variants (shipped, plus those in --dir)."""
+    from vlmexp.prompts.render import available_templates
+
+    for name in available_templates(directory):
+        typer.echo(name)
+
+
+@prompts_app.command("show")
+@user_errors
+def prompts_show(
+    overrides: list[str] = OVERRIDES,
+    row: int = typer.Option(0, "--row", help="training row to render (0-based)"),
+) -> None:
+    """Render one training row with the configured prompt, plus length and reason-quality checks."""
+    from vlmexp.data import load_competition
+    from vlmexp.prompts.checks import label_restating_share, long_prompts, near_duplicate_share, prompt_stats
+    from vlmexp.prompts.render import load_template, render_sample
+
+    cfg = load_config(overrides)
+    comp = load_competition(cfg.data)
+    tpl = load_template(cfg.prompt, cfg.prompts.dir)
+    rows = comp.train.to_dict("records")
+    rendered = [render_sample(tpl, labels=comp.labels, descriptions=comp.descriptions, row=r) for r in rows]
+    r = rendered[row]
+    for part in ("system", "user", "answer"):
+        console.rule(part)
+        typer.echo(getattr(r, part))
+    console.rule("checks")
+    typer.echo(f"prompt length: {prompt_stats(rendered)}")
+    typer.echo(f"over the {cfg.prompts.budget}-char budget: {len(long_prompts(rendered, cfg.prompts.budget))} rows")
+    if "reason" in comp.train:
+        reasons = comp.train["reason"].fillna("").tolist()
+        typer.echo(f"near-duplicate reasons: {near_duplicate_share(reasons):.1%}; "
+                   f"reasons that only restate the label: {label_restating_share(reasons, comp.labels):.1%}")
 
 
 def main() -> None:  # pragma: no cover

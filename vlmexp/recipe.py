@@ -56,7 +56,7 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
     # -- setup: run folder, data, prompt -------------------------------------------
     template = load_template(cfg.prompt, cfg.prompts.dir)
     run = RunDir.for_config(cfg)
-    prov = run.start(cfg, template.source, force=force)
+    prov = run.start(cfg, template.sources, force=force)
     comp = load_competition(cfg.data)
     labels = comp.labels
     train = comp.train

@@ -71,7 +71,7 @@ class RunDir:
         return self.root / name
 
     # -- start / resume -----------------------------------------------------
-    def start(self, cfg: Config, prompt_source: str, force: bool = False) -> dict:
+    def start(self, cfg: Config, prompt_sources: dict[str, str], force: bool = False) -> dict:
         """Create or resume the folder. Returns the provenance dict written to provenance.json.
 
         Resuming needs the same config hash: a folder named `name=foo` that holds another
@@ -93,7 +93,10 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         write_text(to_yaml(cfg), self.root / "config.yaml")
         write_json(diff_from_defaults(cfg), self.root / "overrides.json")
-        write_text(prompt_source, self.root / "prompt.jinja")
+        # Every file of the template's extends chain, e.g. label_desc.jinja and baseline.jinja:
+        # the prompt a run trained on can be read back exactly, even after the package changes.
+        for file_name, text in prompt_sources.items():
+            write_text(text, self.root / "prompt" / file_name)
         prov = {
             "run": self.root.name,
             "config_hash": h,

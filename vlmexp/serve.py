@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 
 from vlmexp.config import Config
 from vlmexp.engine.openai_backend import PROBS_FIELD
-from vlmexp.prompts.render import PromptError, Rendered, load_template
+from vlmexp.prompts.render import Rendered, load_template
 from vlmexp.tables import PROB_PREFIX, probs
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,9 @@ class RunPredictor:
         self._lock = threading.Lock()  # one model call at a time: torch modules are not re-entrant
 
     def _marker(self) -> str:
-        try:
-            return load_template(self.cfg.prompt, self.cfg.prompts.dir).marker
-        except PromptError:  # the user's template folder is gone: read the copy the run saved
-            return load_template("prompt", str(self.run_dir)).marker
+        """The marker of the template the run trained on: its saved copy (runs/<name>/prompt/) first."""
+        saved = self.run_dir / "prompt"
+        return load_template(self.cfg.prompt, str(saved) if saved.is_dir() else self.cfg.prompts.dir).marker
 
     def _folds(self, fold: int | None) -> list[int]:
         done = [k for k in range(self.cfg.folds) if (self.run_dir / f"folds/fold{k}/done.json").exists()]
@@ -138,7 +137,7 @@ class RunPredictor:
         with self._lock:
             for model, adapter in self._models:
                 if adapter is not None:
-                    pass
+                    model.set_adapter(adapter)
                 tables.append(predict(self.cfg, model, self.processor, [sample], self.labels, progress=False))
         first = tables[0].iloc[0]
         raw = str(first["raw"]) if "raw" in tables[0] and pd.notna(first["raw"]) else ""

@@ -93,8 +93,13 @@ def ocr_records(
             task = bar.add_task("ocr", total=len(todo))
             for digest, got in read_images(todo, workers):
                 got["text"] = assemble(got["lines"], 0.0)  # for a person opening the file
-                record = {"text": got["text"], "lines": got["lines"], "settings": want,
-                          "source": todo[digest], "seconds": got["seconds"]}
+                record = {
+                    "text": got["text"],
+                    "lines": got["lines"],
+                    "settings": want,
+                    "source": todo[digest],
+                    "seconds": got["seconds"],
+                }
                 save_record(ocr_cfg.cache_dir, digest, record)  # now, so a crash keeps it
                 records[digest] = record
                 bar.advance(task)
@@ -141,7 +146,9 @@ def ocr_text_for(
     cells = [str(c) for c in dict.fromkeys(paths)]
     parts = {c: _image_paths(c) for c in cells}
     texts = ocr_images([p for ps in parts.values() for p in ps], ocr_cfg, workers, progress)
-    return {c: cut_text("\n".join(t for p in ps if (t := texts[p])), ocr_cfg.max_chars) for c, ps in parts.items()}
+    return {
+        c: cut_text("\n".join(t for p in ps if (t := texts[p])), ocr_cfg.max_chars) for c, ps in parts.items()
+    }
 
 
 def run_ocr_on_competition(data_cfg: DataConfig, ocr_cfg: OcrConfig, workers: int = 0) -> dict:
