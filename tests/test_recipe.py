@@ -20,8 +20,15 @@ from vlmexp.tables import prob_columns, read_json, read_table
 pytestmark = pytest.mark.slow
 
 # Small and fast: 2 folds, one short epoch; enough to exercise every stage.
-FAST = ["folds=2", "train.epochs=1", "train.eval=false", "train.batch_size=8", "predict.batch_size=16",
-        "data.limit=0", "train.logging_steps=1"]
+FAST = [
+    "folds=2",
+    "train.epochs=1",
+    "train.eval=false",
+    "train.batch_size=8",
+    "predict.batch_size=16",
+    "data.limit=0",
+    "train.logging_steps=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +42,26 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def overrides(demo: Path, workdir: Path, *extra: str) -> list[str]:
-    return [*FAST, f"data.dir={demo}", f"runs_dir={workdir / 'runs'}", f"model.cache_dir={workdir / 'tiny'}",
-            f"leaderboard={workdir / 'leaderboard.csv'}", *extra]
+    return [
+        *FAST,
+        f"data.dir={demo}",
+        f"runs_dir={workdir / 'runs'}",
+        f"model.cache_dir={workdir / 'tiny'}",
+        f"leaderboard={workdir / 'leaderboard.csv'}",
+        *extra,
+    ]
 
 
 def exp(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "vlmexp.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlmexp.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +82,22 @@ def test_every_training_row_predicted_once_out_of_fold(finished_run, demo):
 
 
 def test_run_folder_holds_provenance_and_outputs(finished_run):
-    for name in ("config.yaml", "overrides.json", "prompt/baseline.jinja", "provenance.json", "oof.csv", "test_probs.csv",
-                 "cv.json", "per_class.csv", "confusion.csv", "submission.csv", "disagreements.csv",
-                 "suspect_labels.csv", "folds/fold0/adapter", "folds/fold1/metrics.json"):
+    for name in (
+        "config.yaml",
+        "overrides.json",
+        "prompt/baseline.jinja",
+        "provenance.json",
+        "oof.csv",
+        "test_probs.csv",
+        "cv.json",
+        "per_class.csv",
+        "confusion.csv",
+        "submission.csv",
+        "disagreements.csv",
+        "suspect_labels.csv",
+        "folds/fold0/adapter",
+        "folds/fold1/metrics.json",
+    ):
         assert (finished_run / name).exists(), name
     cv = read_json(finished_run / "cv.json")
     assert len(cv["folds"]) == 2 and cv["config_hash"] and cv["git_sha"]
@@ -110,7 +142,9 @@ def test_resume_after_kill_mid_fold_equals_uninterrupted(finished_run, demo, wor
 
 
 def test_two_concurrent_runs_both_land_on_leaderboard(demo, workdir):
-    procs = [exp("run", *overrides(demo, workdir, f"name=conc{i}", f"seed={i}"), cwd=workdir) for i in range(2)]
+    procs = [
+        exp("run", *overrides(demo, workdir, f"name=conc{i}", f"seed={i}"), cwd=workdir) for i in range(2)
+    ]
     for p in procs:
         out, _ = p.communicate(timeout=400)
         assert p.returncode == 0, out

@@ -104,7 +104,7 @@ def openai_cfg(cfg, url: str):
     return dataclasses.replace(cfg, predict=dataclasses.replace(cfg.predict, backend="openai", base_url=url))
 
 
-def http(url: str, body: dict | None = None) -> tuple[int, dict]:
+def http(url: str, body: dict | list | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
@@ -190,6 +190,10 @@ def test_bad_requests_get_openai_errors(run, server):
         status, reply = http(server.url + "/chat/completions", body)
         assert status == want_status, reply
         assert want_text in reply["error"]["message"]
+    status, reply = http(server.url + "/completions", {"model": "tiny", "prompt": "x"})
+    assert status == 404 and "/v1/chat/completions" in reply["error"]["message"]
+    status, reply = http(server.url + "/chat/completions", ["not", "an", "object"])
+    assert status == 400 and "JSON object" in reply["error"]["message"]
 
 
 def test_to_openai_messages_round_trips_to_the_same_sample(run):

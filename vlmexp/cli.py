@@ -19,7 +19,9 @@ from rich.logging import RichHandler
 
 from vlmexp.config import ConfigError, load_config, run_name, to_yaml
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="K-fold SFT of VLMs for image classification.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="K-fold SFT of VLMs for image classification."
+)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect competition data.")
 app.add_typer(data_app, name="data")
 prompts_app = typer.Typer(no_args_is_help=True, help="List and preview prompt templates.")
@@ -109,7 +111,9 @@ def expand_grid(overrides: list[str]) -> list[list[str]]:
 def sweep(
     overrides: list[str] = OVERRIDES,
     force: bool = typer.Option(False, "--force"),
-    report_out: Path = typer.Option(None, "--report", help="report folder; default runs/_reports/sweep-<runs>"),
+    report_out: Path = typer.Option(
+        None, "--report", help="report folder; default runs/_reports/sweep-<runs>"
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a grid (skipping finished runs), then one report over it: exp sweep prompt=baseline,label_desc."""
@@ -190,10 +194,19 @@ def submit(
     from vlmexp.submit import make_submission
 
     root = _run_path(run_name_, runs_dir)
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(root / "config.yaml")))
+    cfg: Config = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(root / "config.yaml"))
+    )
     comp = load_competition(cfg.data)
-    path = make_submission(root, comp.test["id"].tolist(), comp.labels, sample=sample, out=out, force=force,
-                           id_col=cfg.data.id_col)
+    path = make_submission(
+        root,
+        comp.test["id"].tolist(),
+        comp.labels,
+        sample=sample,
+        out=out,
+        force=force,
+        id_col=cfg.data.id_col,
+    )
     console.print(f"submission: {path}")
 
 
@@ -224,6 +237,22 @@ def data_check(
     console.print(format_check(result))
     if result.problems:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def serve(
+    run_name_: Path = typer.Argument(..., metavar="RUN", help="finished run folder or name"),
+    fold: int = typer.Option(None, "--fold", help="serve one fold's model instead of the fold ensemble"),
+    port: int = typer.Option(8000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="bind address; loopback by default"),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+) -> None:
+    """Serve a finished run as an OpenAI-compatible chat-completions API."""
+    _setup_logging()
+    from vlmexp.serve import serve as serve_run
+
+    serve_run(_run_path(run_name_, runs_dir), host=host, port=port, fold=fold)
 
 
 @prompts_app.command("list")
@@ -258,11 +287,15 @@ def prompts_show(
         typer.echo(getattr(r, part))
     console.rule("checks")
     typer.echo(f"prompt length: {prompt_stats(rendered)}")
-    typer.echo(f"over the {cfg.prompts.budget}-char budget: {len(long_prompts(rendered, cfg.prompts.budget))} rows")
+    typer.echo(
+        f"over the {cfg.prompts.budget}-char budget: {len(long_prompts(rendered, cfg.prompts.budget))} rows"
+    )
     if "reason" in comp.train:
         reasons = comp.train["reason"].fillna("").tolist()
-        typer.echo(f"near-duplicate reasons: {near_duplicate_share(reasons):.1%}; "
-                   f"reasons that only restate the label: {label_restating_share(reasons, comp.labels):.1%}")
+        typer.echo(
+            f"near-duplicate reasons: {near_duplicate_share(reasons):.1%}; "
+            f"reasons that only restate the label: {label_restating_share(reasons, comp.labels):.1%}"
+        )
 
 
 def main() -> None:  # pragma: no cover

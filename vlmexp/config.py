@@ -44,7 +44,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny:qwen2_vl"  # hub id, local folder, or tiny:<family> (qwen2_vl, qwen2_5_vl, smolvlm, llava)
+    name: str = (
+        "tiny:qwen2_vl"  # hub id, local folder, or tiny:<family> (qwen2_vl, qwen2_5_vl, smolvlm, llava)
+    )
     quant: str = choice("none", "4bit")  # 4bit = QLoRA: NF4, double quantisation, bf16 compute
     finetune: str = choice("lora", "full")  # full fine-tuning trains every weight (no adapter)
     attn: str = choice("auto", "sdpa", "eager", "flash_attention_2")  # auto: FA2 when installed, else sdpa
@@ -55,7 +57,9 @@ class ModelConfig:
 @dataclass
 class ImageConfig:
     min_pixels: int = 0  # lower bound on H*W after resizing (0 = the processor's default)
-    max_pixels: int = 0  # upper bound on H*W (0 = processor default); ~ 1024*28*28 keeps screenshot text legible
+    max_pixels: int = (
+        0  # upper bound on H*W (0 = processor default); ~ 1024*28*28 keeps screenshot text legible
+    )
     longest_side: int = 0  # if > 0, downscale so the longest side is at most this many px
     resize: int = 0  # if > 0, resize every image to resize x resize (ignores aspect ratio)
 
@@ -104,7 +108,8 @@ class PredictConfig:
     max_new_tokens: int = 128  # generation budget for reasons / chain of thought
     backend: str = choice("local", "openai")  # openai: predict through an OpenAI-compatible server
     base_url: str = ""  # server URL for backend=openai, e.g. http://127.0.0.1:8000/v1
-    server_model: str = ""  # model name on that server
+    server_model: str = ""  # model name on that server (empty: the server's only model)
+    concurrency: int = 4  # requests in flight for backend=openai; vLLM takes far more, e.g. 64
 
 
 @dataclass
@@ -133,7 +138,9 @@ class PseudoConfig:
 @dataclass
 class EnsembleConfig:
     vote: str = choice("soft", "majority")  # soft: mean of fold probabilities
-    reconcile: str = choice("soft", "majority", "confident", "rerun")  # policy for samples the folds disagree on
+    reconcile: str = choice(
+        "soft", "majority", "confident", "rerun"
+    )  # policy for samples the folds disagree on
     rerun_from: str = ""  # for reconcile=rerun: a finished run whose models re-predict the disputed samples
     suspect_confidence: float = 0.9  # OOF prob of another label above this marks a training label suspect
     suspects: str = choice("keep", "relabel", "drop")  # what this run does with a source run's suspects
@@ -167,7 +174,6 @@ class Config:
 # Fields that name or place a run without changing its results: left out of the hash,
 # so that `name=foo` reruns into the same numbers.
 _UNHASHED = {"name", "runs_dir", "experiment", "leaderboard"}
-
 
 
 def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -233,7 +239,9 @@ def experiment_path(name: str, experiments_dir: Path | None = None) -> Path:
     path = d / f"{name}.yaml"
     if not path.exists():
         have = sorted(p.stem for p in d.glob("*.yaml")) if d.exists() else []
-        raise ConfigError(f"experiment '{name}': no file {path}; experiments here: {', '.join(have) or 'none'}")
+        raise ConfigError(
+            f"experiment '{name}': no file {path}; experiments here: {', '.join(have) or 'none'}"
+        )
     return path
 
 
@@ -262,7 +270,9 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
     except (ValidationError, ConfigKeyError) as e:
         key = e.full_key or "?"
         want = getattr(_field(key), "type", "?") if key in set(_all_keys()) else "?"
-        raise ConfigError(f"{source}: bad value for '{key}': {e.msg.splitlines()[0]} (expected {want})") from None
+        raise ConfigError(
+            f"{source}: bad value for '{key}': {e.msg.splitlines()[0]} (expected {want})"
+        ) from None
 
 
 def validate(cfg: Config) -> None:
@@ -276,7 +286,9 @@ def validate(cfg: Config) -> None:
     if cfg.folds < 2:
         raise ConfigError(f"'folds={cfg.folds}': K-fold needs at least 2 folds, e.g. folds=5")
     if not 0.0 <= cfg.pseudo.min_agree <= 1.0:
-        raise ConfigError(f"'pseudo.min_agree={cfg.pseudo.min_agree}' is a share of folds in [0, 1], e.g. 0.8")
+        raise ConfigError(
+            f"'pseudo.min_agree={cfg.pseudo.min_agree}' is a share of folds in [0, 1], e.g. 0.8"
+        )
     if cfg.predict.backend == "openai" and not cfg.predict.base_url:
         raise ConfigError("predict.backend=openai needs predict.base_url=http://HOST:PORT/v1")
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 import logging
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 log = logging.getLogger("vlmexp")
 
@@ -52,10 +59,12 @@ class RunProgress:
         log.info("fold %d: training", k)
 
     def on_log(self, entry: dict) -> None:
-        """Called with each trainer log entry, e.g. {"step": 12, "max_steps": 60, "loss": 1.93, "epoch": 0.6}."""
+        """Called with each trainer log entry, e.g. {"step": 12, "max_steps": 60, "loss": 1.93}."""
         if self._steps is None:
             return
-        info = " ".join(f"{k}={entry[k]:.4g}" for k in ("loss", "eval_accuracy", "eval_macro_f1") if k in entry)
+        info = " ".join(
+            f"{k}={entry[k]:.4g}" for k in ("loss", "eval_accuracy", "eval_macro_f1") if k in entry
+        )
         update = {"info": info}
         if "max_steps" in entry:
             update["total"] = entry["max_steps"]

@@ -70,8 +70,9 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
     pseudo = pd.DataFrame()
     if cfg.pseudo.source:
         src = _resolve_run(cfg.pseudo.source, cfg.runs_dir)
-        pseudo = select_pseudo(read_table(src / "test_probs.csv"), labels, cfg.pseudo.min_agree,
-                               cfg.pseudo.min_confidence)
+        pseudo = select_pseudo(
+            read_table(src / "test_probs.csv"), labels, cfg.pseudo.min_agree, cfg.pseudo.min_confidence
+        )
         log.info("pseudo-labels from %s: %d of %d test rows", src.name, len(pseudo), len(comp.test))
         write_table(pseudo, run.path("pseudo_labels.csv"))
     train_all = add_pseudo(train, comp.test, pseudo)
@@ -81,8 +82,15 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
     processor = load_processor(cfg)
 
     def samples(df: pd.DataFrame, with_answer: bool) -> list[dict]:
-        return build_samples(df, labels=labels, descriptions=comp.descriptions, template=template, cfg=cfg,
-                             ocr=ocr, with_answer=with_answer)
+        return build_samples(
+            df,
+            labels=labels,
+            descriptions=comp.descriptions,
+            template=template,
+            cfg=cfg,
+            ocr=ocr,
+            with_answer=with_answer,
+        )
 
     test_samples = samples(comp.test, with_answer=False)
 
@@ -96,28 +104,45 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
             progress.start_fold(k)
             train_split, val_split = split_with_pseudo(train_all, folds, k)
             train_split, before, after = resample(train_split, cfg.balance, seed=cfg.seed + k)
-            write_json({"before": before, "after": after, "pseudo_rows": int(train_split["pseudo"].sum())},
-                       fdir / "class_counts.json")
+            write_json(
+                {"before": before, "after": after, "pseudo_rows": int(train_split["pseudo"].sum())},
+                fdir / "class_counts.json",
+            )
 
             model = load_model(cfg, training=True)
-            result = train_fold(cfg, model, processor, samples(train_split, True), samples(val_split, False),
-                                labels, fdir, on_log=progress.on_log)
+            result = train_fold(
+                cfg,
+                model,
+                processor,
+                samples(train_split, True),
+                samples(val_split, False),
+                labels,
+                fdir,
+                on_log=progress.on_log,
+            )
             del model
             _free_memory()
 
-            model = load_for_inference(cfg, result.adapter_dir)
-            oof = predict(cfg, model, processor, samples(val_split, False), labels, progress=False)
+            model = load_for_inference(cfg, result.adapter_dir) if cfg.predict.backend == "local" else None
+            oof = _predict(cfg, model, processor, samples(val_split, False), labels)
             oof.insert(1, "label", val_split["label"].to_numpy())
             oof.insert(2, "fold", k)
-            test_k = predict(cfg, model, processor, test_samples, labels, progress=False)
+            test_k = _predict(cfg, model, processor, test_samples, labels)
             del model
             _free_memory()
 
             write_table(oof, fdir / "oof.csv")
             write_table(test_k, fdir / "test.csv")
             metrics = score(oof["label"], oof["pred"], labels)
-            write_json({**metrics, "best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
-                        "train_rows": len(train_split)}, fdir / "metrics.json")
+            write_json(
+                {
+                    **metrics,
+                    "best_epoch": result.best_epoch,
+                    "train_seconds": result.train_seconds,
+                    "train_rows": len(train_split),
+                },
+                fdir / "metrics.json",
+            )
             run.mark_fold_done(k, {"fold": k, cfg.metric: metrics[cfg.metric]})
             progress.end_fold(k, metrics[cfg.metric])
 
@@ -126,12 +151,24 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
     write_table(oof, run.path("oof.csv"))
     fold_scores = [score(g["label"], g["pred"], labels)[cfg.metric] for _, g in oof.groupby("fold")]
     overall = score(oof["label"], oof["pred"], labels)
-    cv = {"metric": cfg.metric, "mean": float(np.mean(fold_scores)), "std": float(np.std(fold_scores)),
-          "folds": fold_scores, "accuracy": overall["accuracy"], "macro_f1": overall["macro_f1"],
-          "n_oof": len(oof), "config_hash": config_hash(cfg), "git_sha": prov["git"]["sha"]}
-    write_table(per_class_report(oof["label"], oof["pred"], labels).reset_index(names="label"),
-                run.path("per_class.csv"))
-    write_table(confusion(oof["label"], oof["pred"], labels).reset_index(names="label"), run.path("confusion.csv"))
+    cv = {
+        "metric": cfg.metric,
+        "mean": float(np.mean(fold_scores)),
+        "std": float(np.std(fold_scores)),
+        "folds": fold_scores,
+        "accuracy": overall["accuracy"],
+        "macro_f1": overall["macro_f1"],
+        "n_oof": len(oof),
+        "config_hash": config_hash(cfg),
+        "git_sha": prov["git"]["sha"],
+    }
+    write_table(
+        per_class_report(oof["label"], oof["pred"], labels).reset_index(names="label"),
+        run.path("per_class.csv"),
+    )
+    write_table(
+        confusion(oof["label"], oof["pred"], labels).reset_index(names="label"), run.path("confusion.csv")
+    )
 
     # -- vote: fold models on the test set, disputed rows reconciled ------------------
     fold_tests = [read_table(run.fold_dir(k) / "test.csv") for k in range(cfg.folds)]
@@ -148,21 +185,43 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
     # -- save: submission, cv.json last (it marks the run finished), leaderboard -----
     from vlmexp.submit import make_submission
 
-    sub = make_submission(run.root, comp.test["id"].tolist(), labels, out=run.path("submission.csv"), force=True)
+    sub = make_submission(
+        run.root, comp.test["id"].tolist(), labels, out=run.path("submission.csv"), force=True
+    )
     cv["duration_s"] = round(time.time() - t0, 1)
     write_json(cv, run.path("cv.json"))
     leaderboard.append(
-        {"run": run.root.name, "overrides": " ".join(f"{k}={v}" for k, v in diff_from_defaults(cfg).items()),
-         "config_hash": cv["config_hash"], "git_sha": cv["git_sha"][:10], "metric": cfg.metric,
-         "cv_mean": round(cv["mean"], 4), "cv_std": round(cv["std"], 4),
-         "fold_scores": " ".join(f"{s:.4f}" for s in fold_scores), "accuracy": round(cv["accuracy"], 4),
-         "macro_f1": round(cv["macro_f1"], 4), "train_size": len(train), "pseudo_round": cfg.pseudo.round,
-         "pseudo_count": len(pseudo), "duration_s": cv["duration_s"],
-         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "submission": str(sub)},
+        {
+            "run": run.root.name,
+            "overrides": " ".join(f"{k}={v}" for k, v in diff_from_defaults(cfg).items()),
+            "config_hash": cv["config_hash"],
+            "git_sha": cv["git_sha"][:10],
+            "metric": cfg.metric,
+            "cv_mean": round(cv["mean"], 4),
+            "cv_std": round(cv["std"], 4),
+            "fold_scores": " ".join(f"{s:.4f}" for s in fold_scores),
+            "accuracy": round(cv["accuracy"], 4),
+            "macro_f1": round(cv["macro_f1"], 4),
+            "train_size": len(train),
+            "pseudo_round": cfg.pseudo.round,
+            "pseudo_count": len(pseudo),
+            "duration_s": cv["duration_s"],
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "submission": str(sub),
+        },
         Path(cfg.leaderboard),
     )
     log.info("%s: CV %s %.4f ± %.4f", run.root.name, cfg.metric, cv["mean"], cv["std"])
     return run
+
+
+def _predict(cfg: Config, model, processor, samples: list[dict], labels: list[str]) -> pd.DataFrame:
+    """Local scoring or generation, or an OpenAI-compatible server (backend=openai, e.g. `vllm serve`)."""
+    if cfg.predict.backend == "openai":
+        from vlmexp.engine.openai_backend import predict_openai
+
+        return predict_openai(cfg, samples, labels, concurrency=cfg.predict.concurrency, progress=False)
+    return predict(cfg, model, processor, samples, labels, progress=False)
 
 
 def _ocr_texts(cfg: Config, comp: Competition) -> dict[str, str] | None:
@@ -187,7 +246,9 @@ def _resolve_run(name_or_path: str, runs_dir: str) -> Path:
     for p in (Path(name_or_path), Path(runs_dir) / name_or_path):
         if (p / "cv.json").exists():
             return p
-    raise FileNotFoundError(f"run '{name_or_path}' not found or not finished (no cv.json) in . or {runs_dir}/")
+    raise FileNotFoundError(
+        f"run '{name_or_path}' not found or not finished (no cv.json) in . or {runs_dir}/"
+    )
 
 
 def _free_memory() -> None:

@@ -30,7 +30,10 @@ def git_state(cwd: Path | None = None) -> dict:
         ).stdout.strip()
 
     try:
-        return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {
+            "sha": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
     except (subprocess.SubprocessError, FileNotFoundError):
         return {"sha": "unknown", "dirty": None}
 

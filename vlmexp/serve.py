@@ -297,11 +297,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         try:
+            body = self._body()  # read it whatever the route: unread bytes would corrupt the next request
             if self.path.rstrip("/") != "/v1/chat/completions":
                 raise RequestError(
                     f"no route POST {self.path}; try /v1/chat/completions", HTTPStatus.NOT_FOUND
                 )
-            self._json(HTTPStatus.OK, completion(self._body(), self.server.predictor))
+            self._json(HTTPStatus.OK, completion(body, self.server.predictor))
         except RequestError as e:
             self._error(e)
         except Exception as e:  # a bug or a model failure: say so, keep serving
@@ -311,6 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> dict:
         size = int(self.headers.get("Content-Length") or 0)
         if size > MAX_BODY_BYTES:
+            self.close_connection = True  # the body stays unread, so this connection cannot be reused
             raise RequestError(
                 f"request body of {size} bytes exceeds {MAX_BODY_BYTES}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
             )

@@ -35,10 +35,19 @@ def main(argv: list[str] | None = None) -> dict:
         from vlmexp.bench.run import run_bench
 
         result = run_bench(
-            a.kind, a.shape, resolution=a.resolution, tokens=a.tokens, batch_size=a.batch_size, steps=a.steps,
-            warmup=a.warmup, modules=tuple(a.modules.split(",")), ablations=a.ablations,
-            reference=not a.no_reference, n_images=a.images,
-            predict_batch_sizes=tuple(int(x) for x in a.predict_batch_sizes.split(",") if x), out=a.out,
+            a.kind,
+            a.shape,
+            resolution=a.resolution,
+            tokens=a.tokens,
+            batch_size=a.batch_size,
+            steps=a.steps,
+            warmup=a.warmup,
+            modules=tuple(a.modules.split(",")),
+            ablations=a.ablations,
+            reference=not a.no_reference,
+            n_images=a.images,
+            predict_batch_sizes=tuple(int(x) for x in a.predict_batch_sizes.split(",") if x),
+            out=a.out,
         )
     print(json.dumps(summary(result), indent=1))
     return result
@@ -46,11 +55,27 @@ def main(argv: list[str] | None = None) -> dict:
 
 def summary(result: dict) -> dict:
     """The figures worth reading at a glance (the full dict, losses included, goes to --out)."""
-    keep = ("path", "modules", "samples_per_s", "images_per_s", "mfu", "peak_gib", "gradient_checkpointing",
-            "batch_size", "max_loss_diff_vs_reference", "same_predictions_as_first_score_row")
+    keep = (
+        "path",
+        "modules",
+        "samples_per_s",
+        "images_per_s",
+        "mfu",
+        "peak_gib",
+        "gradient_checkpointing",
+        "batch_size",
+        "max_loss_diff_vs_reference",
+        "same_predictions_as_first_score_row",
+    )
     rows = [{k: r[k] for k in keep if k in r} for r in result.get("rows", [])]
     extra = {k: result[k] for k in ("peak_gib", "weights_gib", "losses") if k in result}
-    return {"kind": result["kind"], "shape": result["shape"], "rows": rows, "ratios": result.get("ratios"), **extra}
+    return {
+        "kind": result["kind"],
+        "shape": result["shape"],
+        "rows": rows,
+        "ratios": result.get("ratios"),
+        **extra,
+    }
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ class FlopCount:
         lin_l = self.language_fwd - self.language_attn_fwd
         flops = lin_l * 2 + self.language_attn_fwd * 3
         flops += self.vision_fwd if not vision_trainable else lin_v * 2 + self.vision_attn_fwd * 3
-        flops += self.lm_head_per_token * 2 * (answer_tokens if logits_positions is None else logits_positions)
+        flops += (
+            self.lm_head_per_token * 2 * (answer_tokens if logits_positions is None else logits_positions)
+        )
         return flops
 
     def prefill(self) -> float:
@@ -71,7 +73,9 @@ def count(config, text_tokens: int, grid_thw: tuple[int, int, int]) -> FlopCount
     full = patches  # one full-attention sequence per image
     window = (vc.window_size // vc.patch_size) ** 2 if hasattr(vc, "window_size") else full
     full_layers = set(getattr(vc, "fullatt_block_indexes", range(vc.depth)))
-    vis_attn = sum(2 * 2 * patches * (full if i in full_layers else min(window, full)) * d for i in range(vc.depth))
+    vis_attn = sum(
+        2 * 2 * patches * (full if i in full_layers else min(window, full)) * d for i in range(vc.depth)
+    )
     merged = patches // merge**2
     merger = 2 * merged * (d * merge**2) * (d * merge**2 + out)
     vision = vc.depth * per_patch * patches + vis_attn + patch_embed + merger

@@ -67,8 +67,17 @@ def generate_row(model, processor, samples, label_names, *, batch_size: int, war
     return _row("reference-generate", seconds, n, batch_size=batch_size, new_tokens=n_new, parsed=parsed)
 
 
-def score_row(model, processor, samples, label_names, *, batch_size: int, warmup: int,
-              cached: bool = False, name: str = "project-score") -> tuple[dict, list]:
+def score_row(
+    model,
+    processor,
+    samples,
+    label_names,
+    *,
+    batch_size: int,
+    warmup: int,
+    cached: bool = False,
+    name: str = "project-score",
+) -> tuple[dict, list]:
     """Project: processor -> one prefill per image -> all candidates on the shared KV cache."""
     device = next(model.parameters()).device
     cands = candidate_ids(processor, label_names)
@@ -76,16 +85,18 @@ def score_row(model, processor, samples, label_names, *, batch_size: int, warmup
     cache = fast.VisionFeatureCache() if cached else None
     prepared = None
     if cached:  # images processed once and their features computed once, before timing
-        prepared = [fast.precompute_position_ids(model, _to(collate_prompts(processor, c), device))
-                    for c in batches]
-        for b, c in zip(prepared, batches):
+        prepared = [
+            fast.precompute_position_ids(model, _to(collate_prompts(processor, c), device)) for c in batches
+        ]
+        for b, c in zip(prepared, batches, strict=True):
             cache.encoder_outputs(model, b["pixel_values"], b["image_grid_thw"], [s["id"] for s in c])
 
     def step(i):
         if cached:
             b = prepared[i]
-            mm = cache.encoder_outputs(model, b["pixel_values"], b["image_grid_thw"],
-                                       [s["id"] for s in batches[i]])
+            mm = cache.encoder_outputs(
+                model, b["pixel_values"], b["image_grid_thw"], [s["id"] for s in batches[i]]
+            )
             inputs = {k: v for k, v in b.items() if k != "pixel_values"} | {"mm_encoder_outputs": mm}
         else:
             inputs = _to(collate_prompts(processor, batches[i]), device)

@@ -31,21 +31,39 @@ def environment() -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    return {"device": flops.device_name(), "python": platform.python_version(), "versions": versions,
-            "peak_tflops_measured": flops.measured_peak(), "peak_tflops_datasheet": flops.datasheet_peak(),
-            "argv": sys.argv}
+    return {
+        "device": flops.device_name(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "peak_tflops_measured": flops.measured_peak(),
+        "peak_tflops_datasheet": flops.datasheet_peak(),
+        "argv": sys.argv,
+    }
 
 
 def _mfu(flops_per_item: float, items_per_s: float, peak: float | None) -> float | None:
     return flops_per_item * items_per_s / (peak * 1e12) if peak else None
 
 
-def run_bench(kind: str, shape: str, *, resolution: int | None = None, tokens: int | None = None,
-              batch_size: int | None = None, steps: int = 8, warmup: int = 2,
-              modules: tuple[str, ...] = ("language", "all-linear"), ablations: bool = False,
-              reference: bool = True, n_labels: int = 25, n_images: int | None = None,
-              predict_batch_sizes: tuple[int, ...] = (), lr: float = 2e-4, seed: int = 0,
-              out: Path | None = None) -> dict:
+def run_bench(
+    kind: str,
+    shape: str,
+    *,
+    resolution: int | None = None,
+    tokens: int | None = None,
+    batch_size: int | None = None,
+    steps: int = 8,
+    warmup: int = 2,
+    modules: tuple[str, ...] = ("language", "all-linear"),
+    ablations: bool = False,
+    reference: bool = True,
+    n_labels: int = 25,
+    n_images: int | None = None,
+    predict_batch_sizes: tuple[int, ...] = (),
+    lr: float = 2e-4,
+    seed: int = 0,
+    out: Path | None = None,
+) -> dict:
     """Benchmark `kind` (train or predict) on `shape` (see bench/shapes.py: qwen2.5-vl-3b, qwen2-vl-7b,
     tiny); rows for the reference recipe and the project's path in the same process."""
     if kind not in KINDS:
@@ -66,11 +84,26 @@ def run_bench(kind: str, shape: str, *, resolution: int | None = None, tokens: i
     answer_tokens = float((probe["labels"] != -100).sum(1).float().mean())
     grid = tuple(int(x) for x in probe["image_grid_thw"][0])
     count = flops.count(model.config, round(tok_per_sample), grid)
-    result = {"kind": kind, "shape": shape, "params": count_params(model), "env": env,
-              "settings": {"resolution": res, "tokens_per_sample": tok_per_sample, "answer_tokens": answer_tokens,
-                           "image_grid_thw": grid, "batch_size": bs, "steps": steps, "warmup": warmup,
-                           "n_labels": n_labels, "lr": lr, "seed": seed},
-              "rows": [], "ratios": {}}
+    result = {
+        "kind": kind,
+        "shape": shape,
+        "params": count_params(model),
+        "env": env,
+        "settings": {
+            "resolution": res,
+            "tokens_per_sample": tok_per_sample,
+            "answer_tokens": answer_tokens,
+            "image_grid_thw": grid,
+            "batch_size": bs,
+            "steps": steps,
+            "warmup": warmup,
+            "n_labels": n_labels,
+            "lr": lr,
+            "seed": seed,
+        },
+        "rows": [],
+        "ratios": {},
+    }
 
     def save() -> None:
         if out is not None:
@@ -82,9 +115,11 @@ def run_bench(kind: str, shape: str, *, resolution: int | None = None, tokens: i
             fl = count.train(answer_tokens, vision_trainable=mod == "all-linear")
             variants = [dict(name="project")]
             if ablations:
-                variants += [dict(name="project-gc-on", gc_setting="on"),
-                             dict(name="project-full-logits", answer_only=False),
-                             dict(name="project-no-vision-patch", vision_patch=False)]
+                variants += [
+                    dict(name="project-gc-on", gc_setting="on"),
+                    dict(name="project-full-logits", answer_only=False),
+                    dict(name="project-no-vision-patch", vision_patch=False),
+                ]
                 if mod == "language":
                     variants.append(dict(name="project-no-vision-cache", vision_cache=False))
             rows = []
@@ -95,8 +130,11 @@ def run_bench(kind: str, shape: str, *, resolution: int | None = None, tokens: i
                 row, model = train_bench.project_row(model, processor, samples, modules=mod, **kw, **v)
                 rows.append(row)
             for row in rows:
-                row |= {"flops_per_sample": fl, "tokens_per_s": row["samples_per_s"] * tok_per_sample,
-                        "mfu": _mfu(fl, row["samples_per_s"], peak)}
+                row |= {
+                    "flops_per_sample": fl,
+                    "tokens_per_s": row["samples_per_s"] * tok_per_sample,
+                    "mfu": _mfu(fl, row["samples_per_s"], peak),
+                }
                 if row.get("vision_cache"):  # the vision forward is not done: do not count it
                     row["flops_per_sample"] = fl - count.vision_fwd
                     row["mfu"] = _mfu(row["flops_per_sample"], row["samples_per_s"], peak)
@@ -108,24 +146,33 @@ def run_bench(kind: str, shape: str, *, resolution: int | None = None, tokens: i
                     result["ratios"][f"{row['path']}/{mod}"] = row["samples_per_s"] / ref["samples_per_s"]
                     n_cmp = min(len(ref["losses"]), len(row["losses"]))
                     row["max_loss_diff_vs_reference"] = max(
-                        abs(a - b) for a, b in zip(ref["losses"][:n_cmp], row["losses"][:n_cmp]))
+                        abs(a - b) for a, b in zip(ref["losses"][:n_cmp], row["losses"][:n_cmp], strict=True)
+                    )
             save()
     else:
         fl = count.prefill()
         names = labels(n_labels)
         rows = []
         if reference:
-            rows.append(predict_bench.generate_row(model, processor, samples[:n], names, batch_size=bs,
-                                                   warmup=1))
+            rows.append(
+                predict_bench.generate_row(model, processor, samples[:n], names, batch_size=bs, warmup=1)
+            )
             save()
         model.eval().requires_grad_(False)
         fast.patch_vision_attention(model)
         scores = None
         for b in (bs, *predict_batch_sizes):
             for cached in (False, True):
-                row, outs = predict_bench.score_row(model, processor, samples[:n], names, batch_size=b,
-                                                    warmup=1, cached=cached,
-                                                    name=f"project-score{'-cached' if cached else ''}")
+                row, outs = predict_bench.score_row(
+                    model,
+                    processor,
+                    samples[:n],
+                    names,
+                    batch_size=b,
+                    warmup=1,
+                    cached=cached,
+                    name=f"project-score{'-cached' if cached else ''}",
+                )
                 preds = torch.cat(outs).argmax(-1)
                 scores = preds if scores is None else scores
                 row["same_predictions_as_first_score_row"] = bool((preds == scores).all())
@@ -137,14 +184,23 @@ def run_bench(kind: str, shape: str, *, resolution: int | None = None, tokens: i
             row["mfu"] = _mfu(row["flops_per_image"], row["images_per_s"], peak)
             if reference:
                 result["ratios"][f"{row['path']}/b{row['batch_size']}"] = (
-                    row["images_per_s"] / rows[0]["images_per_s"])
+                    row["images_per_s"] / rows[0]["images_per_s"]
+                )
             result["rows"].append(row)
         save()
     return result
 
 
-def qlora_memory(shape: str = "qwen2-vl-7b", *, batch_size: int = 1, steps: int = 4, resolution: int = 448,
-                 tokens: int = 570, workdir: Path | None = None, seed: int = 0) -> dict:
+def qlora_memory(
+    shape: str = "qwen2-vl-7b",
+    *,
+    batch_size: int = 1,
+    steps: int = 4,
+    resolution: int = 448,
+    tokens: int = 570,
+    workdir: Path | None = None,
+    seed: int = 0,
+) -> dict:
     """QLoRA through the project's own loader (`models.load.load_model`, quant=4bit): save random bf16
     weights, reload them in NF4, train `steps` steps with the fast loss; reports peak GPU memory."""
     from vlmexp.config import Config
@@ -160,8 +216,11 @@ def qlora_memory(shape: str = "qwen2-vl-7b", *, batch_size: int = 1, steps: int 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     cfg = Config()
-    cfg = replace(cfg, model=replace(cfg.model, name=str(work), quant="4bit", attn="sdpa"),
-                  lora=replace(cfg.lora, r=16, dropout=0.0))
+    cfg = replace(
+        cfg,
+        model=replace(cfg.model, name=str(work), quant="4bit", attn="sdpa"),
+        lora=replace(cfg.lora, r=16, dropout=0.0),
+    )
     model = load_model(cfg, training=True)
     weights_gib = torch.cuda.max_memory_allocated() / 2**30
     fast.patch_vision_attention(model)
@@ -177,7 +236,14 @@ def qlora_memory(shape: str = "qwen2-vl-7b", *, batch_size: int = 1, steps: int 
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-    return {"kind": "qlora-memory", "shape": shape, "batch_size": batch_size, "gradient_checkpointing": False,
-            "weights_gib": weights_gib, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "losses": losses, "env": environment()}
+        losses.append(float(loss.detach()))
+    return {
+        "kind": "qlora-memory",
+        "shape": shape,
+        "batch_size": batch_size,
+        "gradient_checkpointing": False,
+        "weights_gib": weights_gib,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "losses": losses,
+        "env": environment(),
+    }

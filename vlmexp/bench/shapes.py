@@ -13,7 +13,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
+)
 
 from vlmexp.models.tiny import build_tiny
 
@@ -139,11 +145,20 @@ def build_config(shape: Shape):
     ids = {k: getattr(tiny_cfg, k) for k in ("image_token_id", "video_token_id")}
     ids |= {k: getattr(tiny_cfg, k) for k in ("vision_start_token_id", "vision_end_token_id")}
     tt = tiny_cfg.text_config
-    text = dict(shape.text, bos_token_id=tt.bos_token_id, eos_token_id=tt.eos_token_id,
-                pad_token_id=tt.pad_token_id, tie_word_embeddings=shape.tie_word_embeddings)
+    text = dict(
+        shape.text,
+        bos_token_id=tt.bos_token_id,
+        eos_token_id=tt.eos_token_id,
+        pad_token_id=tt.pad_token_id,
+        tie_word_embeddings=shape.tie_word_embeddings,
+    )
     cls = Qwen2_5_VLConfig if shape.family == "qwen2_5_vl" else Qwen2VLConfig
-    return cls(text_config=text, vision_config=dict(shape.vision), tie_word_embeddings=shape.tie_word_embeddings,
-               **ids)
+    return cls(
+        text_config=text,
+        vision_config=dict(shape.vision),
+        tie_word_embeddings=shape.tie_word_embeddings,
+        **ids,
+    )
 
 
 def build_processor(shape: Shape, resolution: int):
@@ -156,8 +171,13 @@ def build_processor(shape: Shape, resolution: int):
     return processor
 
 
-def build_model(shape: Shape, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                attn: str = "sdpa", seed: int = 0):
+def build_model(
+    shape: Shape,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn: str = "sdpa",
+    seed: int = 0,
+):
     """Random-weight model of `shape`, initialised directly on `device` (a 3B model in a few seconds)."""
     config = build_config(shape)
     with torch.random.fork_rng(devices=[]), torch.device(device):

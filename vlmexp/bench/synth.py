@@ -47,7 +47,9 @@ def make_prompt(processor, resolution: int, tokens: int, label_names: list[str])
     return tok.decode(ids[: len(ids) - over]) if over > 0 else prompt
 
 
-def make_samples(processor, n: int, resolution: int, tokens: int, n_labels: int = 25, seed: int = 0) -> list[dict]:
+def make_samples(
+    processor, n: int, resolution: int, tokens: int, n_labels: int = 25, seed: int = 0
+) -> list[dict]:
     rng = np.random.default_rng(seed)
     names = labels(n_labels)
     prompt = make_prompt(processor, resolution, tokens, names)
@@ -55,42 +57,50 @@ def make_samples(processor, n: int, resolution: int, tokens: int, n_labels: int 
     for i in range(n):
         pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
         label = names[int(rng.integers(n_labels))]
-        out.append({"id": f"s{i}", "messages": _messages(prompt, label), "images": [Image.fromarray(pixels)],
-                    "label": label})
+        out.append(
+            {
+                "id": f"s{i}",
+                "messages": _messages(prompt, label),
+                "images": [Image.fromarray(pixels)],
+                "label": label,
+            }
+        )
     return out
 
 
 def collate_train(processor, samples: list[dict]) -> dict:
-    """Right-padded batch with labels on the answer and its end-of-turn token only (trl's
-    assistant_only_loss supervises the same tokens)."""
+    """Right-padded batch with labels on the assistant turn only: the answer, "<|im_end|>" and the
+    template's "\n" after it, the same tokens trl's assistant_only_loss supervises."""
     tok = processor.tokenizer
     full = [processor.apply_chat_template(s["messages"], tokenize=False) for s in samples]
-    prompts = [processor.apply_chat_template(s["messages"][:-1], tokenize=False, add_generation_prompt=True)
-               for s in samples]
+    prompts = [
+        processor.apply_chat_template(s["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        for s in samples
+    ]
     tok.padding_side = "right"
     batch = processor(text=full, images=[s["images"] for s in samples], padding=True, return_tensors="pt")
-    prompt_batch = processor(text=prompts, images=[s["images"] for s in samples], padding=True,
-                             return_tensors="pt")
+    prompt_batch = processor(
+        text=prompts, images=[s["images"] for s in samples], padding=True, return_tensors="pt"
+    )
     n_prompt = prompt_batch["attention_mask"].sum(1)
     labels = batch["input_ids"].clone()
     pos = torch.arange(labels.shape[1])[None]
     labels[(pos < n_prompt[:, None]) | (batch["attention_mask"] == 0)] = -100
-    # The template ends each turn with "<|im_end|>\n": supervise up to <|im_end|>, not the newline.
-    eot = tok.convert_tokens_to_ids("<|im_end|>")
-    last_eot = torch.where(batch["input_ids"] == eot, pos, -1).amax(1)
-    labels[pos > last_eot[:, None]] = -100
     return {**batch, "labels": labels}
 
 
 def collate_prompts(processor, samples: list[dict]) -> dict:
     """Left-padded prompts ending in the generation prompt, for generation and scoring."""
     tok = processor.tokenizer
-    prompts = [processor.apply_chat_template(s["messages"][:1], tokenize=False, add_generation_prompt=True)
-               for s in samples]
+    prompts = [
+        processor.apply_chat_template(s["messages"][:1], tokenize=False, add_generation_prompt=True)
+        for s in samples
+    ]
     tok.padding_side = "left"
     try:
-        return dict(processor(text=prompts, images=[s["images"] for s in samples], padding=True,
-                              return_tensors="pt"))
+        return dict(
+            processor(text=prompts, images=[s["images"] for s in samples], padding=True, return_tensors="pt")
+        )
     finally:
         tok.padding_side = "right"
 

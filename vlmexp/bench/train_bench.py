@@ -18,10 +18,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import TrainerCallback
 
-from vlmexp.config import Config, LoraConfig
+from vlmexp.bench.synth import collate_train
+from vlmexp.config import LoraConfig
 from vlmexp.engine import fast
 from vlmexp.models.lora import select_target_modules
-from vlmexp.bench.synth import collate_train
 
 MODULES = ("all-linear", "language")
 
@@ -41,8 +41,13 @@ def lora_settings(model: torch.nn.Module, modules: str) -> LoraConfig:
 def _wrap(model: torch.nn.Module, lora: LoraConfig, seed: int):
     targets = select_target_modules(model, lora)
     torch.manual_seed(seed)  # same LoRA A init in every row
-    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=targets, task_type="CAUSAL_LM")
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, peft_cfg), len(targets)
 
 
@@ -86,8 +91,9 @@ class _Timer(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
-def reference_row(model, processor, samples, *, modules: str, batch_size: int, warmup: int, steps: int,
-                  lr: float, seed: int) -> tuple[dict, torch.nn.Module]:
+def reference_row(
+    model, processor, samples, *, modules: str, batch_size: int, warmup: int, steps: int, lr: float, seed: int
+) -> tuple[dict, torch.nn.Module]:
     """The tutorial default: trl SFTTrainer, LoRA r=16, gradient checkpointing on, sdpa, trl's collator."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -99,28 +105,63 @@ def reference_row(model, processor, samples, *, modules: str, batch_size: int, w
     timer = _Timer(warmup)
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            output_dir=out, per_device_train_batch_size=batch_size, max_steps=warmup + steps,
-            gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, learning_rate=lr,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1,
-            save_strategy="no", report_to="none", assistant_only_loss=True, max_length=None,
-            train_sampling_strategy="sequential", seed=seed, disable_tqdm=True,
+            output_dir=out,
+            per_device_train_batch_size=batch_size,
+            max_steps=warmup + steps,
+            gradient_checkpointing=True,
+            bf16=cuda,
+            use_cpu=not cuda,
+            learning_rate=lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            assistant_only_loss=True,
+            max_length=None,
+            train_sampling_strategy="sequential",
+            seed=seed,
+            disable_tqdm=True,
         )
         _start_row()
-        trainer = SFTTrainer(model=peft_model, args=args, train_dataset=ds, processing_class=processor,
-                             callbacks=[timer])
+        trainer = SFTTrainer(
+            model=peft_model, args=args, train_dataset=ds, processing_class=processor, callbacks=[timer]
+        )
         trainer.train()
     peak = _peak_gib()
     seconds = timer.t1 - timer.t0
     del trainer
-    row = {"path": "reference", "modules": modules, "lora_modules": n_targets, "gradient_checkpointing": True,
-           "samples_per_s": steps * batch_size / seconds, "peak_gib": peak, "losses": timer.losses,
-           "recipe": "trl SFTTrainer, LoRA r=16, gradient checkpointing, sdpa, assistant_only_loss"}
+    row = {
+        "path": "reference",
+        "modules": modules,
+        "lora_modules": n_targets,
+        "gradient_checkpointing": True,
+        "samples_per_s": steps * batch_size / seconds,
+        "peak_gib": peak,
+        "losses": timer.losses,
+        "recipe": "trl SFTTrainer, LoRA r=16, gradient checkpointing, sdpa, assistant_only_loss",
+    }
     return row, _restore(peft_model)
 
 
-def project_row(model, processor, samples, *, modules: str, batch_size: int, warmup: int, steps: int, lr: float,
-                seed: int, gc_setting: str = "auto", answer_only: bool = True, vision_patch: bool = True,
-                vision_cache: bool = True, name: str = "project") -> tuple[dict, torch.nn.Module]:
+def project_row(
+    model,
+    processor,
+    samples,
+    *,
+    modules: str,
+    batch_size: int,
+    warmup: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    gc_setting: str = "auto",
+    answer_only: bool = True,
+    vision_patch: bool = True,
+    vision_cache: bool = True,
+    name: str = "project",
+) -> tuple[dict, torch.nn.Module]:
     """The project's path: fast.py's pieces on batches built once (images preprocessed once)."""
     peft_model, n_targets = _wrap(model, lora_settings(model, modules), seed)
     device = next(model.parameters()).device
@@ -137,17 +178,18 @@ def project_row(model, processor, samples, *, modules: str, batch_size: int, war
     use_gc, why = fast.gradient_checkpointing_needed(gc_setting, peft_model, batch_size, tokens, patches)
     if use_gc:
         peft_model.base_model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     vision_frozen = not any(p.requires_grad for n, p in peft_model.named_parameters() if ".visual." in n)
     cache = fast.VisionFeatureCache() if vision_cache and vision_frozen else None
     if cache is not None:  # steady state of a run: every image's features computed once, before timing
-        for b, k in zip(batches, keys):
+        for b, k in zip(batches, keys, strict=True):
             cache.encoder_outputs(peft_model, b["pixel_values"], b["image_grid_thw"], k)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=cuda)
     peft_model.train()
     losses, t0 = [], time.perf_counter()
-    for i, (b, k) in enumerate(zip(batches, keys)):
+    for i, (b, k) in enumerate(zip(batches, keys, strict=True)):
         mm = cache.encoder_outputs(peft_model, b["pixel_values"], b["image_grid_thw"], k) if cache else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             if answer_only:
@@ -167,8 +209,18 @@ def project_row(model, processor, samples, *, modules: str, batch_size: int, war
     seconds = time.perf_counter() - t0
     peak = _peak_gib()
     del opt, cache
-    row = {"path": name, "modules": modules, "lora_modules": n_targets, "gradient_checkpointing": use_gc,
-           "gc_reason": why, "answer_only_loss": answer_only, "vision_attention_patched": patched,
-           "vision_cache": vision_cache and vision_frozen, "samples_per_s": steps * batch_size / seconds,
-           "peak_gib": peak, "losses": [float(x) for x in losses], "tokens_per_sample": tokens}
+    row = {
+        "path": name,
+        "modules": modules,
+        "lora_modules": n_targets,
+        "gradient_checkpointing": use_gc,
+        "gc_reason": why,
+        "answer_only_loss": answer_only,
+        "vision_attention_patched": patched,
+        "vision_cache": vision_cache and vision_frozen,
+        "samples_per_s": steps * batch_size / seconds,
+        "peak_gib": peak,
+        "losses": [float(x) for x in losses],
+        "tokens_per_sample": tokens,
+    }
     return row, _restore(peft_model)

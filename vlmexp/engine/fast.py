@@ -95,7 +95,10 @@ def _batched_window_forward(self, hidden_states, cu_seqlens, position_embeddings
         while j < len(lengths) and lengths[j] == lengths[i]:
             j += 1
         n, span = j - i, lengths[i] * (j - i)
-        qkv = [t[start : start + span].reshape(n, lengths[i], self.num_heads, -1).transpose(1, 2) for t in (q, k, v)]
+        qkv = [
+            t[start : start + span].reshape(n, lengths[i], self.num_heads, -1).transpose(1, 2)
+            for t in (q, k, v)
+        ]
         o = F.scaled_dot_product_attention(*qkv, scale=self.scaling)  # (n, heads, L, d)
         outs.append(o.transpose(1, 2).reshape(span, -1))
         start, i = start + span, j
@@ -137,8 +140,13 @@ def activation_bytes(model: torch.nn.Module, batch_size: int, tokens: int, patch
 
 
 def gradient_checkpointing_needed(
-    setting: str, model: torch.nn.Module, batch_size: int, tokens: int, patches: int,
-    free_bytes: int | None = None, margin: float = 1.3,
+    setting: str,
+    model: torch.nn.Module,
+    batch_size: int,
+    tokens: int,
+    patches: int,
+    free_bytes: int | None = None,
+    margin: float = 1.3,
 ) -> tuple[bool, str]:
     """(use checkpointing?, why). `setting` is train.gradient_checkpointing: on, off or auto.
     auto: off on the CPU; on a GPU off when `margin` x the estimated activations fit in free memory."""
@@ -150,8 +158,10 @@ def gradient_checkpointing_needed(
         free_bytes = torch.cuda.mem_get_info()[0]
     need = activation_bytes(model, batch_size, tokens, patches)
     fits = need * margin <= free_bytes
-    why = f"auto: activations ~{need / 2**30:.1f} GiB x {margin} {'fit in' if fits else 'exceed'} " \
-          f"{free_bytes / 2**30:.1f} GiB free"
+    why = (
+        f"auto: activations ~{need / 2**30:.1f} GiB x {margin} {'fit in' if fits else 'exceed'} "
+        f"{free_bytes / 2**30:.1f} GiB free"
+    )
     return not fits, why
 
 
@@ -170,8 +180,13 @@ class VisionFeatureCache:
     def __len__(self) -> int:
         return len(self._store)
 
-    def encoder_outputs(self, model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                        keys: Sequence[str]) -> dict:
+    def encoder_outputs(
+        self,
+        model: torch.nn.Module,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        keys: Sequence[str],
+    ) -> dict:
         """`mm_encoder_outputs` for the model's forward: one feature tensor per image, in batch order."""
         core, _ = _vlm_parts(model)
         if any(p.requires_grad for p in core.visual.parameters()):
@@ -185,7 +200,7 @@ class VisionFeatureCache:
             pix = torch.cat([pixel_values[offsets[i] : offsets[i + 1]] for i in missing])
             with torch.no_grad():
                 feats = core.get_image_features(pix, image_grid_thw[missing], return_dict=True).pooler_output
-            for i, f in zip(missing, feats):
+            for i, f in zip(missing, feats, strict=True):
                 self._store[keys[i]] = f.detach().to(self.device or f.device)
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
@@ -196,7 +211,9 @@ class VisionFeatureCache:
 
 # -- candidate scoring --------------------------------------------------------------------------
 @torch.no_grad()
-def score_candidates(model: torch.nn.Module, inputs: dict, candidates: Sequence[Sequence[int]]) -> torch.Tensor:
+def score_candidates(
+    model: torch.nn.Module, inputs: dict, candidates: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """(batch, len(candidates)) summed log-probabilities of each candidate's token ids after each prompt.
 
     `inputs` are left-padded prompts ending with the generation prompt (processor output). The prompt and
@@ -227,8 +244,13 @@ def score_candidates(model: torch.nn.Module, inputs: dict, candidates: Sequence[
     nxt = inputs["position_ids"].amax(dim=(0, 2)) + 1  # (B,)
     pos = (nxt[:, None] + torch.arange(width - 1, device=device)).repeat_interleave(n_c, 0)
     mask = torch.cat([inputs["attention_mask"].repeat_interleave(n_c, 0), torch.ones_like(step)], dim=1)
-    hid = core(input_ids=step, attention_mask=mask, position_ids=pos[None].expand(3, -1, -1),
-               past_key_values=cache, use_cache=True).last_hidden_state
+    hid = core(
+        input_ids=step,
+        attention_mask=mask,
+        position_ids=pos[None].expand(3, -1, -1),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
     logp = head(hid).float().log_softmax(-1)  # (B*C, width-1, V)
     target = toks[:, 1:].repeat(n_b, 1)
     tok_lp = logp.gather(-1, target[..., None])[..., 0]

@@ -137,12 +137,13 @@ class _Asker:
             try:
                 return self._send(kwargs, extra_body=choice_body(self.labels))
             except openai.BadRequestError as e:
+                # Ask again without; if that fails too, the request was bad for another reason: raise that.
+                answer = self._send(kwargs, extra_body=None)
                 with self._lock:
                     if self.guided:
-                        log.warning(
-                            "the server refused guided choice (%s); asking without, answers are parsed", e
-                        )
+                        log.warning("server refused guided choice (%s); asking without, parsing answers", e)
                     self.guided = False
+                return answer
         return self._send(kwargs, extra_body=None)
 
     def _send(self, kwargs: dict, extra_body: dict | None) -> tuple[str, dict | None]:

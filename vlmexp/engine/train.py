@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from vlmexp.config import Config
@@ -56,13 +57,7 @@ def train_fold(
     if not train_samples:
         raise ValueError("train_fold got no training samples")
     out_dir = Path(out_dir)
-    rows = [to_prompt_completion(processor, s) for s in train_samples]
-    if cfg.train.mix_dataset and cfg.train.mix_ratio > 0:
-        mixed = mix_samples(cfg, len(train_samples))
-        rows += [to_prompt_completion(processor, s) for s in mixed]
-        log.info("mixed in %d general samples from %s", len(mixed), cfg.train.mix_dataset)
-    dataset = Dataset.from_list(rows)  # PIL images survive: datasets stores them as lossless PNG
-
+    dataset = training_dataset(cfg, processor, train_samples)
     callbacks = []
     evaluator = None
     if cfg.train.eval and val_samples:
@@ -72,15 +67,10 @@ def train_fold(
         log.warning("train.eval is on but the fold has no validation samples: keeping the final weights")
     if on_log is not None:
         callbacks.append(LogRelay(on_log))
-
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(cfg, out_dir / "trainer", model),
-        train_dataset=dataset,
-        processing_class=processor,
-        callbacks=callbacks,
-    )
-    trainer.data_collator = _RequireSupervision(trainer.data_collator, cfg.train.max_length)
+    trainer = build_trainer(cfg, model, processor, dataset, out_dir / "trainer", callbacks)
+    if on_log is not None:
+        # the caller draws its own progress from on_log; the trainer's printed dicts would garble it
+        trainer.remove_callback(PrinterCallback)
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
@@ -103,6 +93,28 @@ def train_fold(
         best_epoch=best_epoch,
         train_seconds=round(seconds, 2),
     )
+
+
+def training_dataset(cfg: Config, processor, train_samples: list[dict]) -> Dataset:
+    """Prompt-completion rows of the competition samples, plus the mixed-in general samples."""
+    rows = [to_prompt_completion(processor, s) for s in train_samples]
+    if cfg.train.mix_dataset and cfg.train.mix_ratio > 0:
+        mixed = mix_samples(cfg, len(train_samples))
+        rows += [to_prompt_completion(processor, s) for s in mixed]
+        log.info("mixed in %d general samples from %s", len(mixed), cfg.train.mix_dataset)
+    return Dataset.from_list(rows)  # PIL images survive: datasets stores them as lossless PNG
+
+
+def build_trainer(cfg: Config, model, processor, dataset: Dataset, output_dir: Path, callbacks=()) -> SFTTrainer:
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(cfg, output_dir, model),
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=list(callbacks),
+    )
+    trainer.data_collator = _RequireSupervision(trainer.data_collator, cfg.train.max_length)
+    return trainer
 
 
 def sft_config(cfg: Config, output_dir: Path, model) -> SFTConfig:

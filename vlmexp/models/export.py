@@ -75,7 +75,8 @@ def export_merged(
     if cfg.model.quant != "none":
         # merging into 4-bit weights rounds the adapter away; merge into the unquantised base instead
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="none"))
-    # fp32 for the check: bf16 rounding alone exceeds the tolerance
+    # fp32 for the check (bf16 rounding alone exceeds the tolerance), and so the folder is saved in
+    # fp32 too: serve it with e.g. `vllm serve OUT --dtype bfloat16` to halve its memory.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
 
     processor = load_processor(cfg)
@@ -88,6 +89,7 @@ def export_merged(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # write beside out_dir and swap in at the end, so a failed export never leaves a half folder
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a server may run as another user
     try:
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -110,4 +112,4 @@ def export_merged(
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"max_abs_diff": diff, "out_dir": str(out_dir)}
+    return {"max_abs_diff": diff, "out_dir": str(out_dir), "dtype": "float32"}

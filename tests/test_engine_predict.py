@@ -1,0 +1,142 @@
+"""engine/predict.py on tiny random models: cached scoring = naive scoring, batched = one by one."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmexp.config import Config
+from vlmexp.engine import predict as predict_mod
+from vlmexp.engine.predict import _cut_at_marker, _encode, predict
+from vlmexp.engine.samples import build_samples, split_turn
+from vlmexp.prompts.render import load_template
+from vlmexp.tables import prob_columns
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "smolvlm", "llava"]
+# Labels of different token lengths that share first tokens (label_a / label_b), and a CJK one.
+LABELS = ["red", "label_a", "label_b", "退款页面"]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    """Five rows with different image sizes and colours, so prompts pad differently in a batch."""
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    out = []
+    for i, (w, h) in enumerate([(64, 48), (90, 70), (40, 40), (112, 56), (30, 80)]):
+        arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        path = d / f"{i}.png"
+        Image.fromarray(arr).save(path)
+        out.append({"id": f"s{i}", "image": str(path), "note": "x" * (7 * i)})
+    return pd.DataFrame(out)
+
+
+def _setup(tiny_models, family: str, rows, prompt: str = "baseline"):
+    path = tiny_models(family)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    cfg = Config()
+    cfg.prompt = prompt
+    cfg.predict.max_new_tokens = 8
+    # Row-dependent prompt lengths: the note column goes into the user text via a tiny user template.
+    samples = build_samples(
+        rows, labels=LABELS, descriptions={}, template=load_template(prompt), cfg=cfg, with_answer=False
+    )
+    for s, note in zip(samples, rows["note"], strict=True):
+        s["messages"][-1]["content"][-1]["text"] += note
+    return cfg, model, processor, samples
+
+
+def _naive_logprobs(model, processor, sample, labels) -> np.ndarray:
+    """Each label's log-likelihood by a full forward over prompt + completion (no cache reuse)."""
+    turn = split_turn(processor, sample["messages"])
+    tok = processor.tokenizer
+    scores = []
+    with torch.no_grad():
+        n_prompt = _encode(processor, [turn.prompt], [sample["images"]])["input_ids"].shape[1]
+        for label in labels:
+            ids = tok(turn.completion(label), add_special_tokens=False)["input_ids"]
+            enc = _encode(processor, [turn.prompt], [sample["images"]], extra=[ids])
+            logp = model(**enc).logits[0].float().log_softmax(-1)
+            scores.append(sum(logp[n_prompt - 1 + j, t].item() for j, t in enumerate(ids)))
+    scores = torch.tensor(scores)
+    return (scores - scores.logsumexp(0)).numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_scoring_matches_naive_full_sequence_scoring(family, tiny_models, rows):
+    cfg, model, processor, samples = _setup(tiny_models, family, rows)
+    cfg.predict.batch_size = 5
+    table = predict(cfg, model, processor, samples, LABELS, progress=False)
+    assert list(table.columns) == ["id", "pred", *prob_columns(LABELS)]
+    got = np.log(table[prob_columns(LABELS)].to_numpy(dtype=float))
+    want = np.stack([_naive_logprobs(model, processor, s, LABELS) for s in samples])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert table["pred"].tolist() == [LABELS[i] for i in want.argmax(1)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_batched_equals_one_by_one(family, mode, tiny_models, rows):
+    cfg, model, processor, samples = _setup(tiny_models, family, rows)
+    cfg.predict.mode = mode
+    cfg.predict.batch_size = 4  # one full batch and one short one
+    batched = predict(cfg, model, processor, samples, LABELS, progress=False)
+    cfg.predict.batch_size = 1
+    single = predict(cfg, model, processor, samples, LABELS, progress=False)
+    assert batched["id"].tolist() == [s["id"] for s in samples]
+    assert batched["pred"].tolist() == single["pred"].tolist()
+    probs = prob_columns(LABELS)
+    np.testing.assert_allclose(batched[probs].to_numpy(float), single[probs].to_numpy(float), atol=1e-4)
+    if mode == "generate":
+        assert batched["raw"].tolist() == single["raw"].tolist()
+    else:
+        np.testing.assert_allclose(batched[probs].sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "smolvlm"])
+def test_reasoning_variant_generates_to_the_marker_then_scores(family, tiny_models, rows):
+    cfg, model, processor, samples = _setup(tiny_models, family, rows, prompt="reason_label")
+    cfg.predict.batch_size = 3
+    batched = predict(cfg, model, processor, samples, LABELS, progress=False)
+    cfg.predict.batch_size = 1
+    single = predict(cfg, model, processor, samples, LABELS, progress=False)
+    probs = prob_columns(LABELS)
+    assert "raw" in batched.columns and batched["raw"].tolist() == single["raw"].tolist()
+    assert batched["pred"].notna().all()  # scoring never fails to parse
+    np.testing.assert_allclose(batched[probs].sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(batched[probs].to_numpy(float), single[probs].to_numpy(float), atol=1e-4)
+
+
+def test_cut_at_marker():
+    assert _cut_at_marker("Reason: red tag.\nLabel: re", "Label: ", "") == "Reason: red tag.\nLabel: "
+    assert _cut_at_marker("Reason: red tag.\nLabel:", "Label: ", "") == "Reason: red tag.\nLabel: "
+    # no marker in what was generated: the labels are scored after it, on a new line
+    assert _cut_at_marker("Reason: red tag. ", "Label: ", "") == "Reason: red tag.\nLabel: "
+    assert _cut_at_marker("", "Label: ", " ") == " Label: "
+
+
+def test_generate_parses_and_counts_failures(tiny_models, rows, monkeypatch, caplog):
+    cfg, model, processor, samples = _setup(tiny_models, "qwen2_vl", rows)
+    cfg.predict.mode = "generate"
+    answers = iter(["red", " Label_B.", "no idea", "退款页面\nbecause", "label"])
+
+    def fake_generate(cfg, model, processor, batch, turns, stop=None):
+        return [next(answers) for _ in batch]
+
+    monkeypatch.setattr(predict_mod, "_generate", fake_generate)
+    with caplog.at_level(logging.WARNING):
+        table = predict(cfg, model, processor, samples, LABELS, progress=False)
+    assert table["pred"].tolist()[:2] == ["red", "label_b"]
+    assert table["pred"].tolist()[3] == "退款页面"
+    assert table["pred"].isna().tolist() == [False, False, True, False, True]
+    p = table[prob_columns(LABELS)].to_numpy(float)
+    assert p[0].tolist() == [1.0, 0.0, 0.0, 0.0] and p[2].tolist() == [0.0] * 4
+    assert "2 of 5 generated answers name no label" in caplog.text
+    assert table["raw"].tolist()[2] == "no idea"
