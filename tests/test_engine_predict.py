@@ -44,10 +44,10 @@ def _setup(tiny_models, family: str, rows, prompt: str = "baseline"):
     cfg = Config()
     cfg.prompt = prompt
     cfg.predict.max_new_tokens = 8
-    # Row-dependent prompt lengths: the note column goes into the user text via a tiny user template.
     samples = build_samples(
         rows, labels=LABELS, descriptions={}, template=load_template(prompt), cfg=cfg, with_answer=False
     )
+    # Row-dependent prompt lengths: each row's note is appended to its user text.
     for s, note in zip(samples, rows["note"], strict=True):
         s["messages"][-1]["content"][-1]["text"] += note
     return cfg, model, processor, samples

@@ -35,7 +35,9 @@ def colours(tmp_path_factory) -> pd.DataFrame:
         label = LABELS[i % 4]
         arr = np.clip(np.array(COLOURS[label]) + rng.normal(0, 20, (48, 48, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(arr).save(d / f"{i}.png")
-        rows.append({"id": str(i), "image": str(d / f"{i}.png"), "label": label, "reason": f"mostly {label}."})
+        rows.append(
+            {"id": str(i), "image": str(d / f"{i}.png"), "label": label, "reason": f"mostly {label}."}
+        )
     return pd.DataFrame(rows)
 
 
@@ -44,7 +46,13 @@ def _cfg(tiny_models, family: str, **train) -> Config:
     cfg.model.name = str(tiny_models(family))
     cfg.lora.r, cfg.lora.dropout = 8, 0.0
     cfg.predict.max_new_tokens = 8
-    for key, value in {"epochs": 1.0, "batch_size": 4, "logging_steps": 1, "warmup_ratio": 0.0, **train}.items():
+    for key, value in {
+        "epochs": 1.0,
+        "batch_size": 4,
+        "logging_steps": 1,
+        "warmup_ratio": 0.0,
+        **train,
+    }.items():
         setattr(cfg.train, key, value)
     return cfg
 
@@ -98,14 +106,18 @@ def test_only_the_answer_and_end_of_turn_are_supervised(family, tiny_models, col
     assert answer.count("\n") >= 1 and answer.endswith("Label: " + samples[-1]["label"])
 
 
-def test_lora_training_lowers_loss_changes_only_lora_and_saves_a_reloadable_adapter(tiny_models, colours, tmp_path):
+def test_lora_training_lowers_loss_changes_only_lora_and_saves_a_reloadable_adapter(
+    tiny_models, colours, tmp_path
+):
     cfg = _cfg(tiny_models, "qwen2_vl", epochs=4.0, lr=5e-3, eval=False)
     processor = load_processor(cfg)
     set_seed(0)
     model = load_model(cfg, training=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     logs: list[dict] = []
-    result = train_fold(cfg, model, processor, _samples(colours[:16], cfg), [], LABELS, tmp_path, on_log=logs.append)
+    result = train_fold(
+        cfg, model, processor, _samples(colours[:16], cfg), [], LABELS, tmp_path, on_log=logs.append
+    )
 
     losses = [e["loss"] for e in result.log_history if "loss" in e]
     assert len(losses) == 16 and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
@@ -120,14 +132,16 @@ def test_lora_training_lowers_loss_changes_only_lora_and_saves_a_reloadable_adap
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
     val = _samples(colours[64:72], cfg, with_answer=False)
     mine = predict(cfg, model, processor, val, LABELS, progress=False)
-    reloaded = predict(cfg, load_for_inference(cfg, result.adapter_dir), processor, val, LABELS, progress=False)
+    reloaded = predict(
+        cfg, load_for_inference(cfg, result.adapter_dir), processor, val, LABELS, progress=False
+    )
     np.testing.assert_allclose(mine[prob_columns(LABELS)], reloaded[prob_columns(LABELS)], atol=1e-5)
 
 
 def test_learns_an_easy_colour_task_and_keeps_the_best_epoch(tiny_models, colours, tmp_path):
     # Full fine-tuning: a random tiny model's LM head caps its logits near zero, which LoRA alone
     # lifts only slowly; trained weights everywhere learn this task in a few seconds.
-    cfg = _cfg(tiny_models, "qwen2_vl", epochs=6.0, lr=2e-3, batch_size=8, logging_steps=4)
+    cfg = _cfg(tiny_models, "qwen2_vl", epochs=6.0, lr=2e-3, batch_size=4, logging_steps=8)
     cfg.model.finetune = "full"
     processor = load_processor(cfg)
     model = load_model(cfg, training=True)
@@ -137,7 +151,9 @@ def test_learns_an_easy_colour_task_and_keeps_the_best_epoch(tiny_models, colour
 
     evals = [e for e in result.log_history if "eval_macro_f1" in e]
     assert [e["epoch"] for e in evals] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-    assert [e for e in logs if "eval_accuracy" in e] and result.best_metric == max(e["eval_macro_f1"] for e in evals)
+    assert [e for e in logs if "eval_accuracy" in e] and result.best_metric == max(
+        e["eval_macro_f1"] for e in evals
+    )
     gold = colours["label"][64:]
     for mode in ("score", "generate"):
         cfg.predict.mode = mode
@@ -162,17 +178,26 @@ def test_multi_image_rows_train(family, tiny_models, colours, tmp_path):
 
 
 def _mix_file(tmp_path, colours) -> str:
-    records = [{"messages": [{"role": "user", "content": f"Capital no. {i}?"}, {"role": "assistant", "content": f"City {i}"}]}
-               for i in range(8)]
-    records.append({
-        "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "Some colour"}]},
-            {"role": "user", "content": "Sure?"},
-            {"role": "assistant", "content": "Yes, sure"},
-        ],
-        "images": [colours["image"][0]],
-    })
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Capital no. {i}?"},
+                {"role": "assistant", "content": f"City {i}"},
+            ]
+        }
+        for i in range(8)
+    ]
+    records.append(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Some colour"}]},
+                {"role": "user", "content": "Sure?"},
+                {"role": "assistant", "content": "Yes, sure"},
+            ],
+            "images": [colours["image"][0]],
+        }
+    )
     path = tmp_path / "mix.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
     return str(path)
@@ -203,6 +228,8 @@ def test_a_prompt_longer_than_max_length_fails_loud(tiny_models, colours, tmp_pa
     cfg = _cfg(tiny_models, "llava", max_length=12)
     processor = load_processor(cfg)
     samples = _samples(colours[:2], cfg)
-    trainer = build_trainer(cfg, load_model(cfg), processor, training_dataset(cfg, processor, samples), tmp_path)
+    trainer = build_trainer(
+        cfg, load_model(cfg), processor, training_dataset(cfg, processor, samples), tmp_path
+    )
     with pytest.raises(ValueError, match="longer than train.max_length=12"):
         trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])

@@ -225,7 +225,9 @@ def test_reasons_for_competition_writes_a_train_csv_with_reasons(server, tmp_pat
     for i in range(3):
         Image.new("RGB", (16, 16), (80 * i, 30, 30)).save(data / "img" / f"{i}.png")
     (data / "labels.json").write_text(json.dumps(DESCRIPTIONS))
-    (data / "train.csv").write_text("image,label,extra\nimg/0.png,refund,a\nimg/1.png,invoice,b\nimg/2.png,refund,c\n")
+    (data / "train.csv").write_text(
+        "image,label,extra\nimg/0.png,refund,a\nimg/1.png,invoice,b\nimg/2.png,refund,c\n"
+    )
     (data / "test.csv").write_text("id,image\nt0,img/0.png\n")
     stats = reasons_for_competition(DataConfig(dir=str(data)), base_url=server.base_url, model="teacher-1",
                                     progress=False, retry_base_s=0.01)  # fmt: skip

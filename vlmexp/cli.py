@@ -49,11 +49,15 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from vlmexp.data import DataError
+        from vlmexp.ocr.reader import OcrError
+        from vlmexp.prompts.render import PromptError
+        from vlmexp.reasons import ReasonsError
         from vlmexp.submit import SubmissionError
 
+        fixable = (ConfigError, DataError, SubmissionError, PromptError, OcrError, ReasonsError)
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, SubmissionError, FileNotFoundError, FileExistsError) as e:
+        except (*fixable, FileNotFoundError, FileExistsError) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
 
@@ -237,6 +241,104 @@ def data_check(
     console.print(format_check(result))
     if result.problems:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def export(
+    source: Path = typer.Argument(
+        ..., metavar="RUN_OR_ADAPTER", help="finished run (name/folder) or adapter folder"
+    ),
+    overrides: list[str] = OVERRIDES,
+    fold: int = typer.Option(0, "--fold", help="which fold's adapter of a run"),
+    out: Path = typer.Option(None, "--out", help="default <run>/export/fold<k>"),
+    force: bool = typer.Option(False, "--force", help="replace an existing export"),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+) -> None:
+    """Merge a LoRA adapter into its base model and save a standalone folder (`vllm serve` can load it).
+
+    The merged model's logits are checked against base + adapter before the folder is kept.
+    """
+    _setup_logging()
+    from vlmexp.models.export import export_merged
+
+    run_root = next((p for p in (source, runs_dir / source) if (p / "config.yaml").exists()), None)
+    if run_root is not None:
+        cfg = _run_config(run_root, overrides)
+        adapter = run_root / "folds" / f"fold{fold}" / "adapter"
+        out = out or run_root / "export" / f"fold{fold}"
+    else:
+        if out is None:
+            raise FileNotFoundError(f"{source} is not a run folder; for an adapter folder give --out DIR too")
+        cfg, adapter = load_config(overrides), source
+    if not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(f"no LoRA adapter in {adapter} (adapter_config.json missing)")
+    result = export_merged(cfg, adapter, out, force=force)
+    console.print(
+        f"exported to {result['out_dir']}; merged vs base+adapter max |logit diff| {result['max_abs_diff']:.2e}"
+    )
+
+
+def _run_config(root: Path, overrides: list[str] | None = None):
+    """The Config a run folder was made with (its config.yaml), plus optional key=value overrides."""
+    from omegaconf import OmegaConf
+
+    from vlmexp.config import Config, validate
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(root / "config.yaml"))
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+@app.command()
+@user_errors
+def ocr(
+    directory: Path = typer.Argument(..., metavar="DATA"),
+    overrides: list[str] = OVERRIDES,
+    workers: int = typer.Option(0, "--workers", help="OCR processes; 0 = all cores"),
+) -> None:
+    """Read the text of every train and test image into the cache (only what is missing)."""
+    from vlmexp.ocr import run_ocr_on_competition
+
+    cfg = load_config([*(overrides or []), f"data.dir={directory}"])
+    stats = run_ocr_on_competition(cfg.data, cfg.ocr, workers=workers)
+    console.print(stats)
+
+
+@app.command()
+@user_errors
+def reasons(
+    directory: Path = typer.Argument(..., metavar="DATA"),
+    base_url: str = typer.Option(
+        ..., "--base-url", help="OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1"
+    ),
+    model: str = typer.Option(..., "--model", help="teacher model name on that server"),
+    out: Path = typer.Option(None, "--out", help="JSONL cache; default DATA/reasons.jsonl"),
+    out_csv: str = typer.Option("train_with_reasons.csv", "--out-csv", help="train.csv copy with reasons"),
+    concurrency: int = typer.Option(8, "--concurrency"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="variable holding the API key"),
+    max_retries: int = typer.Option(5, "--max-retries"),
+    overrides: list[str] = OVERRIDES,
+) -> None:
+    """Teacher-written reasons for every training row (never the test set), cached and resumable."""
+    _setup_logging()
+    from vlmexp.reasons import reasons_for_competition
+
+    cfg = load_config([*(overrides or []), f"data.dir={directory}"])
+    stats = reasons_for_competition(
+        cfg.data,
+        base_url=base_url,
+        model=model,
+        out_jsonl=out,
+        out_csv=out_csv,
+        concurrency=concurrency,
+        api_key_env=api_key_env,
+        max_retries=max_retries,
+    )
+    console.print(stats)
 
 
 @app.command()

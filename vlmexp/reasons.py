@@ -139,6 +139,9 @@ class _Teacher:
         self.secret = secret
         self.rng = random.Random()
         self.lock = threading.Lock()
+        # Set on a fatal reply, so rows already queued in the pool return without asking.
+        self.stop = threading.Event()
+        self.fatal = ""  # the first fatal reply, e.g. "row r0: AuthenticationError (HTTP 401): ..."
 
     def redact(self, text: str) -> str:
         return text.replace(self.secret, "***") if self.secret else text
@@ -154,9 +157,11 @@ class _Teacher:
             jitter = self.rng.uniform(0, wait_s)  # 8 threads hit by one 429 must not return together
         return min(RETRY_CAP_S, wait_s / 2 + jitter / 2)  # "equal jitter": between wait/2 and wait
 
-    def __call__(self, prompt: str, paths: list[str]) -> str:
+    def __call__(self, row_id: str, prompt: str, paths: list[str]) -> str:
         import openai
 
+        if self.stop.is_set():
+            raise _FatalReply("not asked: an earlier request got a fatal reply")
         content = [{"type": "text", "text": prompt}]
         content += [{"type": "image_url", "image_url": {"url": _data_url(p)}} for p in paths]
         kwargs = {"model": self.model, "messages": [{"role": "user", "content": content}]}
@@ -186,8 +191,12 @@ class _Teacher:
                 )
                 time.sleep(delay)
             except openai.APIStatusError as e:
-                error = _FatalReply if e.status_code in _FATAL else ReasonsError
-                raise error(self.redact(_describe(e))) from None
+                if e.status_code in _FATAL:
+                    with self.lock:
+                        self.fatal = self.fatal or f"row {row_id}: {self.redact(_describe(e))}"
+                    self.stop.set()
+                    raise _FatalReply(self.fatal) from None
+                raise ReasonsError(self.redact(_describe(e))) from None
         raise AssertionError("unreachable")
 
 
@@ -279,17 +288,19 @@ def write_reasons(
     try:
         with Progress(console=Console(stderr=True), disable=not progress or not todo) as bar:
             task = bar.add_task(f"reasons via {model}", total=len(todo))
-            pending: dict[Future, dict] = {pool.submit(teacher, r["prompt"], r["paths"]): r for r in todo}
+            pending: dict[Future, dict] = {
+                pool.submit(teacher, r["id"], r["prompt"], r["paths"]): r for r in todo
+            }
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     r = pending.pop(fut)
                     try:
                         reason = fut.result()
-                    except _FatalReply as e:
+                    except _FatalReply:
                         raise ReasonsError(
-                            f"row {r['id']}: {e}. Check --base-url, --model and "
-                            f"${api_key_env}; nothing more is asked"
+                            f"{teacher.fatal}. Check --base-url, --model and ${api_key_env}; "
+                            "nothing more is asked"
                         ) from None
                     except ReasonsError as e:
                         failures.append((r["id"], str(e)))

@@ -73,7 +73,9 @@ class EvalCallback(TrainerCallback):
         entry["eval_best"] = self.best_metric
         state.log_history.append(entry)
         self.last_epoch = float(state.epoch)
-        log.info("epoch %.2f: val accuracy %.4f, macro-F1 %.4f", epoch, metrics["accuracy"], metrics["macro_f1"])
+        log.info(
+            "epoch %.2f: val accuracy %.4f, macro-F1 %.4f", epoch, metrics["accuracy"], metrics["macro_f1"]
+        )
         if self.sink is not None:
             self.sink({**entry, "max_steps": state.max_steps})
         return entry

@@ -121,7 +121,9 @@ def score_completions(
     if any(len(cands) != n for cands in ids):
         raise ValueError("every prompt needs the same number of candidate completions")
     shared = [_common_prefix(cands) for cands in ids]
-    ctx = _encode(processor, prompts, images, extra=[cands[0][:k] for cands, k in zip(ids, shared, strict=True)])
+    ctx = _encode(
+        processor, prompts, images, extra=[cands[0][:k] for cands, k in zip(ids, shared, strict=True)]
+    )
     ctx = {k: v.to(model.device) for k, v in ctx.items()}
     positions, next_pos = _positions(model, ctx)
 
@@ -147,10 +149,12 @@ def score_completions(
         cache.batch_repeat_interleave(n)
         steps = torch.arange(width, device=first.device)
         pos = next_pos.repeat_interleave(n).unsqueeze(-1) + steps  # (B*n, width)
-        if positions is not None and positions.dim() == 3:  # M-RoPE: text tokens share one position on all axes
+        if positions.dim() == 3:  # M-RoPE (3, B, L): a text token has the same position on all three axes
             pos = pos.unsqueeze(0).expand(positions.shape[0], -1, -1)
         full_mask = torch.cat([ctx["attention_mask"].repeat_interleave(n, dim=0), mask], dim=1)
-        logits = model(input_ids=inp, attention_mask=full_mask, position_ids=pos, past_key_values=cache).logits
+        logits = model(
+            input_ids=inp, attention_mask=full_mask, position_ids=pos, past_key_values=cache
+        ).logits
         logp = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.zeros_like(inp)
         for i, s in enumerate(suffixes):
@@ -197,21 +201,23 @@ _PER_TOKEN = ("attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 def _append_left_padded(enc: dict, extra: list[list[int]], pad_id: int) -> dict:
-    mask = enc["attention_mask"].bool()
-    rows = {key: [] for key in ("input_ids", *_PER_TOKEN) if key in enc}
-    for b, more in enumerate(extra):
-        for key in rows:
-            kept = enc[key][b][mask[b]]
-            add = torch.tensor(more, dtype=kept.dtype) if key == "input_ids" else torch.zeros(len(more), dtype=kept.dtype)
-            if key == "attention_mask":
-                add = torch.ones(len(more), dtype=kept.dtype)
-            rows[key].append(torch.cat([kept, add]))
+    """Append `extra[b]` to row b's real tokens and left-pad again (input_ids with pad_id, the rest 0)."""
+    real = enc["attention_mask"].bool()
+    rows: dict[str, list[torch.Tensor]] = {}
+    for key in ("input_ids", *_PER_TOKEN):
+        if key not in enc:
+            continue
+        tails = {"input_ids": extra, "attention_mask": [[1] * len(e) for e in extra]}.get(key)
+        tails = tails or [[0] * len(e) for e in extra]  # appended text tokens: type 0 (text)
+        rows[key] = [
+            torch.cat([enc[key][b][real[b]], torch.tensor(tail, dtype=enc[key].dtype)])
+            for b, tail in enumerate(tails)
+        ]
     width = max(len(r) for r in rows["input_ids"])
     for key, seqs in rows.items():
-        fill = pad_id if key == "input_ids" else 0
-        out = torch.full((len(seqs), width), fill, dtype=seqs[0].dtype)
-        for b, s in enumerate(seqs):
-            out[b, width - len(s) :] = s
+        out = torch.full((len(seqs), width), pad_id if key == "input_ids" else 0, dtype=seqs[0].dtype)
+        for b, seq in enumerate(seqs):
+            out[b, width - len(seq) :] = seq
         enc[key] = out
     return enc
 
@@ -225,7 +231,7 @@ def _rope_index_fn(model):
     return None
 
 
-def _positions(model, ctx: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _positions(model, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids for the left-padded context and the next position of each row, (B,).
 
     Explicit positions make a left-padded row see exactly the positions it would see alone, and let

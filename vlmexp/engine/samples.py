@@ -148,7 +148,9 @@ def split_turn(processor, messages: list[dict], answer: str | None = None) -> Tu
     # "<|im_end|>\n" -> "<|im_end|>": whitespace after the end-of-turn token belongs to the next turn.
     eot = tail.strip() or processor.tokenizer.eos_token
     if not eot:
-        raise ValueError("the chat template ends the assistant turn with no token and the tokenizer has no EOS")
+        raise ValueError(
+            "the chat template ends the assistant turn with no token and the tokenizer has no EOS"
+        )
     return Turn(prompt=prompt, lead=lead, eot=eot)
 
 

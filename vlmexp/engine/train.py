@@ -105,7 +105,9 @@ def training_dataset(cfg: Config, processor, train_samples: list[dict]) -> Datas
     return Dataset.from_list(rows)  # PIL images survive: datasets stores them as lossless PNG
 
 
-def build_trainer(cfg: Config, model, processor, dataset: Dataset, output_dir: Path, callbacks=()) -> SFTTrainer:
+def build_trainer(
+    cfg: Config, model, processor, dataset: Dataset, output_dir: Path, callbacks=()
+) -> SFTTrainer:
     trainer = SFTTrainer(
         model=model,
         args=sft_config(cfg, output_dir, model),

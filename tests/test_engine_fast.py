@@ -1,0 +1,186 @@
+"""The fast path gives the plain path's loss, gradients, image features and label scores (tiny model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmexp.bench.shapes import build_model, build_processor, get_shape
+from vlmexp.bench.synth import candidate_ids, collate_prompts, collate_train, labels, make_samples
+from vlmexp.engine import fast
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    shape = get_shape("tiny")
+    processor = build_processor(shape, 224)
+    model = build_model(shape, seed=1)
+    samples = make_samples(processor, 3, 224, 120, n_labels=5, seed=3)
+    return model, processor, samples
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_answer_only_loss_equals_plain_loss_and_gradients(tiny):
+    model, processor, samples = tiny
+    batch = collate_train(processor, samples)
+    assert (batch["labels"] != -100).sum() > 0
+    model.zero_grad()
+    plain = model(**batch).loss
+    plain.backward()
+    g_plain = _grads(model)
+    model.zero_grad()
+    quick = fast.answer_only_loss(model, batch)
+    quick.backward()
+    g_fast = _grads(model)
+    model.zero_grad()
+    torch.testing.assert_close(quick, plain, rtol=1e-5, atol=1e-6)
+    assert g_plain.keys() == g_fast.keys() and len(g_plain) > 10
+    for name in g_plain:
+        torch.testing.assert_close(g_fast[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_answer_only_loss_respects_num_items_in_batch(tiny):
+    model, processor, samples = tiny
+    batch = collate_train(processor, samples)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        mean = fast.answer_only_loss(model, batch)
+        summed = fast.answer_only_loss(model, batch, num_items_in_batch=2 * n)
+    torch.testing.assert_close(summed, mean / 2)
+
+
+def test_precomputed_position_ids_give_the_same_loss(tiny):
+    model, processor, samples = tiny
+    batch = collate_train(processor, samples)
+    with_pos = fast.precompute_position_ids(model, batch)
+    assert with_pos["position_ids"].shape == (3, *batch["input_ids"].shape)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast.answer_only_loss(model, with_pos), fast.answer_only_loss(model, batch)
+        )
+
+
+def test_batched_vision_attention_equals_the_window_loop():
+    shape = get_shape("tiny")
+    processor = build_processor(shape, 224)
+    model = build_model(shape, seed=2)
+    rng = np.random.default_rng(0)
+    # three sizes: 4 windows, uneven windows at the border, a single window
+    sizes = [(224, 224), (168, 280), (112, 112)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    pix = processor.image_processor(images, return_tensors="pt")
+    with torch.no_grad():
+        before = model.model.get_image_features(pix["pixel_values"], pix["image_grid_thw"]).pooler_output
+        assert fast.patch_vision_attention(model) == shape.vision["depth"]
+        after = model.model.get_image_features(pix["pixel_values"], pix["image_grid_thw"]).pooler_output
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_vision_feature_cache_gives_the_same_loss_and_hits(tiny):
+    model, processor, samples = tiny
+    batch = collate_train(processor, samples)
+    keys = [s["id"] for s in samples]
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+    try:
+        cache = fast.VisionFeatureCache()
+        mm = cache.encoder_outputs(model, batch["pixel_values"], batch["image_grid_thw"], keys)
+        mm2 = cache.encoder_outputs(model, batch["pixel_values"], batch["image_grid_thw"], keys)
+        assert (cache.misses, cache.hits, len(cache)) == (3, 3, 3)
+        with torch.no_grad():
+            plain = model(**batch).loss
+            cached = fast.answer_only_loss(model, batch, mm_encoder_outputs=mm2)
+        torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)
+        assert mm["image"].pooler_output[0] is mm2["image"].pooler_output[0]
+    finally:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(True)
+
+
+def test_vision_feature_cache_refuses_a_trained_vision_tower(tiny):
+    model, processor, samples = tiny
+    batch = collate_train(processor, samples[:1])
+    with pytest.raises(ValueError, match="frozen vision tower"):
+        fast.VisionFeatureCache().encoder_outputs(
+            model, batch["pixel_values"], batch["image_grid_thw"], ["a"]
+        )
+
+
+def _naive_scores(model, processor, samples, cands) -> torch.Tensor:
+    out = torch.zeros(len(samples), len(cands))
+    for bi, sample in enumerate(samples):
+        one = collate_prompts(processor, [sample])
+        n = one["input_ids"].shape[1]
+        for ci, cand in enumerate(cands):
+            ids = torch.cat([one["input_ids"], torch.tensor([cand])], 1)
+            types = torch.cat([one["mm_token_type_ids"], torch.zeros(1, len(cand), dtype=torch.int)], 1)
+            with torch.no_grad():
+                logits = model(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    pixel_values=one["pixel_values"],
+                    image_grid_thw=one["image_grid_thw"],
+                    mm_token_type_ids=types,
+                ).logits
+            logp = logits[0].float().log_softmax(-1)
+            out[bi, ci] = sum(logp[n - 1 + j, t] for j, t in enumerate(cand))
+    return out
+
+
+def test_kv_shared_scores_equal_scoring_each_candidate_from_scratch(tiny):
+    model, processor, samples = tiny
+    # prompts of different lengths, so the batch is left-padded
+    short = dict(
+        samples[1],
+        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Label?"}]}],
+    )
+    batch_samples = [samples[0], short]
+    cands = candidate_ids(processor, labels(4)) + [[7]]  # one single-token candidate too
+    inputs = collate_prompts(processor, batch_samples)
+    assert (inputs["attention_mask"] == 0).any()
+    shared = fast.score_candidates(model, inputs, cands)
+    naive = _naive_scores(model, processor, batch_samples, cands)
+    torch.testing.assert_close(shared, naive, rtol=1e-4, atol=1e-4)
+    assert (shared.argmax(-1) == naive.argmax(-1)).all()
+
+
+def test_score_candidates_refuses_right_padding(tiny):
+    model, processor, samples = tiny
+    inputs = collate_prompts(processor, samples[:2])
+    inputs["attention_mask"] = inputs["attention_mask"].clone()
+    inputs["attention_mask"][0, -1] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        fast.score_candidates(model, inputs, [[1, 2]])
+
+
+def test_gradient_checkpointing_decision(tiny):
+    model, _, _ = tiny
+    assert fast.gradient_checkpointing_needed("on", model, 8, 570, 1024) == (
+        True,
+        "train.gradient_checkpointing=on",
+    )
+    assert fast.gradient_checkpointing_needed("off", model, 8, 570, 1024)[0] is False
+    need = fast.activation_bytes(model, 8, 570, 1024)
+    assert need > 0
+    assert fast.gradient_checkpointing_needed("auto", model, 8, 570, 1024, free_bytes=need)[0] is True
+    assert fast.gradient_checkpointing_needed("auto", model, 8, 570, 1024, free_bytes=2 * need)[0] is False
+    # twice the batch, twice the activations
+    assert fast.activation_bytes(model, 16, 570, 1024) == 2 * need
+
+
+@pytest.mark.gpu
+def test_answer_only_loss_on_gpu_bf16():
+    shape = get_shape("tiny")
+    processor = build_processor(shape, 224)
+    model = build_model(shape, "cuda", torch.bfloat16, seed=1)
+    batch = {k: v.cuda() for k, v in collate_train(processor, make_samples(processor, 2, 224, 120)).items()}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast.answer_only_loss(model, batch), model(**batch).loss.float(), rtol=2e-2, atol=2e-2
+        )
