@@ -275,7 +275,7 @@ def export(
         raise FileNotFoundError(f"no LoRA adapter in {adapter} (adapter_config.json missing)")
     result = export_merged(cfg, adapter, out, force=force)
     console.print(
-        f"exported to {result['out_dir']}; merged vs base+adapter max |logit diff| {result['max_abs_diff']:.2e}"
+        f"exported to {result['out_dir']}; max |logit diff| vs base+adapter {result['max_abs_diff']:.2e}"
     )
 
 
@@ -355,6 +355,21 @@ def serve(
     from vlmexp.serve import serve as serve_run
 
     serve_run(_run_path(run_name_, runs_dir), host=host, port=port, fold=fold)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """GPU benchmark on a real-shaped random-weight model vs the tutorial recipe.
+
+    exp bench train|predict|qlora SHAPE [--resolution 448] [--tokens 570] [--batch-size 8] [--steps 8]
+    [--modules language,all-linear] [--ablations] [--no-reference] [--images N] [--out results.json]
+    (SHAPE: qwen2.5-vl-3b, qwen2-vl-7b, or tiny for a CPU smoke run). See docs/performance.md.
+    """
+    from vlmexp.bench.__main__ import main as bench_main
+
+    # The bench keeps its own argparse so it also runs as `python -m vlmexp.bench` on the GPU
+    # machine, where the project is not pip-installed; `exp bench` just forwards to it.
+    bench_main(ctx.args)
 
 
 @prompts_app.command("list")

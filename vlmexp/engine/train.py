@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -119,6 +119,13 @@ def build_trainer(
     return trainer
 
 
+# transformers renamed gradient_checkpointing to activation_checkpointing (the old name warns; gone in v6).
+_SFT_FIELDS = {f.name for f in fields(SFTConfig)}
+_CHECKPOINTING = (
+    "activation_checkpointing" if "activation_checkpointing" in _SFT_FIELDS else "gradient_checkpointing"
+)
+
+
 def sft_config(cfg: Config, output_dir: Path, model) -> SFTConfig:
     """TrainConfig -> SFTConfig; CPU-safe (trl's defaults, bf16 and checkpointing, fail there)."""
     t = cfg.train
@@ -143,7 +150,7 @@ def sft_config(cfg: Config, output_dir: Path, model) -> SFTConfig:
         optim=t.optim,
         bf16=bf16 and cuda,
         tf32=t.tf32 if cuda else None,
-        gradient_checkpointing=checkpointing and cuda,
+        **{_CHECKPOINTING: checkpointing and cuda},
         use_cpu=not cuda,
         seed=cfg.seed,
         data_seed=cfg.seed,
