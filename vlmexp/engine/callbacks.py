@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from vlmexp.config import Config
+from vlmexp.engine.predict import predict
 from vlmexp.metrics import score
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,14 @@ log = logging.getLogger(__name__)
 
 class EvalCallback(TrainerCallback):
     def __init__(self, cfg: Config, processor, val_samples: list[dict], labels: list[str], on_log=None):
+        unlabelled = [s["id"] for s in val_samples if s.get("label") not in labels]
+        if unlabelled:
+            raise ValueError(
+                f"{len(unlabelled)} validation samples have no gold label among the labels, e.g. "
+                f"{unlabelled[0]!r}; build them from rows with a label column (with_answer may be False)"
+            )
+        if cfg.train.eval_every <= 0:
+            raise ValueError(f"train.eval_every={cfg.train.eval_every} must be > 0 epochs, e.g. 1 or 0.5")
         self.cfg = cfg
         self.processor = processor
         self.val_samples = val_samples
@@ -48,8 +57,6 @@ class EvalCallback(TrainerCallback):
             self.evaluate(model, state)
 
     def evaluate(self, model, state) -> dict:
-        from vlmexp.engine.predict import predict
-
         t0 = time.time()
         was_training = model.training
         table = predict(self.cfg, model, self.processor, self.val_samples, self.labels, progress=False)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from vlmexp.config import Config
 from vlmexp.data import open_image
+from vlmexp.prompts.checks import long_prompts
 from vlmexp.prompts.render import PromptTemplate, render_sample, to_messages
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,6 @@ def build_samples(
 
 
 def _warn_long_prompts(samples: list[dict], budget: int) -> None:
-    from vlmexp.prompts.checks import long_prompts
-
     long = long_prompts([s["rendered"] for s in samples], budget)
     if long:
         i, n = long[0]
