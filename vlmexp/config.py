@@ -158,6 +158,7 @@ class Config:
     fold_seed: int = 42  # seed of the fold assignment (shared by all runs on the same data)
     seed: int = 42  # training seed
     metric: str = choice("macro_f1", "accuracy")  # the score that ranks runs
+    gpus: int = 1  # > 1: folds train in parallel, one process per GPU, launched through torchrun
     balance: str = choice("none", "oversample", "sqrt", "undersample")  # class resampling of train splits
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -173,7 +174,7 @@ class Config:
 
 # Fields that name or place a run without changing its results: left out of the hash,
 # so that `name=foo` reruns into the same numbers.
-_UNHASHED = {"name", "runs_dir", "experiment", "leaderboard"}
+_UNHASHED = {"name", "runs_dir", "experiment", "leaderboard", "gpus"}
 
 
 def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:

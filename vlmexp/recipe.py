@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from transformers import set_seed
 
 from vlmexp import leaderboard
 from vlmexp.balance import resample
@@ -33,6 +34,7 @@ from vlmexp.progress import RunProgress
 from vlmexp.prompts.render import load_template
 from vlmexp.pseudolabel.select import add_pseudo, select_pseudo, split_with_pseudo
 from vlmexp.rundir import RunDir
+from vlmexp.submit import make_submission
 from vlmexp.tables import read_table, write_json, write_table
 
 log = logging.getLogger("vlmexp")
@@ -51,14 +53,64 @@ def run_experiment(cfg: Config, force: bool = False) -> RunDir:
     return run
 
 
+@dataclasses.dataclass
+class Experiment:
+    """Everything the folds share, prepared once: run folder, data, folds, prompt, OCR, test samples."""
+
+    cfg: Config
+    run: RunDir
+    prov: dict
+    comp: Competition
+    train: pd.DataFrame  # original rows (after suspect handling); CV is scored on these only
+    train_all: pd.DataFrame  # train + pseudo-labelled test rows (column `pseudo`)
+    pseudo: pd.DataFrame
+    folds: pd.Series  # id -> fold, shared by every run on this data
+    template: object
+    ocr: dict[str, str] | None
+    processor: object
+    test_samples: list[dict]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.comp.labels
+
+    def samples(self, df: pd.DataFrame, with_answer: bool) -> list[dict]:
+        return build_samples(
+            df,
+            labels=self.labels,
+            descriptions=self.comp.descriptions,
+            template=self.template,
+            cfg=self.cfg,
+            ocr=self.ocr,
+            with_answer=with_answer,
+        )
+
+
 def run_once(cfg: Config, force: bool = False) -> RunDir:
     t0 = time.time()
+    exp = prepare(cfg, force=force)
+    pending = [k for k in range(cfg.folds) if not exp.run.fold_done(k)]
+    if cfg.gpus > 1 and pending:
+        # One process per GPU through torchrun; each trains the folds k with k % world_size == rank.
+        from vlmexp.parallel import launch_folds
+
+        launch_folds(cfg, gpus=cfg.gpus)
+    else:
+        with RunProgress(cfg.folds, title=exp.run.root.name) as progress:
+            for k in range(cfg.folds):
+                if k in pending:
+                    run_fold(exp, k, progress)
+                else:
+                    progress.skip_fold(k)
+    return finalize(exp, started=t0)
+
+
+def prepare(cfg: Config, force: bool = False) -> Experiment:
     # -- setup: run folder, data, prompt -------------------------------------------
     template = load_template(cfg.prompt, cfg.prompts.dir)
     run = RunDir.for_config(cfg)
     prov = run.start(cfg, template.sources, force=force)
     comp = load_competition(cfg.data)
-    labels = comp.labels
     train = comp.train
     if cfg.ensemble.suspects != "keep":
         train = _apply_source_suspects(train, cfg)
@@ -70,81 +122,90 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
     pseudo = pd.DataFrame()
     if cfg.pseudo.source:
         src = _resolve_run(cfg.pseudo.source, cfg.runs_dir)
-        pseudo = select_pseudo(
-            read_table(src / "test_probs.csv"), labels, cfg.pseudo.min_agree, cfg.pseudo.min_confidence
-        )
+        test_probs = read_table(src / "test_probs.csv")
+        pseudo = select_pseudo(test_probs, comp.labels, cfg.pseudo.min_agree, cfg.pseudo.min_confidence)
         log.info("pseudo-labels from %s: %d of %d test rows", src.name, len(pseudo), len(comp.test))
         write_table(pseudo, run.path("pseudo_labels.csv"))
     train_all = add_pseudo(train, comp.test, pseudo)
 
     # -- OCR text, read once per image and cached by content hash -------------------
     ocr = _ocr_texts(cfg, comp)
-    processor = load_processor(cfg)
+    exp = Experiment(
+        cfg=cfg,
+        run=run,
+        prov=prov,
+        comp=comp,
+        train=train,
+        train_all=train_all,
+        pseudo=pseudo,
+        folds=folds,
+        template=template,
+        ocr=ocr,
+        processor=load_processor(cfg),
+        test_samples=[],
+    )
+    exp.test_samples = exp.samples(comp.test, with_answer=False)
+    return exp
 
-    def samples(df: pd.DataFrame, with_answer: bool) -> list[dict]:
-        return build_samples(
-            df,
-            labels=labels,
-            descriptions=comp.descriptions,
-            template=template,
-            cfg=cfg,
-            ocr=ocr,
-            with_answer=with_answer,
+
+def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> None:
+    """Split -> balance -> train -> predict OOF and test -> save; done.json is written last."""
+    cfg, labels, fdir = exp.cfg, exp.labels, exp.run.fold_dir(k)
+    if progress:
+        progress.start_fold(k)
+    train_split, val_split = split_with_pseudo(exp.train_all, exp.folds, k)
+    train_split, before, after = resample(train_split, cfg.balance, seed=cfg.seed + k)
+    n_pseudo = int(train_split["pseudo"].sum())
+    write_json({"before": before, "after": after, "pseudo_rows": n_pseudo}, fdir / "class_counts.json")
+
+    # peft draws the LoRA init from the global RNG: seed it so a resumed fold equals the original.
+    set_seed(cfg.seed + k)
+    model = load_model(cfg, training=True)
+    result = train_fold(
+        cfg,
+        model,
+        exp.processor,
+        exp.samples(train_split, True),
+        exp.samples(val_split, False),
+        labels,
+        fdir,
+        on_log=progress.on_log if progress else None,
+    )
+    del model
+    _free_memory()
+
+    model = load_for_inference(cfg, result.adapter_dir) if cfg.predict.backend == "local" else None
+    oof = _predict(cfg, model, exp.processor, exp.samples(val_split, False), labels)
+    oof.insert(1, "label", val_split["label"].to_numpy())
+    oof.insert(2, "fold", k)
+    test_k = _predict(cfg, model, exp.processor, exp.test_samples, labels)
+    del model
+    _free_memory()
+
+    write_table(oof, fdir / "oof.csv")
+    write_table(test_k, fdir / "test.csv")
+    metrics = score(oof["label"], oof["pred"], labels)
+    write_json(
+        {
+            **metrics,
+            "best_epoch": result.best_epoch,
+            "train_seconds": result.train_seconds,
+            "train_rows": len(train_split),
+        },
+        fdir / "metrics.json",
+    )
+    exp.run.mark_fold_done(k, {"fold": k, cfg.metric: metrics[cfg.metric]})
+    if progress:
+        progress.end_fold(k, metrics[cfg.metric])
+
+
+def finalize(exp: Experiment, started: float) -> RunDir:
+    cfg, run, labels = exp.cfg, exp.run, exp.labels
+    missing = [k for k in range(cfg.folds) if not run.fold_done(k)]
+    if missing:
+        raise RuntimeError(
+            f"folds {missing} of {run.root} did not finish; rerun the same command to resume them"
         )
-
-    test_samples = samples(comp.test, with_answer=False)
-
-    # -- per fold: split -> balance -> train -> predict OOF and test -> save ---------
-    with RunProgress(cfg.folds, title=run.root.name) as progress:
-        for k in range(cfg.folds):
-            if run.fold_done(k):
-                progress.skip_fold(k)
-                continue
-            fdir = run.fold_dir(k)
-            progress.start_fold(k)
-            train_split, val_split = split_with_pseudo(train_all, folds, k)
-            train_split, before, after = resample(train_split, cfg.balance, seed=cfg.seed + k)
-            write_json(
-                {"before": before, "after": after, "pseudo_rows": int(train_split["pseudo"].sum())},
-                fdir / "class_counts.json",
-            )
-
-            model = load_model(cfg, training=True)
-            result = train_fold(
-                cfg,
-                model,
-                processor,
-                samples(train_split, True),
-                samples(val_split, False),
-                labels,
-                fdir,
-                on_log=progress.on_log,
-            )
-            del model
-            _free_memory()
-
-            model = load_for_inference(cfg, result.adapter_dir) if cfg.predict.backend == "local" else None
-            oof = _predict(cfg, model, processor, samples(val_split, False), labels)
-            oof.insert(1, "label", val_split["label"].to_numpy())
-            oof.insert(2, "fold", k)
-            test_k = _predict(cfg, model, processor, test_samples, labels)
-            del model
-            _free_memory()
-
-            write_table(oof, fdir / "oof.csv")
-            write_table(test_k, fdir / "test.csv")
-            metrics = score(oof["label"], oof["pred"], labels)
-            write_json(
-                {
-                    **metrics,
-                    "best_epoch": result.best_epoch,
-                    "train_seconds": result.train_seconds,
-                    "train_rows": len(train_split),
-                },
-                fdir / "metrics.json",
-            )
-            run.mark_fold_done(k, {"fold": k, cfg.metric: metrics[cfg.metric]})
-            progress.end_fold(k, metrics[cfg.metric])
 
     # -- score: out-of-fold CV on the original labels only --------------------------
     oof = pd.concat([read_table(run.fold_dir(k) / "oof.csv") for k in range(cfg.folds)], ignore_index=True)
@@ -160,7 +221,7 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
         "macro_f1": overall["macro_f1"],
         "n_oof": len(oof),
         "config_hash": config_hash(cfg),
-        "git_sha": prov["git"]["sha"],
+        "git_sha": exp.prov["git"]["sha"],
     }
     write_table(
         per_class_report(oof["label"], oof["pred"], labels).reset_index(names="label"),
@@ -173,8 +234,7 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
     # -- vote: fold models on the test set, disputed rows reconciled ------------------
     fold_tests = [read_table(run.fold_dir(k) / "test.csv") for k in range(cfg.folds)]
     ensemble = vote(fold_tests, labels, how=cfg.ensemble.vote)
-    disputed = disagreements(fold_tests, labels)
-    write_table(disputed, run.path("disagreements.csv"))
+    write_table(disagreements(fold_tests, labels), run.path("disagreements.csv"))
     rerun = None
     if cfg.ensemble.reconcile == "rerun":
         rerun = read_table(_resolve_run(cfg.ensemble.rerun_from, cfg.runs_dir) / "test_probs.csv")
@@ -183,12 +243,15 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
     write_table(suspect_labels(oof, labels, cfg.ensemble.suspect_confidence), run.path("suspect_labels.csv"))
 
     # -- save: submission, cv.json last (it marks the run finished), leaderboard -----
-    from vlmexp.submit import make_submission
-
     sub = make_submission(
-        run.root, comp.test["id"].tolist(), labels, out=run.path("submission.csv"), force=True
+        run.root,
+        exp.comp.test["id"].tolist(),
+        labels,
+        out=run.path("submission.csv"),
+        force=True,
+        id_col=cfg.data.id_col,
     )
-    cv["duration_s"] = round(time.time() - t0, 1)
+    cv["duration_s"] = round(time.time() - started, 1)
     write_json(cv, run.path("cv.json"))
     leaderboard.append(
         {
@@ -202,9 +265,9 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
             "fold_scores": " ".join(f"{s:.4f}" for s in fold_scores),
             "accuracy": round(cv["accuracy"], 4),
             "macro_f1": round(cv["macro_f1"], 4),
-            "train_size": len(train),
+            "train_size": len(exp.train),
             "pseudo_round": cfg.pseudo.round,
-            "pseudo_count": len(pseudo),
+            "pseudo_count": len(exp.pseudo),
             "duration_s": cv["duration_s"],
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "submission": str(sub),

@@ -7,6 +7,7 @@ Tiny models go through exactly the same loading code as real ones: `resolve_mode
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -179,7 +180,13 @@ def load_model(cfg: Config, *, training: bool = True) -> torch.nn.Module:
 
 
 def load_for_inference(cfg: Config, adapter_dir: Path | None = None) -> torch.nn.Module:
-    """Base model plus (optionally) a saved LoRA adapter, in eval mode."""
+    """Base model plus (optionally) a saved LoRA adapter, in eval mode.
+
+    For finetune=full the "adapter" folder holds the whole fine-tuned model: it is loaded as the model.
+    """
+    if adapter_dir is not None and cfg.model.finetune == "full":
+        full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(adapter_dir)))
+        return load_model(full, training=False).eval()
     model = load_model(cfg, training=False)
     if adapter_dir is not None:
         from peft import PeftModel
