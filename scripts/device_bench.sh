@@ -7,7 +7,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site wheels/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-wheels}/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -16,7 +16,7 @@ export PYTHONPATH=/tmp/site:$PWD
 parts=${*:-train predict qlora}
 for part in $parts; do
   case $part in
-    train) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --ablations); limit=250 ;;
+    train) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --ablations); limit=330 ;;
     equal) cmd=(train qwen2.5-vl-3b --steps 14 --warmup 2); limit=250 ;;
     predict) cmd=(predict qwen2.5-vl-3b --images 128 --predict-batch-sizes 32); limit=110 ;;
     qlora) cmd=(qlora qwen2-vl-7b --batch-size 1 --steps 4); limit=200 ;;

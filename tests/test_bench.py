@@ -49,8 +49,10 @@ def test_train_bench_reference_and_project_agree(tmp_path):
     )  # CPU: auto = off
     assert ref["lora_modules"] == proj["lora_modules"] > 0
     assert len(ref["losses"]) == len(proj["losses"]) == 3
-    # same init, data and order: trl's logged losses (rounded to 4 digits) follow the fast path's
-    assert proj["max_loss_diff_vs_reference"] < 2e-2
+    # same init, samples and order; the reference also supervises the "\n" after "<|im_end|>", so the
+    # curves agree only roughly here (the exact equality is tests/test_engine_train.py's)
+    assert proj["max_loss_diff_vs_reference"] < 0.5
+    assert proj["gc_reason"].startswith("gradient checkpointing off")
     assert proj["samples_per_s"] > 0 and proj["tokens_per_s"] > proj["samples_per_s"]
     assert result["ratios"]["project/language"] > 0
     assert out.exists()
@@ -59,6 +61,6 @@ def test_train_bench_reference_and_project_agree(tmp_path):
 def test_predict_bench_rows_agree():
     result = run_bench("predict", "tiny", batch_size=2, n_images=4, reference=False, predict_batch_sizes=(4,))
     rows = result["rows"]
-    assert [r["path"] for r in rows] == ["project-score", "project-score-cached"] * 2
+    assert [r["path"] for r in rows] == ["project-predict", "score-cached-features (not in exp run)"] * 2
     assert all(r["same_predictions_as_first_score_row"] for r in rows)
     assert rows[1]["flops_per_image"] < rows[0]["flops_per_image"]  # cached: no vision forward counted

@@ -140,3 +140,67 @@ def test_generate_parses_and_counts_failures(tiny_models, rows, monkeypatch, cap
     assert p[0].tolist() == [1.0, 0.0, 0.0, 0.0] and p[2].tolist() == [0.0] * 4
     assert "2 of 5 generated answers name no label" in caplog.text
     assert table["raw"].tolist()[2] == "no idea"
+
+
+def _bench_tiny():
+    from vlmexp.bench.shapes import build_model, build_processor, get_shape
+    from vlmexp.bench.synth import make_samples
+
+    shape = get_shape("tiny")
+    processor = build_processor(shape, 224)
+    return build_model(shape, seed=1).eval(), processor, make_samples(processor, 2, 224, 120, seed=3)
+
+
+def test_score_candidates_on_cached_vision_features_equals_scoring_from_scratch():
+    from vlmexp.bench.synth import candidate_ids, collate_prompts, labels
+    from vlmexp.engine.fast import VisionFeatureCache
+
+    model, processor, samples = _bench_tiny()
+    short = dict(
+        samples[1],
+        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Label?"}]}],
+    )
+    batch = [samples[0], short]
+    cands = candidate_ids(processor, labels(4)) + [[7]]  # a single-token candidate too
+    ctx = collate_prompts(processor, batch)
+    assert (ctx["attention_mask"] == 0).any()  # left-padded
+    model.requires_grad_(False)
+    mm = VisionFeatureCache().encoder_outputs(
+        model, ctx["pixel_values"], ctx["image_grid_thw"], [s["id"] for s in batch]
+    )
+    cached = {k: v for k, v in ctx.items() if k != "pixel_values"} | {"mm_encoder_outputs": mm}
+    with torch.no_grad():
+        got = predict_mod.score_candidates(model, cached, [cands] * 2)
+        plain = predict_mod.score_candidates(model, ctx, [cands] * 2)
+        for b, sample in enumerate(batch):
+            one = collate_prompts(processor, [sample])
+            n = one["input_ids"].shape[1]
+            for c, cand in enumerate(cands):
+                ids = torch.cat([one["input_ids"], torch.tensor([cand])], 1)
+                types = torch.cat([one["mm_token_type_ids"], torch.zeros(1, len(cand), dtype=torch.int)], 1)
+                logp = (
+                    model(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        pixel_values=one["pixel_values"],
+                        image_grid_thw=one["image_grid_thw"],
+                        mm_token_type_ids=types,
+                    )
+                    .logits[0]
+                    .float()
+                    .log_softmax(-1)
+                )
+                want = sum(logp[n - 1 + j, t].item() for j, t in enumerate(cand))
+                assert got[b, c].item() == pytest.approx(want, abs=1e-4)
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_score_candidates_refuses_right_padding():
+    from vlmexp.bench.synth import collate_prompts
+
+    model, processor, samples = _bench_tiny()
+    ctx = collate_prompts(processor, samples)
+    ctx["attention_mask"] = ctx["attention_mask"].clone()
+    ctx["attention_mask"][0, -1] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        predict_mod.score_candidates(model, ctx, [[[1, 2]], [[1, 2]]])

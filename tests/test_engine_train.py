@@ -233,3 +233,64 @@ def test_a_prompt_longer_than_max_length_fails_loud(tiny_models, colours, tmp_pa
     )
     with pytest.raises(ValueError, match="longer than train.max_length=12"):
         trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_trainer_loss_is_the_plain_full_logits_loss_with_the_same_gradients(
+    family, tiny_models, colours, tmp_path
+):
+    # trl 1.16 scores only the supervised positions through its fused LM head (compact on CUDA,
+    # chunked here); it must give what transformers' full-logits loss gives, gradients included.
+    from vlmexp.engine import fast
+
+    cfg = _cfg(tiny_models, family)
+    processor = load_processor(cfg)
+    set_seed(0)
+    model = load_model(cfg, training=True)
+    samples = _samples(colours[:3], cfg) + _samples(colours[3:4], cfg, prompt="reason_label")
+    trainer = build_trainer(cfg, model, processor, training_dataset(cfg, processor, samples), tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(samples))])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    model.train()
+    got, g_got = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)))
+    want, g_want = loss_and_grads(lambda: model(**batch).loss)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert sum(float(g.abs().sum()) for g in g_want) > 0
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    if family == "qwen2_5_vl":  # the bench's loop-side loss is the same function too
+        with torch.no_grad():
+            torch.testing.assert_close(fast.answer_only_loss(model, batch), want, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointing_decision_from_the_probed_shape(tiny_models, colours, tmp_path):
+    from vlmexp.engine import fast
+    from vlmexp.engine.train import _probe_shape
+
+    cfg = _cfg(tiny_models, "qwen2_5_vl")
+    processor = load_processor(cfg)
+    model = load_model(cfg, training=True)
+    dataset = training_dataset(cfg, processor, _samples(colours[:4], cfg))
+    tokens, patches = _probe_shape(cfg, processor, dataset)
+    batch = build_trainer(cfg, model, processor, dataset, tmp_path).data_collator(
+        [dataset[i] for i in range(4)]
+    )
+    assert tokens == batch["input_ids"].shape[1]  # the longest row, as the collator pads it
+    assert patches == int(batch["image_grid_thw"][0].prod()) > 0
+    need = fast.activation_bytes(model, cfg.train.batch_size, tokens, patches)
+    decide = fast.gradient_checkpointing_needed
+    assert decide("auto", model, cfg.train.batch_size, tokens, patches, free_bytes=need)[0] is True
+    assert decide("auto", model, cfg.train.batch_size, tokens, patches, free_bytes=2 * need)[0] is False
+    cfg.model.finetune = "full"  # full fine-tuning adds 12 bytes per weight (gradient + AdamW moments)
+    full = load_model(cfg, training=True)
+    n_full = sum(p.numel() for p in full.parameters())
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    gap = fast.activation_bytes(full, 4, tokens, patches) - fast.activation_bytes(model, 4, tokens, patches)
+    assert gap > 12 * (n_full - n_lora)  # and the vision tower's activations, now that it trains

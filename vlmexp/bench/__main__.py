@@ -63,6 +63,7 @@ def summary(result: dict) -> dict:
         "mfu",
         "peak_gib",
         "gradient_checkpointing",
+        "gc_reason",
         "batch_size",
         "max_loss_diff_vs_reference",
         "same_predictions_as_first_score_row",

@@ -1,4 +1,4 @@
-"""Prediction speed: HF `generate` + parsing (the reference) against KV-shared candidate scoring.
+"""Prediction speed: HF `generate` + parsing (the reference) against `exp run`'s `predict` (scoring).
 
 The reference decodes as many tokens as the longest label answer (label + end-of-turn), the work a
 trained model does before it stops; random weights never stop on their own, so min_new_tokens pins it.
@@ -13,7 +13,10 @@ import time
 import torch
 
 from vlmexp.bench.synth import candidate_ids, collate_prompts
+from vlmexp.config import Config
 from vlmexp.engine import fast
+from vlmexp.engine.predict import predict, score_candidates
+from vlmexp.tables import prob_columns
 
 
 def _sync() -> None:
@@ -76,32 +79,34 @@ def score_row(
     batch_size: int,
     warmup: int,
     cached: bool = False,
-    name: str = "project-score",
+    name: str = "project-predict",
 ) -> tuple[dict, list]:
-    """Project: processor -> one prefill per image -> all candidates on the shared KV cache."""
+    """Project: `engine.predict.predict` (mode=score) on each batch, the function `exp run` calls:
+    processor -> one prefill per image -> all candidates on the shared KV cache.
+
+    `cached=True` is a lever `exp run` does not have yet: images processed and their vision features
+    computed once before timing (a K-fold run's steady state), then the same `score_candidates`."""
     device = next(model.parameters()).device
-    cands = candidate_ids(processor, label_names)
     batches = _batches(samples, batch_size)
-    cache = fast.VisionFeatureCache() if cached else None
-    prepared = None
-    if cached:  # images processed once and their features computed once, before timing
-        prepared = [
-            fast.precompute_position_ids(model, _to(collate_prompts(processor, c), device)) for c in batches
-        ]
-        for b, c in zip(prepared, batches, strict=True):
-            cache.encoder_outputs(model, b["pixel_values"], b["image_grid_thw"], [s["id"] for s in c])
+    cfg = Config()
+    cfg.predict.batch_size, cfg.predict.mode = batch_size, "score"
+    if cached:
+        cache = fast.VisionFeatureCache()
+        cands = candidate_ids(processor, label_names)
+        prepared = []
+        for chunk in batches:  # images processed once and their features computed once, before timing
+            b = _to(collate_prompts(processor, chunk), device)
+            mm = cache.encoder_outputs(
+                model, b["pixel_values"], b["image_grid_thw"], [s["id"] for s in chunk]
+            )
+            prepared.append({k: v for k, v in b.items() if k != "pixel_values"} | {"mm_encoder_outputs": mm})
 
     def step(i):
         if cached:
-            b = prepared[i]
-            mm = cache.encoder_outputs(
-                model, b["pixel_values"], b["image_grid_thw"], [s["id"] for s in batches[i]]
-            )
-            inputs = {k: v for k, v in b.items() if k != "pixel_values"} | {"mm_encoder_outputs": mm}
-        else:
-            inputs = _to(collate_prompts(processor, batches[i]), device)
-        scores = fast.score_candidates(model, inputs, cands)
-        return scores.float().cpu()
+            with torch.inference_mode():
+                return score_candidates(model, prepared[i], [cands] * len(batches[i])).float()
+        table = predict(cfg, model, processor, batches[i], label_names, progress=False)
+        return torch.tensor(table[prob_columns(label_names)].to_numpy(dtype=float))
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmexp.prompts.render import Rendered
+
 FILLER = "Classify the image. Answer with one label from the list below. Labels: "
 
 
@@ -63,6 +65,8 @@ def make_samples(
                 "messages": _messages(prompt, label),
                 "images": [Image.fromarray(pixels)],
                 "label": label,
+                # what engine.predict reads besides messages/images: no reasoning marker
+                "rendered": Rendered(system="", user=prompt, answer=label, marker="", label=label),
             }
         )
     return out

@@ -1,26 +1,30 @@
-"""Training speed: the tutorial recipe (trl SFTTrainer) against the project's fast path, same model.
+"""Training speed: the tutorial recipe (trl SFTTrainer) against `exp run`'s own trainer, same model.
 
-Both rows start from the same random base weights, the same LoRA init (seeded), the same batches in the
-same order, lr 2e-4 constant, AdamW, clipping 1.0 and LoRA dropout 0, so their loss curves must agree up
-to bf16 noise; the result carries both curves. Timing: wall clock from the end of the warm-up steps to
-the end of the last step, after a device sync, so data collation and optimizer steps are included.
+Both rows start from the same random base weights, the same LoRA init (seeded), the same samples in the
+same order, lr 2e-4 constant, AdamW, clipping 1.0 and LoRA dropout 0; the result carries both loss
+curves. They supervise slightly different tokens: the reference (messages + assistant_only_loss) also
+the template's "\n" after "<|im_end|>", the project (prompt-completion) only answer + "<|im_end|>", so
+the curves differ by that token's share, not by noise alone. Timing: wall clock from the end of the
+warm-up steps to the end of the last step, after a device sync, so data collation and optimizer steps
+are included.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import TrainerCallback
 
-from vlmexp.bench.synth import collate_train
-from vlmexp.config import LoraConfig
-from vlmexp.engine import fast
+from vlmexp.config import Config, LoraConfig
+from vlmexp.engine.train import build_trainer, training_dataset
 from vlmexp.models.lora import select_target_modules
 
 MODULES = ("all-linear", "language")
@@ -145,6 +149,18 @@ def reference_row(
     return row, _restore(peft_model)
 
 
+class _Decision(logging.Handler):
+    """Keeps engine/train.py's "gradient checkpointing on/off (why)" line for the row."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.text = ""
+
+    def emit(self, record):
+        if "checkpointing" in record.getMessage():
+            self.text = record.getMessage()
+
+
 def project_row(
     model,
     processor,
@@ -157,70 +173,60 @@ def project_row(
     lr: float,
     seed: int,
     gc_setting: str = "auto",
-    answer_only: bool = True,
     vision_patch: bool = True,
-    vision_cache: bool = True,
     name: str = "project",
 ) -> tuple[dict, torch.nn.Module]:
-    """The project's path: fast.py's pieces on batches built once (images preprocessed once)."""
+    """`exp run`'s own training path: the same LoRA modules as the reference, then
+    `engine.train.training_dataset` + `build_trainer` (trl SFTTrainer, prompt-completion rows, the
+    project's collator, automatic checkpointing, the vision patch) and `trainer.train()`. Images are
+    processed every step, as in a run; only the sampler is made sequential, for the reference's order."""
     peft_model, n_targets = _wrap(model, lora_settings(model, modules), seed)
-    device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    patched = fast.patch_vision_attention(peft_model) if vision_patch else 0
-    batches = []
-    for i in range(warmup + steps):
-        b = collate_train(processor, samples[i * batch_size : (i + 1) * batch_size])
-        batches.append(fast.precompute_position_ids(peft_model, {k: v.to(device) for k, v in b.items()}))
-    keys = [[s["id"] for s in samples[i * batch_size : (i + 1) * batch_size]] for i in range(len(batches))]
-    tokens = int(batches[0]["attention_mask"].sum(1).float().mean())
-    patches = int(batches[0]["image_grid_thw"][0].prod())
-    _start_row()
-    use_gc, why = fast.gradient_checkpointing_needed(gc_setting, peft_model, batch_size, tokens, patches)
-    if use_gc:
-        peft_model.base_model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    vision_frozen = not any(p.requires_grad for n, p in peft_model.named_parameters() if ".visual." in n)
-    cache = fast.VisionFeatureCache() if vision_cache and vision_frozen else None
-    if cache is not None:  # steady state of a run: every image's features computed once, before timing
-        for b, k in zip(batches, keys, strict=True):
-            cache.encoder_outputs(peft_model, b["pixel_values"], b["image_grid_thw"], k)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=cuda)
-    peft_model.train()
-    losses, t0 = [], time.perf_counter()
-    for i, (b, k) in enumerate(zip(batches, keys, strict=True)):
-        mm = cache.encoder_outputs(peft_model, b["pixel_values"], b["image_grid_thw"], k) if cache else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            if answer_only:
-                loss = fast.answer_only_loss(peft_model, b, mm_encoder_outputs=mm)
-            else:
-                inputs = {**b, "mm_encoder_outputs": mm, "pixel_values": None} if mm else b
-                loss = peft_model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        if i == warmup - 1:
-            _sync()
-            t0 = time.perf_counter()
-    _sync()
-    seconds = time.perf_counter() - t0
+    cuda = next(model.parameters()).is_cuda
+    cfg = Config()
+    t = cfg.train
+    t.epochs, t.batch_size, t.lr, t.scheduler, t.warmup_ratio = 1.0, batch_size, lr, "constant", 0.0
+    t.weight_decay, t.max_grad_norm, t.logging_steps, t.eval = 0.0, 1.0, 1, False
+    t.gradient_checkpointing, t.optim, t.max_length = (
+        gc_setting,
+        "adamw_torch_fused" if cuda else "adamw_torch",
+        8192,
+    )
+    cfg.seed = seed
+    n = (warmup + steps) * batch_size
+    dataset = training_dataset(cfg, processor, samples[:n])
+    timer, decision = _Timer(warmup), _Decision()
+    train_log = logging.getLogger("vlmexp.engine.train")
+    train_log.addHandler(decision)
+    level = train_log.level
+    train_log.setLevel(logging.INFO)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            _start_row()
+            trainer = build_trainer(
+                cfg, peft_model, processor, dataset, Path(out), [timer], vision_patch=vision_patch
+            )
+            trainer.args.train_sampling_strategy = "sequential"
+            trainer.train()
+    finally:
+        train_log.removeHandler(decision)
+        train_log.setLevel(level)
     peak = _peak_gib()
-    del opt, cache
+    use_gc = bool(
+        getattr(trainer.args, "activation_checkpointing", None) or trainer.args.gradient_checkpointing
+    )
+    patched = sum(type(m.__dict__.get("forward")).__name__ == "method" for m in peft_model.modules())
+    del trainer
     row = {
         "path": name,
         "modules": modules,
         "lora_modules": n_targets,
         "gradient_checkpointing": use_gc,
-        "gc_reason": why,
-        "answer_only_loss": answer_only,
+        "gc_reason": decision.text,
         "vision_attention_patched": patched,
-        "vision_cache": vision_cache and vision_frozen,
-        "samples_per_s": steps * batch_size / seconds,
+        "vision_cache": False,
+        "samples_per_s": steps * batch_size / (timer.t1 - timer.t0),
         "peak_gib": peak,
-        "losses": [float(x) for x in losses],
-        "tokens_per_sample": tokens,
+        "losses": timer.losses,
+        "recipe": "engine.train.build_trainer: trl SFTTrainer, prompt-completion rows (answer + end of turn)",
     }
     return row, _restore(peft_model)

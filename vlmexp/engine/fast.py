@@ -7,7 +7,11 @@
   equal length go through one batched sdpa call instead.
 - `gradient_checkpointing_needed`: checkpointing only when activations would not fit in free memory.
 - `VisionFeatureCache`: a frozen vision tower gives the same features for an image every epoch and fold.
-- `score_candidates`: one prefill of prompt + image, its KV cache shared by every candidate label.
+
+The project's trainer (`engine/train.py`) uses the checkpointing decision and the vision patch; the
+answer-only loss is trl 1.16's own there (`SFTTrainer` projects only supervised positions through the
+LM head on CUDA), so `answer_only_loss` serves loops outside the trainer (the QLoRA memory bench).
+KV-shared label scoring lives in `engine/predict.py` (`score_candidates`), the one implementation.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vlmexp.models.lora import classify
 
 IGNORE = -100
 
@@ -60,21 +66,6 @@ def answer_only_loss(
     loss = F.cross_entropy(logits, targets[keep], reduction="sum")
     denom = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     return loss / denom
-
-
-def precompute_position_ids(model: torch.nn.Module, batch: dict) -> dict:
-    """`batch` plus its 3D rope `position_ids`: get_rope_index loops over samples in Python, so a batch
-    that is used every epoch computes them once."""
-    core, _ = _vlm_parts(model)
-    if "position_ids" in batch or not hasattr(core, "get_rope_index"):
-        return batch
-    pos, _ = core.get_rope_index(
-        batch["input_ids"],
-        mm_token_type_ids=batch["mm_token_type_ids"],
-        image_grid_thw=batch.get("image_grid_thw"),
-        attention_mask=batch.get("attention_mask"),
-    )
-    return {**batch, "position_ids": pos}
 
 
 # -- vision attention ---------------------------------------------------------------------------
@@ -122,20 +113,24 @@ def patch_vision_attention(model: torch.nn.Module) -> int:
 
 # -- gradient checkpointing ---------------------------------------------------------------------
 def activation_bytes(model: torch.nn.Module, batch_size: int, tokens: int, patches: int) -> int:
-    """Activation memory of one training step without checkpointing, bf16.
+    """Training memory of one step without checkpointing, bf16: activations plus the trained weights'
+    gradients and AdamW moments (12 bytes a weight: nothing for LoRA, ~45 GB for a full 3B model).
 
-    Per token and layer ~ 2 bytes x (16 hidden + 6 intermediate): fitted to the H200 measurements in
-    /work/shared/ENVIRONMENT.md (Qwen2.5-VL-3B, batch 8 x 570 tokens: ~30 GiB language, ~20 GiB more
-    when the vision tower has adapters). The vision tower keeps activations only when it trains.
+    Activations per token and layer ~ 2 bytes x (16 hidden + 6 intermediate): fitted to the H200
+    measurements in /work/shared/ENVIRONMENT.md (Qwen2.5-VL-3B, batch 8 x 570 tokens: ~30 GiB language,
+    ~20 GiB more when the vision tower has adapters). The vision tower keeps activations only when it
+    trains. `patches` is per sample (448 px in Qwen2.5-VL: 1024).
     """
     cfg = unwrap(model).config
-    tc, vc = cfg.text_config, cfg.vision_config
+    tc, vc = cfg.get_text_config(), getattr(cfg, "vision_config", None)
     total = 2 * (16 * tc.hidden_size + 6 * tc.intermediate_size) * tc.num_hidden_layers * tokens * batch_size
-    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if ".visual." in f".{n}")
-    if vision_trains:
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    total += 12 * sum(p.numel() for _, p in trained)
+    if vc is not None and any(classify(n)[0] == "vision" for n, _ in trained):
         d = getattr(vc, "embed_dim", None) or vc.hidden_size
         inter = getattr(vc, "intermediate_size", None) or d * getattr(vc, "mlp_ratio", 4)
-        total += 2 * (16 * d + 6 * inter) * vc.depth * patches * batch_size
+        depth = getattr(vc, "depth", None) or vc.num_hidden_layers  # Qwen-VL: depth; CLIP/SigLIP: layers
+        total += 2 * (16 * d + 6 * inter) * depth * patches * batch_size
     return int(total)
 
 
@@ -207,52 +202,3 @@ class VisionFeatureCache:
         device = pixel_values.device
         feats = tuple(self._store[k].to(device, non_blocking=True) for k in keys)
         return {"image": BaseModelOutputWithPooling(pooler_output=feats)}
-
-
-# -- candidate scoring --------------------------------------------------------------------------
-@torch.no_grad()
-def score_candidates(
-    model: torch.nn.Module, inputs: dict, candidates: Sequence[Sequence[int]]
-) -> torch.Tensor:
-    """(batch, len(candidates)) summed log-probabilities of each candidate's token ids after each prompt.
-
-    `inputs` are left-padded prompts ending with the generation prompt (processor output). The prompt and
-    image are encoded once; the KV cache is repeated for the candidates, which run as one batch. Equal to
-    scoring prompt + candidate from scratch for each candidate (tests/test_engine_fast.py)."""
-    core, head = _vlm_parts(model)
-    if inputs["attention_mask"][:, -1].min() == 0:
-        raise ValueError("score_candidates needs left-padded prompts: set tokenizer.padding_side='left'")
-    inputs = precompute_position_ids(model, inputs)
-    out = core(**inputs, use_cache=True)
-    first = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)  # (B, V)
-    n_b, n_c = inputs["input_ids"].shape[0], len(candidates)
-    device = first.device
-    width = max(len(c) for c in candidates)
-    toks = torch.zeros(n_c, width, dtype=torch.long, device=device)
-    for i, c in enumerate(candidates):
-        if not c:
-            raise ValueError(f"candidate {i} has no tokens")
-        toks[i, : len(c)] = torch.tensor(list(c), device=device)
-    lens = torch.tensor([len(c) for c in candidates], device=device)
-    scores = first[:, toks[:, 0]]  # (B, C)
-    if width == 1:
-        return scores
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(n_c)  # sample b's C copies are rows b*C .. b*C+C-1
-    step = toks[:, :-1].repeat(n_b, 1)  # (B*C, width-1): feed c_1..c_{n-1}, predict c_2..c_n
-    # Text after the prompt continues at the prompt's highest rope position + 1 in all 3 rope axes.
-    nxt = inputs["position_ids"].amax(dim=(0, 2)) + 1  # (B,)
-    pos = (nxt[:, None] + torch.arange(width - 1, device=device)).repeat_interleave(n_c, 0)
-    mask = torch.cat([inputs["attention_mask"].repeat_interleave(n_c, 0), torch.ones_like(step)], dim=1)
-    hid = core(
-        input_ids=step,
-        attention_mask=mask,
-        position_ids=pos[None].expand(3, -1, -1),
-        past_key_values=cache,
-        use_cache=True,
-    ).last_hidden_state
-    logp = head(hid).float().log_softmax(-1)  # (B*C, width-1, V)
-    target = toks[:, 1:].repeat(n_b, 1)
-    tok_lp = logp.gather(-1, target[..., None])[..., 0]
-    valid = torch.arange(1, width, device=device)[None] < lens.repeat(n_b)[:, None]
-    return scores + (tok_lp * valid).sum(-1).view(n_b, n_c)

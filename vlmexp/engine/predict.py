@@ -24,6 +24,7 @@ import torch
 from rich.progress import Progress
 
 from vlmexp.config import Config
+from vlmexp.engine import fast
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.prompts.render import parse_answer
 from vlmexp.tables import prob_columns
@@ -36,6 +37,8 @@ def predict(cfg: Config, model, processor, samples: list[dict], labels: list[str
     if not samples:
         raise ValueError("predict() got no samples")
     model.eval()
+    if next(model.parameters()).is_cuda:
+        fast.patch_vision_attention(model)  # same features; one batched attention call per window size
     mode = cfg.predict.mode
     rows: list[dict] = []
     with torch.inference_mode(), Progress(disable=not progress, transient=True) as bar:
@@ -125,43 +128,59 @@ def score_completions(
         processor, prompts, images, extra=[cands[0][:k] for cands, k in zip(ids, shared, strict=True)]
     )
     ctx = {k: v.to(model.device) for k, v in ctx.items()}
-    positions, next_pos = _positions(model, ctx)
+    suffixes = [[c[k:] for c in cands] for cands, k in zip(ids, shared, strict=True)]
+    return score_candidates(model, ctx, suffixes, pad_id=tok.pad_token_id)
 
-    # 1) the prompt (+ shared tokens) once per image: logits for each candidate's first token + cache
+
+def score_candidates(
+    model, ctx: dict, candidates: list[list[list[int]]], pad_id: int | None = None
+) -> torch.Tensor:
+    """Summed log-probabilities (B, n), on the CPU, of each row's n candidate token-id sequences after
+    its left-padded context `ctx` (processor output on the model's device; `mm_encoder_outputs` may
+    stand in for `pixel_values`, e.g. features a `fast.VisionFeatureCache` computed earlier).
+
+    1) one forward over the context: the logits for each candidate's first token and a KV cache;
+    2) the cache repeated n times, and all B*n candidates' remaining tokens in one batch after it.
+    Equal to scoring context + candidate from scratch (tests/test_engine_predict.py)."""
+    if bool((ctx["attention_mask"][:, -1] == 0).any()):
+        raise ValueError("score_candidates needs left-padded contexts: encode with padding_side='left'")
+    n = len(candidates[0])
+    if any(len(c) != n for c in candidates) or any(not s for c in candidates for s in c):
+        raise ValueError("every row needs the same number of candidates, each of at least one token")
+    positions, next_pos = _positions(model, ctx)
     out = model(**ctx, position_ids=positions, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
-    suffixes = [cands[c][k:] for cands, k in zip(ids, shared, strict=True) for c in range(n)]
-    rows = torch.arange(len(ids), device=first.device).repeat_interleave(n)
-    firsts = torch.tensor([s[0] for s in suffixes], device=first.device)
-    loglik = first[rows, firsts]  # (B*n,)
+    device = first.device
+    suffixes = [s for cands in candidates for s in cands]  # row b's candidates are b*n .. b*n+n-1
+    rows = torch.arange(len(candidates), device=device).repeat_interleave(n)
+    loglik = first[rows, torch.tensor([s[0] for s in suffixes], device=device)]  # (B*n,)
 
-    # 2) the candidates' remaining tokens, all B*n at once, continuing from the repeated cache
     width = max(len(s) for s in suffixes) - 1
     if width > 0:
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        inp = torch.full((len(suffixes), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(suffixes), width), dtype=torch.long)
+        inp = torch.full((len(suffixes), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+        targets = torch.zeros_like(inp)
+        mask = torch.zeros_like(inp)
         for i, s in enumerate(suffixes):
             inp[i, : len(s) - 1] = torch.tensor(s[:-1])
+            targets[i, : len(s) - 1] = torch.tensor(s[1:])
             mask[i, : len(s) - 1] = 1
-        inp, mask = inp.to(first.device), mask.to(first.device)
+        inp, targets, mask = inp.to(device), targets.to(device), mask.to(device)
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)
-        steps = torch.arange(width, device=first.device)
-        pos = next_pos.repeat_interleave(n).unsqueeze(-1) + steps  # (B*n, width)
+        pos = next_pos.repeat_interleave(n).unsqueeze(-1) + torch.arange(width, device=device)  # (B*n, width)
         if positions.dim() == 3:  # M-RoPE (3, B, L): a text token has the same position on all three axes
             pos = pos.unsqueeze(0).expand(positions.shape[0], -1, -1)
         full_mask = torch.cat([ctx["attention_mask"].repeat_interleave(n, dim=0), mask], dim=1)
         logits = model(
             input_ids=inp, attention_mask=full_mask, position_ids=pos, past_key_values=cache
         ).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        targets = torch.zeros_like(inp)
-        for i, s in enumerate(suffixes):
-            targets[i, : len(s) - 1] = torch.tensor(s[1:])
-        picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        loglik = loglik + (picked * mask).sum(-1)
-    return loglik.view(len(ids), n).cpu()
+        # Only real candidate tokens go to fp32: 25 labels x batch 32 x 152k vocab is 0.5 GB a position.
+        real = mask.bool()
+        sel = logits[real].float()  # (real tokens, V)
+        picked = torch.zeros(mask.shape, dtype=sel.dtype, device=device)
+        picked[real] = sel.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
+        loglik = loglik + picked.sum(-1)
+    return loglik.view(len(candidates), n).cpu()
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:

@@ -28,6 +28,7 @@ from transformers import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from vlmexp.config import Config
+from vlmexp.engine import fast
 from vlmexp.engine.callbacks import EvalCallback, LogRelay, load_trainable_state
 from vlmexp.engine.samples import load_images, to_prompt_completion
 
@@ -106,17 +107,51 @@ def training_dataset(cfg: Config, processor, train_samples: list[dict]) -> Datas
 
 
 def build_trainer(
-    cfg: Config, model, processor, dataset: Dataset, output_dir: Path, callbacks=()
+    cfg: Config, model, processor, dataset: Dataset, output_dir: Path, callbacks=(), vision_patch: bool = True
 ) -> SFTTrainer:
+    """trl's SFTTrainer with the project's settings and speed levers (measured in docs/performance.md):
+    gradient checkpointing only when activations would not fit (train.gradient_checkpointing=auto), the
+    batched vision window attention on CUDA (`vision_patch=False` keeps the stock loop, for the bench),
+    and trl 1.16's own answer-only LM head (it projects only supervised positions on CUDA)."""
+    cuda = _on_cuda(model)
+    shape = (
+        _probe_shape(cfg, processor, dataset) if cuda and cfg.train.gradient_checkpointing == "auto" else None
+    )
+    if vision_patch and cuda:
+        fast.patch_vision_attention(model)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(cfg, output_dir, model),
+        args=sft_config(cfg, output_dir, model, shape=shape),
         train_dataset=dataset,
         processing_class=processor,
         callbacks=list(callbacks),
     )
     trainer.data_collator = _RequireSupervision(trainer.data_collator, cfg.train.max_length)
     return trainer
+
+
+def _on_cuda(model) -> bool:
+    return torch.cuda.is_available() and next(model.parameters()).is_cuda
+
+
+def _probe_shape(cfg: Config, processor, dataset: Dataset, n: int = 32) -> tuple[int, int]:
+    """(tokens, vision patches) of the largest of the first `n` rows, for the checkpointing decision.
+    Qwen2.5-VL at 448 px with a 300-token prompt: (570, 1024)."""
+    tokens = patches = 0
+    image_token = getattr(processor, "image_token_id", None)
+    for row in dataset.select(range(min(n, len(dataset)))):
+        enc = processor(
+            text=[row["prompt"] + row["completion"]],
+            images=[row["images"]] if row["images"] else None,
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
+        tokens = max(tokens, enc["input_ids"].shape[1])
+        if "image_grid_thw" in enc:
+            patches = max(patches, int(enc["image_grid_thw"].prod(-1).sum()))
+        elif image_token is not None:  # LLaVA, SmolVLM: one placeholder per (merged) patch
+            patches = max(patches, int((enc["input_ids"] == image_token).sum()))
+    return min(tokens, cfg.train.max_length), patches
 
 
 # transformers renamed gradient_checkpointing to activation_checkpointing (the old name warns; gone in v6).
@@ -126,17 +161,22 @@ _CHECKPOINTING = (
 )
 
 
-def sft_config(cfg: Config, output_dir: Path, model) -> SFTConfig:
-    """TrainConfig -> SFTConfig; CPU-safe (trl's defaults, bf16 and checkpointing, fail there)."""
+def sft_config(cfg: Config, output_dir: Path, model, shape: tuple[int, int] | None = None) -> SFTConfig:
+    """TrainConfig -> SFTConfig; CPU-safe (trl's defaults, bf16 and checkpointing, fail there).
+    `shape`: (tokens, vision patches) per sample, for train.gradient_checkpointing=auto on a GPU;
+    without it the estimate assumes train.max_length tokens."""
     t = cfg.train
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ValueError(f"train.warmup_ratio={t.warmup_ratio} is a share of the steps in [0, 1), e.g. 0.05")
     cuda = torch.cuda.is_available()
     bf16 = {"on": True, "off": False, "auto": cuda and torch.cuda.is_bf16_supported()}[t.bf16]
-    n_params = sum(p.numel() for p in model.parameters())
-    # Checkpointing halves activation memory but costs ~2x time (4.0 vs 8.0 samples/s on a 3B model):
-    # worth it only when memory is tight, i.e. on a GPU with a big model.
-    checkpointing = {"on": True, "off": False, "auto": cuda and n_params > 1e9}[t.gradient_checkpointing]
+    # Checkpointing cuts activation memory but costs 1.75x time (3B, batch 8: 19.1 vs 33.6 samples/s):
+    # auto turns it on only when the estimated step would not fit in the GPU's free memory.
+    tokens, patches = shape or (t.max_length, 0)
+    checkpointing, why = fast.gradient_checkpointing_needed(
+        t.gradient_checkpointing, model, t.batch_size, tokens, patches
+    )
+    log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
