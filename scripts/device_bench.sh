@@ -3,6 +3,7 @@
 # JSON results and logs under $OUT. Call through the device tool with carry ["wheels"]:
 #   bash scripts/device_bench.sh [train] [predict] [qlora] [equal]   (no argument: the first three)
 # equal: reference and project only, 16 steps, for the loss-curve comparison.
+# parallel (on nvidia-h200-x2): `exp run folds=2` with gpus=2 against gpus=1, wall time of each.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/bench_out}
@@ -14,6 +15,27 @@ export PYTHONPATH=/tmp/site:$PWD
   python3 -c "import torch, transformers, trl, peft; print(torch.__version__, torch.version.cuda, transformers.__version__, trl.__version__, peft.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 parts=${*:-train predict qlora}
+if [[ " $parts " == *" parallel "* ]]; then
+  # exp run gpus=2 folds=2 vs gpus=1 folds=2: a random-weight Qwen2.5-VL-3B saved locally, the demo data.
+  python3 -c "
+import torch
+from vlmexp.bench.shapes import build_model, build_processor, get_shape
+from vlmexp.demo import make_demo
+sh = get_shape('qwen2.5-vl-3b')
+build_model(sh, 'cuda', torch.bfloat16).save_pretrained('/tmp/m3b')
+build_processor(sh, 448).save_pretrained('/tmp/m3b')
+make_demo('/tmp/demo')" 2>&1 | grep -v "Writing model shards"
+  common=(folds=2 model.name=/tmp/m3b data.dir=/tmp/demo data.limit=${LIMIT:-240} train.epochs=1 leaderboard=/tmp/lb.csv)
+  for g in 1 2; do
+    start=$(date +%s%N)
+    timeout 280 python3 -m vlmexp.cli run gpus=$g runs_dir=/tmp/runs$g "${common[@]}" > "$OUT/parallel_gpus$g.log" 2>&1
+    rc=$?
+    echo "gpus=$g exit $rc wall_ms $(( ($(date +%s%N) - start) / 1000000 ))" | tee -a "$OUT/parallel.txt"
+    tail -3 "$OUT/parallel_gpus$g.log"
+  done
+  cat /tmp/runs*/*/cv.json > "$OUT/parallel_cv.json" 2>/dev/null
+  parts=${parts//parallel/}
+fi
 for part in $parts; do
   case $part in
     train) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --ablations); limit=330 ;;

@@ -40,6 +40,7 @@ class DataConfig:
     group_col: str = "group"  # optional column; rows of one group never straddle folds
     id_col: str = "id"  # test.csv id column, copied to the submission
     limit: int = 0  # use only the first N train and test rows (0 = all), for smoke tests
+    answers_csv: str = ""  # optional id,label test answers (the demo has test_answers.csv): runs score them
 
 
 @dataclass

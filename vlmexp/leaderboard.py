@@ -131,8 +131,16 @@ def to_markdown(df: pd.DataFrame, metric: str | None = None, top: int | None = N
     df = df.head(top) if top else df
     shown = [
         c
-        for c in ["run", "metric", "cv_mean", "cv_std", "accuracy", "macro_f1", "train_size", "pseudo_count"]
-        + ["overrides", "duration_s", "finished_at", "submission"]
+        for c in ["run", "metric", "cv_mean", "cv_std", "majority_baseline", "accuracy", "macro_f1"]
+        + [
+            "test_accuracy",
+            "test_macro_f1",
+            "train_size",
+            "pseudo_count",
+            "overrides",
+            "git_sha",
+            "duration_s",
+        ]
         if c in df.columns
     ]
     lines = ["| # | " + " | ".join(shown) + " |", "|" + "---|" * (len(shown) + 1)]

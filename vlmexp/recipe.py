@@ -223,6 +223,9 @@ def finalize(exp: Experiment, started: float) -> RunDir:
         "config_hash": config_hash(cfg),
         "git_sha": exp.prov["git"]["sha"],
     }
+    # The floor every run must clear: always answering the most common training label.
+    majority = exp.train["label"].value_counts().idxmax()
+    cv["majority_baseline"] = score(oof["label"], [majority] * len(oof), labels)[cfg.metric]
     write_table(
         per_class_report(oof["label"], oof["pred"], labels).reset_index(names="label"),
         run.path("per_class.csv"),
@@ -251,6 +254,7 @@ def finalize(exp: Experiment, started: float) -> RunDir:
         force=True,
         id_col=cfg.data.id_col,
     )
+    test_scores = _score_answers(cfg, exp, final, majority)
     cv["duration_s"] = round(time.time() - started, 1)
     write_json(cv, run.path("cv.json"))
     leaderboard.append(
@@ -265,6 +269,8 @@ def finalize(exp: Experiment, started: float) -> RunDir:
             "fold_scores": " ".join(f"{s:.4f}" for s in fold_scores),
             "accuracy": round(cv["accuracy"], 4),
             "macro_f1": round(cv["macro_f1"], 4),
+            "majority_baseline": round(cv["majority_baseline"], 4),
+            **test_scores,
             "train_size": len(exp.train),
             "pseudo_round": cfg.pseudo.round,
             "pseudo_count": len(exp.pseudo),
@@ -285,6 +291,25 @@ def _predict(cfg: Config, model, processor, samples: list[dict], labels: list[st
 
         return predict_openai(cfg, samples, labels, concurrency=cfg.predict.concurrency, progress=False)
     return predict(cfg, model, processor, samples, labels, progress=False)
+
+
+def _score_answers(cfg: Config, exp: Experiment, final: pd.DataFrame, majority: str) -> dict:
+    """Score the test ensemble against known answers (data.answers_csv), e.g. the demo's hidden labels."""
+    if not cfg.data.answers_csv:
+        return {}
+    path = Path(cfg.data.dir) / cfg.data.answers_csv
+    truth = pd.read_csv(path, dtype=str).set_index(cfg.data.id_col)[cfg.data.label_col]
+    pred = final.set_index("id")["pred"].reindex(truth.index)
+    result = {f"test_{m}": round(score(truth, pred, exp.labels)[m], 4) for m in ("accuracy", "macro_f1")}
+    result["test_majority_baseline"] = round(score(truth, [majority] * len(truth), exp.labels)[cfg.metric], 4)
+    write_json(result, exp.run.path("test_score.json"))
+    log.info(
+        "test answers %s: accuracy %.4f, macro-F1 %.4f",
+        path,
+        result["test_accuracy"],
+        result["test_macro_f1"],
+    )
+    return result
 
 
 def _ocr_texts(cfg: Config, comp: Competition) -> dict[str, str] | None:
