@@ -152,6 +152,17 @@ def test_two_concurrent_runs_both_land_on_leaderboard(demo, workdir):
     assert {"conc0", "conc1"} <= set(board["run"])
 
 
+def test_folds_in_parallel_through_torchrun_equal_sequential(finished_run, demo, workdir):
+    # gpus=2 on a CPU machine still starts two torchrun workers, each training its own folds.
+    p = exp("run", *overrides(demo, workdir, "name=parallel", "gpus=2"), cwd=workdir)
+    out, _ = p.communicate(timeout=400)
+    assert p.returncode == 0, out
+    a, b = read_table(finished_run / "oof.csv"), read_table(workdir / "runs" / "parallel" / "oof.csv")
+    assert a["pred"].tolist() == b["pred"].tolist()
+    num = [c for c in a.columns if c.startswith("p:")]
+    np.testing.assert_allclose(a[num].to_numpy(), b[num].to_numpy(), atol=1e-5)
+
+
 def test_cli_reports_unknown_key_without_traceback(workdir):
     p = exp("run", "promt=label_desc", cwd=workdir)
     out, _ = p.communicate(timeout=120)

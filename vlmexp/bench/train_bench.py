@@ -24,6 +24,7 @@ from peft import get_peft_model
 from transformers import TrainerCallback
 
 from vlmexp.config import Config, LoraConfig
+from vlmexp.engine import fast
 from vlmexp.engine.train import build_trainer, training_dataset
 from vlmexp.models.lora import select_target_modules
 
@@ -214,7 +215,10 @@ def project_row(
     use_gc = bool(
         getattr(trainer.args, "activation_checkpointing", None) or trainer.args.gradient_checkpointing
     )
-    patched = sum(type(m.__dict__.get("forward")).__name__ == "method" for m in peft_model.modules())
+    patched = sum(
+        getattr(m.__dict__.get("forward"), "__func__", None) is fast._batched_window_forward
+        for m in peft_model.modules()
+    )
     del trainer
     row = {
         "path": name,

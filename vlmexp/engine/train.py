@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field, fields
@@ -177,7 +178,7 @@ def sft_config(cfg: Config, output_dir: Path, model, shape: tuple[int, int] | No
         t.gradient_checkpointing, model, t.batch_size, tokens, patches
     )
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
-    return SFTConfig(
+    args = SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size,
@@ -207,6 +208,13 @@ def sft_config(cfg: Config, output_dir: Path, model, shape: tuple[int, int] | No
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if cuda and torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
+        # One process trains one fold on one GPU (folds go parallel through `gpus=N`, one process per
+        # GPU); with 2 GPUs visible trl refuses to start ("does not support nn.DataParallel"), as seen
+        # on 2 H200s with gpus=1. Resolve the devices first, then pin the count, as HF examples do.
+        _ = args.n_gpu
+        args._n_gpu = 1
+    return args
 
 
 class _RequireSupervision:
