@@ -109,9 +109,14 @@ def test_rerun_skips_finished_folds(finished_run, demo, workdir):
     from vlmexp.recipe import run_experiment
 
     before = (finished_run / "folds/fold0/oof.csv").stat().st_mtime_ns
+    rows = len(pd.read_csv(workdir / "leaderboard.csv"))
+    cv = (finished_run / "cv.json").read_bytes()
     t0 = time.time()
     run_experiment(load_config(overrides(demo, workdir, "name=ref")))
     assert (finished_run / "folds/fold0/oof.csv").stat().st_mtime_ns == before
+    # A finished run is reused as it is: no second leaderboard row, cv.json untouched.
+    assert len(pd.read_csv(workdir / "leaderboard.csv")) == rows
+    assert (finished_run / "cv.json").read_bytes() == cv
     assert time.time() - t0 < 60
 
 

@@ -88,6 +88,11 @@ class Experiment:
 
 def run_once(cfg: Config, force: bool = False) -> RunDir:
     t0 = time.time()
+    done = RunDir.for_config(cfg)
+    if done.finished and not force:
+        # A sweep or a pseudo-label chain meets finished runs again: reuse them, as they are.
+        log.info("%s already finished (cv.json); reusing it (--force redoes it)", done.root.name)
+        return done
     exp = prepare(cfg, force=force)
     pending = [k for k in range(cfg.folds) if not exp.run.fold_done(k)]
     if cfg.gpus > 1 and pending:
