@@ -7,6 +7,7 @@ differ. Because every run on a dataset uses the same stored folds, per-fold delt
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -264,6 +265,12 @@ def _plt():
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
+
+    # CJK labels (e.g. 优惠券) render as boxes in DejaVu Sans. A CJK font, when installed
+    # (fonts-wqy-microhei or fonts-noto-cjk), goes first: it has Latin glyphs too, and matplotlib's
+    # per-glyph fallback did not reach a .ttc font listed after DejaVu here. Missing names are skipped.
+    plt.rcParams["font.sans-serif"] = ["WenQuanYi Micro Hei", "Noto Sans CJK SC", "DejaVu Sans"]
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
     return plt
 
