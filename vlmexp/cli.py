@@ -191,16 +191,11 @@ def submit(
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
 ) -> None:
     """Write the submission CSV of a finished run, validated against the test set."""
-    from omegaconf import OmegaConf
-
-    from vlmexp.config import Config
     from vlmexp.data import load_competition
     from vlmexp.submit import make_submission
 
     root = _run_path(run_name_, runs_dir)
-    cfg: Config = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(root / "config.yaml"))
-    )
+    cfg = _run_config(root)
     comp = load_competition(cfg.data)
     path = make_submission(
         root,
@@ -281,16 +276,9 @@ def export(
 
 def _run_config(root: Path, overrides: list[str] | None = None):
     """The Config a run folder was made with (its config.yaml), plus optional key=value overrides."""
-    from omegaconf import OmegaConf
+    from vlmexp.config import load_config_file
 
-    from vlmexp.config import Config, validate
-
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(root / "config.yaml"))
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    config = OmegaConf.to_object(cfg)
-    validate(config)
-    return config
+    return load_config_file(root / "config.yaml", overrides)
 
 
 @app.command()

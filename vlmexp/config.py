@@ -266,6 +266,17 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
     return config
 
 
+def load_config_file(path: Path, overrides: list[str] | None = None) -> Config:
+    """The Config saved in a run folder's config.yaml (a full dump), plus optional key=value overrides."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    if overrides:
+        _check_keys(overrides, "argument")
+        cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "argument")
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)

@@ -13,9 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from vlmexp.config import Config, to_yaml, validate
+from vlmexp.config import Config, load_config_file, to_yaml
 from vlmexp.tables import write_text
 
 
@@ -77,8 +75,7 @@ def worker(cfg_path: Path) -> None:
     rank, world = _become_single_gpu_process()
     from vlmexp.recipe import prepare, run_fold
 
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(cfg_path)))
-    validate(cfg)
+    cfg = load_config_file(cfg_path)
     exp = prepare(cfg)
     for k in range(cfg.folds):
         if k % world == rank and not exp.run.fold_done(k):

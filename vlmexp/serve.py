@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
 
-from vlmexp.config import Config
+from vlmexp.config import Config, load_config_file
 from vlmexp.engine.openai_backend import PROBS_FIELD
 from vlmexp.prompts.render import Rendered, load_template
 from vlmexp.tables import PROB_PREFIX, probs
@@ -55,7 +54,7 @@ def load_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml; is this a run folder (runs/<name>)?")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
+    return load_config_file(path)
 
 
 def run_labels(run_dir: Path, cfg: Config) -> list[str]:
