@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one script sent to the GPU machine: install the carried wheels, run every bench row, and leave
-# JSON results and logs under $OUT. Call through the device tool with carry ["wheels"]:
-#   bash scripts/device_bench.sh [train] [predict] [qlora] [equal]   (no argument: the first three)
+# JSON results and logs under $OUT. Call through the device tool with carry [".whl"] (trl, transformers,
+# datasets, omegaconf wheels for Python 3.12; see docs/performance.md):
+#   WHEELS=.whl bash scripts/device_bench.sh [train] [predict] [qlora] [equal] [compile]
+# (no argument: the first three); compile: a speed.compile=true row beside a plain project row.
 # equal: reference and project only, 16 steps, for the loss-curve comparison.
 # parallel (on nvidia-h200-x2): `exp run folds=2` with gpus=2 against gpus=1, wall time of each.
 set -uo pipefail
@@ -38,9 +40,10 @@ make_demo('/tmp/demo')" 2>&1 | grep -v "Writing model shards"
 fi
 for part in $parts; do
   case $part in
-    train) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --ablations); limit=330 ;;
+    train) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --ablations); limit=380 ;;
+    compile) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --modules language --no-reference --compile); limit=300 ;;
     equal) cmd=(train qwen2.5-vl-3b --steps 14 --warmup 2); limit=250 ;;
-    predict) cmd=(predict qwen2.5-vl-3b --images 128 --predict-batch-sizes 32); limit=110 ;;
+    predict) cmd=(predict qwen2.5-vl-3b --images 128 --predict-batch-sizes 32); limit=170 ;;
     qlora) cmd=(qlora qwen2-vl-7b --batch-size 1 --steps 4); limit=200 ;;
     *) echo "unknown part $part"; continue ;;
   esac

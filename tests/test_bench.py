@@ -48,7 +48,9 @@ def test_train_bench_reference_and_project_agree(tmp_path):
         ref["gradient_checkpointing"] is True and proj["gradient_checkpointing"] is False
     )  # CPU: auto = off
     assert ref["lora_modules"] == proj["lora_modules"] > 0
-    assert len(ref["losses"]) == len(proj["losses"]) == 3
+    assert len(ref["losses"]) == 3 and len(proj["losses"]) == 6  # the project row passes twice
+    assert proj["vision_cache"] is True and proj["samples_per_s_cached"] > 0
+    assert proj["flops_per_sample_cached"] < proj["flops_per_sample"]  # the tower is not run then
     # same init, samples and order; the reference also supervises the "\n" after "<|im_end|>", so the
     # curves agree only roughly here (the exact equality is tests/test_engine_train.py's)
     assert proj["max_loss_diff_vs_reference"] < 0.5
@@ -61,6 +63,6 @@ def test_train_bench_reference_and_project_agree(tmp_path):
 def test_predict_bench_rows_agree():
     result = run_bench("predict", "tiny", batch_size=2, n_images=4, reference=False, predict_batch_sizes=(4,))
     rows = result["rows"]
-    assert [r["path"] for r in rows] == ["project-predict", "score-cached-features (not in exp run)"] * 2
+    assert [r["caches"] for r in rows] == ["plain", "fresh", "warm"] * 2
     assert all(r["same_predictions_as_first_score_row"] for r in rows)
-    assert rows[1]["flops_per_image"] < rows[0]["flops_per_image"]  # cached: no vision forward counted
+    assert rows[2]["flops_per_image"] < rows[0]["flops_per_image"]  # warm: no vision forward counted

@@ -216,7 +216,7 @@ def test_mixed_in_general_samples_are_trained_on(tiny_models, colours, tmp_path)
     samples = _samples(colours[:8], cfg)
     dataset = training_dataset(cfg, processor, samples)
     assert len(dataset) == 17
-    completions = dataset["completion"]
+    completions = [r["completion"] for r in dataset]
     assert sum(c.startswith(" City ") for c in completions) == 8
     assert " Yes, sure<end_of_utterance>" in completions
     model = load_model(cfg, training=True)
@@ -279,9 +279,8 @@ def test_checkpointing_decision_from_the_probed_shape(tiny_models, colours, tmp_
     model = load_model(cfg, training=True)
     dataset = training_dataset(cfg, processor, _samples(colours[:4], cfg))
     tokens, patches = _probe_shape(cfg, processor, dataset)
-    batch = build_trainer(cfg, model, processor, dataset, tmp_path).data_collator(
-        [dataset[i] for i in range(4)]
-    )
+    trainer = build_trainer(cfg, model, processor, dataset, tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     assert tokens == batch["input_ids"].shape[1]  # the longest row, as the collator pads it
     assert patches == int(batch["image_grid_thw"][0].prod()) > 0
     need = fast.activation_bytes(model, cfg.train.batch_size, tokens, patches)

@@ -114,6 +114,15 @@ class PredictConfig:
 
 
 @dataclass
+class SpeedConfig:
+    # Levers that change speed, not results (beyond bf16 rounding): left out of the config hash.
+    encode_once: bool = True  # process each row's images and text once per run, pad per batch
+    vision_cache: str = choice("auto", "on", "off")  # frozen vision tower: features once per image; auto=on
+    vision_cache_gib: float = 16.0  # most GPU memory the cached features may take (3B, 448 px: 1 MiB each)
+    compile: bool = False  # torch.compile each decoder and vision block (CUDA only; first steps compile)
+
+
+@dataclass
 class PromptConfig:
     dir: str = ""  # a folder of your own .jinja templates; its names add to or override the shipped ones
     budget: int = 2500  # warn when a rendered prompt is longer (characters); longer prompts scored worse
@@ -167,6 +176,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     ocr: OcrConfig = field(default_factory=OcrConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
@@ -175,7 +185,7 @@ class Config:
 
 # Fields that name or place a run without changing its results: left out of the hash,
 # so that `name=foo` reruns into the same numbers.
-_UNHASHED = {"name", "runs_dir", "experiment", "leaderboard", "gpus"}
+_UNHASHED = {"name", "runs_dir", "experiment", "leaderboard", "gpus", "speed"}
 
 
 def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -326,7 +336,7 @@ def diff_from_defaults(cfg: Config) -> dict[str, Any]:
     out = {}
     for key in _all_keys():
         a, b = OmegaConf.select(OmegaConf.create(base), key), OmegaConf.select(OmegaConf.create(mine), key)
-        if not isinstance(a, DictConfig) and a != b and key not in _UNHASHED:
+        if not isinstance(a, DictConfig) and a != b and key.split(".")[0] not in _UNHASHED:
             out[key] = OmegaConf.to_container(b) if hasattr(b, "_content") else b
     return out
 

@@ -23,6 +23,7 @@ from vlmexp import leaderboard
 from vlmexp.balance import resample
 from vlmexp.config import Config, config_hash, diff_from_defaults, run_name
 from vlmexp.data import Competition, load_competition
+from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
 from vlmexp.engine.samples import build_samples
 from vlmexp.engine.train import train_fold
@@ -69,6 +70,8 @@ class Experiment:
     ocr: dict[str, str] | None
     processor: object
     test_samples: list[dict]
+    # Encoded rows and frozen-tower image features, computed once and reused by every fold (speed.*).
+    caches: RunCaches | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -150,6 +153,7 @@ def prepare(cfg: Config, force: bool = False) -> Experiment:
         test_samples=[],
     )
     exp.test_samples = exp.samples(comp.test, with_answer=False)
+    exp.caches = RunCaches.for_run(cfg, exp.processor)
     return exp
 
 
@@ -175,15 +179,16 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
         labels,
         fdir,
         on_log=progress.on_log if progress else None,
+        caches=exp.caches,
     )
     del model
     _free_memory()
 
     model = load_for_inference(cfg, result.adapter_dir) if cfg.predict.backend == "local" else None
-    oof = _predict(cfg, model, exp.processor, exp.samples(val_split, False), labels)
+    oof = _predict(cfg, model, exp.processor, exp.samples(val_split, False), labels, exp.caches)
     oof.insert(1, "label", val_split["label"].to_numpy())
     oof.insert(2, "fold", k)
-    test_k = _predict(cfg, model, exp.processor, exp.test_samples, labels)
+    test_k = _predict(cfg, model, exp.processor, exp.test_samples, labels, exp.caches)
     del model
     _free_memory()
 
@@ -289,13 +294,15 @@ def finalize(exp: Experiment, started: float) -> RunDir:
     return run
 
 
-def _predict(cfg: Config, model, processor, samples: list[dict], labels: list[str]) -> pd.DataFrame:
+def _predict(
+    cfg: Config, model, processor, samples: list[dict], labels: list[str], caches=None
+) -> pd.DataFrame:
     """Local scoring or generation, or an OpenAI-compatible server (backend=openai, e.g. `vllm serve`)."""
     if cfg.predict.backend == "openai":
         from vlmexp.engine.openai_backend import predict_openai
 
         return predict_openai(cfg, samples, labels, concurrency=cfg.predict.concurrency, progress=False)
-    return predict(cfg, model, processor, samples, labels, progress=False)
+    return predict(cfg, model, processor, samples, labels, progress=False, caches=caches)
 
 
 def _score_answers(cfg: Config, exp: Experiment, final: pd.DataFrame, majority: str) -> dict:

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--modules", default="language,all-linear")
     p.add_argument("--ablations", action="store_true")
+    p.add_argument("--compile", action="store_true", help="add a speed.compile=true training row")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--images", type=int)
     p.add_argument("--predict-batch-sizes", default="")
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
             warmup=a.warmup,
             modules=tuple(a.modules.split(",")),
             ablations=a.ablations,
+            compile_row=a.compile,
             reference=not a.no_reference,
             n_images=a.images,
             predict_batch_sizes=tuple(int(x) for x in a.predict_batch_sizes.split(",") if x),
@@ -59,8 +61,10 @@ def summary(result: dict) -> dict:
         "path",
         "modules",
         "samples_per_s",
+        "samples_per_s_cached",
         "images_per_s",
         "mfu",
+        "mfu_cached",
         "peak_gib",
         "gradient_checkpointing",
         "gc_reason",

@@ -2,8 +2,9 @@
 
 The reference decodes as many tokens as the longest label answer (label + end-of-turn), the work a
 trained model does before it stops; random weights never stop on their own, so min_new_tokens pins it.
-Every row includes the processor's image preprocessing, except the `cached` row, which models the
-steady state of a K-fold run: each image's vision features computed once and reused by every fold.
+The reference and the `plain` and `fresh` rows process every image and run the vision tower on it;
+the `warm` row is the steady state of a K-fold run, where each fold re-predicts the same test images:
+their encodings and vision features were computed by the first fold.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 
 from vlmexp.bench.synth import candidate_ids, collate_prompts
 from vlmexp.config import Config
-from vlmexp.engine import fast
-from vlmexp.engine.predict import predict, score_candidates
+from vlmexp.engine.encode import RunCaches
+from vlmexp.engine.predict import predict
 from vlmexp.tables import prob_columns
 
 
@@ -70,46 +71,43 @@ def generate_row(model, processor, samples, label_names, *, batch_size: int, war
     return _row("reference-generate", seconds, n, batch_size=batch_size, new_tokens=n_new, parsed=parsed)
 
 
+MODES = {
+    "plain": "project-predict, no run caches",
+    "fresh": "project-predict, run caches empty (fold 1: every image new)",
+    "warm": "project-predict, run caches warm (folds 2+: test images seen)",
+}
+
+
 def score_row(
-    model,
-    processor,
-    samples,
-    label_names,
-    *,
-    batch_size: int,
-    warmup: int,
-    cached: bool = False,
-    name: str = "project-predict",
+    model, processor, samples, label_names, *, batch_size: int, warmup: int, mode: str = "plain"
 ) -> tuple[dict, list]:
     """Project: `engine.predict.predict` (mode=score) on each batch, the function `exp run` calls:
-    processor -> one prefill per image -> all candidates on the shared KV cache.
+    prompts encoded, one prefill per image, all candidates on the shared KV cache.
 
-    `cached=True` is a lever `exp run` does not have yet: images processed and their vision features
-    computed once before timing (a K-fold run's steady state), then the same `score_candidates`."""
-    device = next(model.parameters()).device
+    `mode` is the state of the run's caches (`encode.RunCaches`): `plain` uses none (the processor and
+    the vision tower run on every batch); `fresh` starts them empty, as a run's first fold predicting
+    the test set; `warm` fills them with one untimed pass first, as every later fold finds them (each
+    fold re-predicts the same test images with the same frozen tower)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
     batches = _batches(samples, batch_size)
     cfg = Config()
     cfg.predict.batch_size, cfg.predict.mode = batch_size, "score"
-    if cached:
-        cache = fast.VisionFeatureCache()
-        cands = candidate_ids(processor, label_names)
-        prepared = []
-        for chunk in batches:  # images processed once and their features computed once, before timing
-            b = _to(collate_prompts(processor, chunk), device)
-            mm = cache.encoder_outputs(
-                model, b["pixel_values"], b["image_grid_thw"], [s["id"] for s in chunk]
-            )
-            prepared.append({k: v for k, v in b.items() if k != "pixel_values"} | {"mm_encoder_outputs": mm})
+    caches = None
+    if mode != "plain":
+        caches = RunCaches.for_run(cfg, processor)
+        caches.vision_trains = False  # the bench model trains nothing: its tower is frozen
 
     def step(i):
-        if cached:
-            with torch.inference_mode():
-                return score_candidates(model, prepared[i], [cands] * len(batches[i])).float()
-        table = predict(cfg, model, processor, batches[i], label_names, progress=False)
+        table = predict(cfg, model, processor, batches[i], label_names, progress=False, caches=caches)
         return torch.tensor(table[prob_columns(label_names)].to_numpy(dtype=float))
 
+    if mode == "warm":
+        for i in range(len(batches)):
+            step(i)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     seconds, outs = _timed(step, list(range(len(batches))), warmup)
     n = sum(len(b) for b in batches[warmup:])
-    return _row(name, seconds, n, batch_size=batch_size, vision_cache=cached), outs
+    row = _row(MODES[mode], seconds, n, batch_size=batch_size, caches=mode, vision_cache=mode == "warm")
+    return row, outs

@@ -56,6 +56,7 @@ def run_bench(
     warmup: int = 2,
     modules: tuple[str, ...] = ("language", "all-linear"),
     ablations: bool = False,
+    compile_row: bool = False,
     reference: bool = True,
     n_labels: int = 25,
     n_images: int | None = None,
@@ -113,12 +114,15 @@ def run_bench(
         kw = dict(batch_size=bs, warmup=warmup, steps=steps, lr=lr, seed=seed)
         for mod in modules:
             fl = count.train(answer_tokens, vision_trainable=mod == "all-linear")
+            # With the tower's features cached it does not run: its forward is not counted then.
+            fl_cached = fl - (count.vision_fwd if mod == "language" else 0)
             variants = [dict(name="project")]
             if ablations:  # one lever of build_trainer switched back at a time
-                variants += [
-                    dict(name="project-gc-on", gc_setting="on"),
-                    dict(name="project-no-vision-patch", vision_patch=False),
-                ]
+                variants += [dict(name="project-plain-data", speed=dict(encode_once=False))]
+                if mod == "language":
+                    variants += [dict(name="project-no-vision-cache", speed=dict(vision_cache="off"))]
+            if compile_row:
+                variants += [dict(name="project-compile", speed=dict(compile=True))]
             rows = []
             if reference:
                 row, model = train_bench.reference_row(model, processor, samples, modules=mod, **kw)
@@ -132,12 +136,21 @@ def run_bench(
                     "tokens_per_s": row["samples_per_s"] * tok_per_sample,
                     "mfu": _mfu(fl, row["samples_per_s"], peak),
                 }
+                if "samples_per_s_cached" in row:
+                    fl_c = fl_cached if row.get("vision_cache") else fl
+                    row |= {
+                        "flops_per_sample_cached": fl_c,
+                        "mfu_cached": _mfu(fl_c, row["samples_per_s_cached"], peak),
+                    }
                 result["rows"].append(row)
                 save()
             if reference:
                 ref = rows[0]
                 for row in rows[1:]:
                     result["ratios"][f"{row['path']}/{mod}"] = row["samples_per_s"] / ref["samples_per_s"]
+                    result["ratios"][f"{row['path']}/{mod}/cached"] = (
+                        row["samples_per_s_cached"] / ref["samples_per_s"]
+                    )
                     n_cmp = min(len(ref["losses"]), len(row["losses"]))
                     row["max_loss_diff_vs_reference"] = max(
                         abs(a - b) for a, b in zip(ref["losses"][:n_cmp], row["losses"][:n_cmp], strict=True)
@@ -156,16 +169,9 @@ def run_bench(
         fast.patch_vision_attention(model)
         scores = None
         for b in (bs, *predict_batch_sizes):
-            for cached in (False, True):
+            for mode in predict_bench.MODES:
                 row, outs = predict_bench.score_row(
-                    model,
-                    processor,
-                    samples[:n],
-                    names,
-                    batch_size=b,
-                    warmup=1,
-                    cached=cached,
-                    name="score-cached-features (not in exp run)" if cached else "project-predict",
+                    model, processor, samples[:n], names, batch_size=b, warmup=1, mode=mode
                 )
                 preds = torch.cat([torch.as_tensor(o) for o in outs]).argmax(-1)
                 scores = preds if scores is None else scores

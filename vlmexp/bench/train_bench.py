@@ -82,13 +82,19 @@ def _peak_gib() -> float | None:
 
 
 class _Timer(TrainerCallback):
-    def __init__(self, warmup: int):
-        self.warmup, self.t0, self.t1, self.losses = warmup, None, None, []
+    """Wall clock at the end of step `warmup` (t0), of step `second_pass_at` (t_mid) and of the last."""
+
+    def __init__(self, warmup: int, second_pass_at: int | None = None):
+        self.warmup, self.mid_step = warmup, second_pass_at
+        self.t0 = self.t_mid = self.t1 = None
+        self.losses = []
 
     def on_step_end(self, args, state, control, **kwargs):
         _sync()
         if state.global_step == self.warmup:
             self.t0 = time.perf_counter()
+        if state.global_step == self.mid_step:
+            self.t_mid = time.perf_counter()
         self.t1 = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -175,12 +181,19 @@ def project_row(
     seed: int,
     gc_setting: str = "auto",
     vision_patch: bool = True,
+    speed: dict | None = None,
     name: str = "project",
 ) -> tuple[dict, torch.nn.Module]:
     """`exp run`'s own training path: the same LoRA modules as the reference, then
     `engine.train.training_dataset` + `build_trainer` (trl SFTTrainer, prompt-completion rows, the
     project's collator, automatic checkpointing, the vision patch) and `trainer.train()`. Images are
-    processed every step, as in a run; only the sampler is made sequential, for the reference's order."""
+    encoded once and a frozen tower's features cached (speed.*, switched off by `speed` for ablations),
+    as in a run; only the sampler is made sequential, for the reference's order.
+
+    The row's run caches start empty, as in a run's first fold: the first epoch encodes every row and
+    runs the tower once per image. Timed steps 1..warmup+steps are therefore split: `samples_per_s`
+    over the steps after warm-up of the first pass (images new), and `samples_per_s_cached` over a
+    second pass over the same rows (what epochs 2+ and folds 2+ see)."""
     peft_model, n_targets = _wrap(model, lora_settings(model, modules), seed)
     cuda = next(model.parameters()).is_cuda
     cfg = Config()
@@ -193,9 +206,12 @@ def project_row(
         8192,
     )
     cfg.seed = seed
+    for key, value in (speed or {}).items():
+        setattr(cfg.speed, key, value)
     n = (warmup + steps) * batch_size
+    t.epochs = 2.0  # pass 2 sees the same rows again: encoded rows and tower features cached
     dataset = training_dataset(cfg, processor, samples[:n])
-    timer, decision = _Timer(warmup), _Decision()
+    timer, decision = _Timer(warmup, second_pass_at=warmup + steps), _Decision()
     train_log = logging.getLogger("vlmexp.engine.train")
     train_log.addHandler(decision)
     level = train_log.level
@@ -219,6 +235,7 @@ def project_row(
         getattr(m.__dict__.get("forward"), "__func__", None) is fast._batched_window_forward
         for m in peft_model.modules()
     )
+    trainer_vision = trainer.vision_cache
     del trainer
     row = {
         "path": name,
@@ -227,8 +244,10 @@ def project_row(
         "gradient_checkpointing": use_gc,
         "gc_reason": decision.text,
         "vision_attention_patched": patched,
-        "vision_cache": False,
-        "samples_per_s": steps * batch_size / (timer.t1 - timer.t0),
+        "speed": dict(vars(cfg.speed)),
+        "vision_cache": trainer_vision is not None,
+        "samples_per_s": steps * batch_size / (timer.t_mid - timer.t0),
+        "samples_per_s_cached": (warmup + steps) * batch_size / (timer.t1 - timer.t_mid),
         "peak_gib": peak,
         "losses": timer.losses,
         "recipe": "engine.train.build_trainer: trl SFTTrainer, prompt-completion rows (answer + end of turn)",

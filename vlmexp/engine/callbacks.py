@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class EvalCallback(TrainerCallback):
-    def __init__(self, cfg: Config, processor, val_samples: list[dict], labels: list[str], on_log=None):
+    def __init__(
+        self, cfg: Config, processor, val_samples: list[dict], labels: list[str], on_log=None, caches=None
+    ):
         unlabelled = [s["id"] for s in val_samples if s.get("label") not in labels]
         if unlabelled:
             raise ValueError(
@@ -36,6 +38,7 @@ class EvalCallback(TrainerCallback):
         self.processor = processor
         self.val_samples = val_samples
         self.labels = labels
+        self.caches = caches  # encode.RunCaches: validation prompts are encoded once, not every epoch
         # not `self.on_log`: that name is the TrainerCallback hook itself
         self.sink = on_log
         self.every = cfg.train.eval_every
@@ -59,7 +62,9 @@ class EvalCallback(TrainerCallback):
     def evaluate(self, model, state) -> dict:
         t0 = time.time()
         was_training = model.training
-        table = predict(self.cfg, model, self.processor, self.val_samples, self.labels, progress=False)
+        table = predict(
+            self.cfg, model, self.processor, self.val_samples, self.labels, progress=False, caches=self.caches
+        )
         if was_training:
             model.train()
         gold = [s["label"] for s in self.val_samples]

@@ -111,6 +111,23 @@ def patch_vision_attention(model: torch.nn.Module) -> int:
     return patched
 
 
+# -- compilation --------------------------------------------------------------------------------
+_BLOCKS = ("DecoderLayer", "VisionBlock")  # e.g. Qwen2_5_VLDecoderLayer, Qwen2_5_VLVisionBlock
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile every decoder layer and vision block in place (speed.compile=true), so norms, rope,
+    activations and LoRA's small matmuls fuse. Layers of one class share code, so the 36 decoder layers
+    of a 3B model compile once; dynamic shapes, since batches differ in length. Returns the count."""
+    n = 0
+    for module in unwrap(model).modules():
+        if type(module).__name__.endswith(_BLOCKS) and not getattr(module, "_vlmexp_compiled", False):
+            module.compile(dynamic=True)
+            module._vlmexp_compiled = True
+            n += 1
+    return n
+
+
 # -- gradient checkpointing ---------------------------------------------------------------------
 def activation_bytes(model: torch.nn.Module, batch_size: int, tokens: int, patches: int) -> int:
     """Training memory of one step without checkpointing, bf16: activations plus the trained weights'
@@ -161,19 +178,71 @@ def gradient_checkpointing_needed(
 
 
 # -- vision features ----------------------------------------------------------------------------
+def vision_frozen(model: torch.nn.Module) -> bool:
+    """True for a Qwen-VL-style model (`.model.visual`, features by `get_image_features`) whose vision
+    tower and merger train no weight (language-only LoRA), so an image's features never change."""
+    core = getattr(unwrap(model), "model", None)
+    visual = getattr(core, "visual", None)
+    return visual is not None and not any(p.requires_grad for p in visual.parameters())
+
+
 class VisionFeatureCache:
-    """Image features of a frozen vision tower by image key (path or content hash), computed once.
+    """Image features of a frozen vision tower by image key (`encode.image_key`), computed once.
 
     A 5-fold run with E epochs otherwise runs the tower 4E+1 times per image. 448 px in Qwen2.5-VL-3B:
-    256 x 2048 bf16 = 1 MiB per image, so 10k images take ~10 GiB on `device` (use "cpu" to spill)."""
+    256 x 2048 bf16 = 1 MiB per image, so 10k images take ~10 GiB on `device` (use "cpu" to spill);
+    past `max_gib` new features are used but not kept. Only for one base model's tower: make a new
+    cache per run (the recipe does), never share one across models."""
 
-    def __init__(self, device: str | torch.device | None = None):
+    def __init__(self, device: str | torch.device | None = None, max_gib: float = 16.0):
         self.device = device
+        self.max_bytes = int(max_gib * 2**30)
         self._store: dict[str, torch.Tensor] = {}
+        self._bytes = 0
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._store)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._store
+
+    def keys(self) -> set[str]:
+        return set(self._store)
+
+    def features(
+        self,
+        model: torch.nn.Module,
+        keys: Sequence[str],
+        image_grid_thw: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        pixel_index: Sequence[int] = (),
+    ) -> dict:
+        """`mm_encoder_outputs` for the model's forward, one feature tensor per image of `keys`.
+        `pixel_values` holds the patches of the images `pixel_index` (positions in `keys`), the ones
+        not cached when the batch was built; the tower runs on those alone, without gradients."""
+        core, _ = _vlm_parts(model)
+        if not vision_frozen(model):
+            raise ValueError("VisionFeatureCache needs a frozen vision tower; lora.vision=true trains it")
+        if len(keys) != len(image_grid_thw):
+            raise ValueError(f"{len(keys)} keys for {len(image_grid_thw)} images: give one key per image")
+        fresh: dict[int, torch.Tensor] = {}
+        if len(pixel_index):
+            with torch.no_grad():
+                out = core.get_image_features(
+                    pixel_values, image_grid_thw[list(pixel_index)], return_dict=True
+                )
+            for i, f in zip(pixel_index, out.pooler_output, strict=True):
+                fresh[i] = f.detach()
+                self._keep(keys[i], fresh[i])
+        missing = [k for i, k in enumerate(keys) if i not in fresh and k not in self._store]
+        if missing:
+            raise KeyError(f"no pixels and no cached features for {len(missing)} image(s), e.g. {missing[0]}")
+        self.misses += len(fresh)
+        self.hits += len(keys) - len(fresh)
+        device = image_grid_thw.device
+        feats = tuple(fresh[i] if i in fresh else self._store[k].to(device) for i, k in enumerate(keys))
+        return {"image": BaseModelOutputWithPooling(pooler_output=feats)}
 
     def encoder_outputs(
         self,
@@ -182,23 +251,15 @@ class VisionFeatureCache:
         image_grid_thw: torch.Tensor,
         keys: Sequence[str],
     ) -> dict:
-        """`mm_encoder_outputs` for the model's forward: one feature tensor per image, in batch order."""
-        core, _ = _vlm_parts(model)
-        if any(p.requires_grad for p in core.visual.parameters()):
-            raise ValueError("VisionFeatureCache needs a frozen vision tower; lora.vision=true trains it")
-        if len(keys) != len(image_grid_thw):
-            raise ValueError(f"{len(keys)} keys for {len(image_grid_thw)} images: give one key per image")
+        """`features` from a whole batch's pixel_values (every image's patches, in batch order)."""
         sizes = image_grid_thw.prod(-1).tolist()
-        offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-        missing = [i for i, k in enumerate(keys) if k not in self._store]
-        if missing:
-            pix = torch.cat([pixel_values[offsets[i] : offsets[i + 1]] for i in missing])
-            with torch.no_grad():
-                feats = core.get_image_features(pix, image_grid_thw[missing], return_dict=True).pooler_output
-            for i, f in zip(missing, feats, strict=True):
-                self._store[keys[i]] = f.detach().to(self.device or f.device)
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
-        device = pixel_values.device
-        feats = tuple(self._store[k].to(device, non_blocking=True) for k in keys)
-        return {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+        chunks = pixel_values.split(sizes)
+        todo = [i for i, k in enumerate(keys) if k not in self._store]
+        pix = torch.cat([chunks[i] for i in todo]) if todo else None
+        return self.features(model, keys, image_grid_thw, pix, todo)
+
+    def _keep(self, key: str, feat: torch.Tensor) -> None:
+        size = feat.numel() * feat.element_size()
+        if key not in self._store and self._bytes + size <= self.max_bytes:
+            self._store[key] = feat.to(self.device) if self.device is not None else feat
+            self._bytes += size

@@ -25,6 +25,7 @@ from rich.progress import Progress
 
 from vlmexp.config import Config
 from vlmexp.engine import fast
+from vlmexp.engine.encode import RunCaches, rope_index_fn, stackable
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.prompts.render import parse_answer
 from vlmexp.tables import prob_columns
@@ -32,13 +33,27 @@ from vlmexp.tables import prob_columns
 log = logging.getLogger(__name__)
 
 
-def predict(cfg: Config, model, processor, samples: list[dict], labels: list[str], *, progress: bool = True):
-    """DataFrame with id, pred, p:<label> per class (class order), and raw (generated text) if any."""
+def predict(
+    cfg: Config,
+    model,
+    processor,
+    samples: list[dict],
+    labels: list[str],
+    *,
+    progress: bool = True,
+    caches: RunCaches | None = None,
+):
+    """DataFrame with id, pred, p:<label> per class (class order), and raw (generated text) if any.
+    `caches`: the run's encoded prompts and vision features (scoring only), shared by every fold."""
     if not samples:
         raise ValueError("predict() got no samples")
     model.eval()
     if next(model.parameters()).is_cuda:
         fast.patch_vision_attention(model)  # same features; one batched attention call per window size
+        if cfg.speed.compile:
+            fast.compile_blocks(model)
+    if caches is not None:
+        caches.bind(model)
     mode = cfg.predict.mode
     rows: list[dict] = []
     with torch.inference_mode(), Progress(disable=not progress, transient=True) as bar:
@@ -49,7 +64,7 @@ def predict(cfg: Config, model, processor, samples: list[dict], labels: list[str
             if mode == "generate":
                 rows += _generate_rows(cfg, model, processor, batch, turns, labels, marker)
             else:
-                rows += _score_rows(cfg, model, processor, batch, turns, labels, marker)
+                rows += _score_rows(cfg, model, processor, batch, turns, labels, marker, caches)
             bar.advance(task, len(batch))
     df = pd.DataFrame(rows)
     if mode == "generate":
@@ -81,7 +96,9 @@ def _row(sample_id: str, pred: str | None, probs: np.ndarray, labels: list[str],
 # -- scoring ---------------------------------------------------------------------------------------
 
 
-def _score_rows(cfg, model, processor, batch, turns: list[Turn], labels, marker: str) -> list[dict]:
+def _score_rows(
+    cfg, model, processor, batch, turns: list[Turn], labels, marker: str, caches=None
+) -> list[dict]:
     raws: list[str | None] = [None] * len(batch)
     prefixes = [t.lead for t in turns]
     if marker:
@@ -90,7 +107,9 @@ def _score_rows(cfg, model, processor, batch, turns: list[Turn], labels, marker:
         raws = texts
         prefixes = [_cut_at_marker(text, marker, t.lead) for text, t in zip(texts, turns, strict=True)]
     completions = [[p + label + t.eot for label in labels] for p, t in zip(prefixes, turns, strict=True)]
-    logliks = score_completions(model, processor, [t.prompt for t in turns], _images(batch), completions)
+    logliks = score_completions(
+        model, processor, [t.prompt for t in turns], _images(batch), completions, caches=caches
+    )
     probs = torch.softmax(logliks, dim=-1).numpy()
     out = []
     for sample, p, raw in zip(batch, probs, raws, strict=True):
@@ -109,7 +128,12 @@ def _cut_at_marker(text: str, marker: str, lead: str) -> str:
 
 
 def score_completions(
-    model, processor, prompts: list[str], images: list[list], completions: list[list[str]]
+    model,
+    processor,
+    prompts: list[str],
+    images: list[list],
+    completions: list[list[str]],
+    caches: RunCaches | None = None,
 ) -> torch.Tensor:
     """Log-likelihood (B, n) of each of the n completions of each prompt.
 
@@ -117,6 +141,8 @@ def score_completions(
     prompt share (e.g. "Reason: red tag.\\nLabel:") join the prompt; the prompt and image are
     encoded ONCE, and the KV cache is repeated n times for the candidates' remaining tokens.
     Shared tokens have the same probability under every candidate and cancel in the softmax.
+    With `caches`, each prompt is encoded once per run (`encode.Encoder`) and a frozen tower's image
+    features come from the run's feature cache.
     """
     tok = processor.tokenizer
     ids = [[tok(c, add_special_tokens=False)["input_ids"] for c in cands] for cands in completions]
@@ -124,10 +150,8 @@ def score_completions(
     if any(len(cands) != n for cands in ids):
         raise ValueError("every prompt needs the same number of candidate completions")
     shared = [_common_prefix(cands) for cands in ids]
-    ctx = _encode(
-        processor, prompts, images, extra=[cands[0][:k] for cands, k in zip(ids, shared, strict=True)]
-    )
-    ctx = {k: v.to(model.device) for k, v in ctx.items()}
+    extra = [cands[0][:k] for cands, k in zip(ids, shared, strict=True)]
+    ctx = _context(model, processor, prompts, images, extra, caches)
     suffixes = [[c[k:] for c in cands] for cands, k in zip(ids, shared, strict=True)]
     return score_candidates(model, ctx, suffixes, pad_id=tok.pad_token_id)
 
@@ -148,6 +172,7 @@ def score_candidates(
     if any(len(c) != n for c in candidates) or any(not s for c in candidates for s in c):
         raise ValueError("every row needs the same number of candidates, each of at least one token")
     positions, next_pos = _positions(model, ctx)
+    ctx = {k: v for k, v in ctx.items() if k != "position_ids"}
     out = model(**ctx, position_ids=positions, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
     device = first.device
@@ -181,6 +206,24 @@ def score_candidates(
         picked[real] = sel.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
         loglik = loglik + picked.sum(-1)
     return loglik.view(len(candidates), n).cpu()
+
+
+def _context(model, processor, prompts, images, extra, caches: RunCaches | None) -> dict:
+    """The left-padded prompts + `extra` ids on the model's device: from the run's encoded rows and
+    cached vision features when `caches` has them, else straight from the processor."""
+    encoder = caches.encoder if caches is not None else None
+    rows = [encoder.prompt_row(*r) for r in zip(prompts, images, extra, strict=True)] if encoder else None
+    if not rows or not stackable(rows):
+        ctx = _encode(processor, prompts, images, extra=extra)
+        return {k: v.to(model.device) for k, v in ctx.items()}
+    vision = caches.vision_for(model, training=False)
+    ctx = encoder.pad_prompts(rows, skip_pixels=vision.keys() if vision is not None else frozenset())
+    keys, index = ctx.pop("image_keys"), ctx.pop("pixel_index", ())
+    ctx = {k: v.to(model.device) for k, v in ctx.items()}
+    if vision is not None and keys:
+        pixels = ctx.pop("pixel_values", None)
+        ctx["mm_encoder_outputs"] = vision.features(model, keys, ctx["image_grid_thw"], pixels, index)
+    return ctx
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -241,15 +284,6 @@ def _append_left_padded(enc: dict, extra: list[list[int]], pad_id: int) -> dict:
     return enc
 
 
-def _rope_index_fn(model):
-    """The model's M-RoPE position builder (Qwen2/2.5/3-VL `get_rope_index`), or None for 1D RoPE."""
-    for module in model.modules():
-        fn = getattr(module, "get_rope_index", None)
-        if callable(fn):
-            return fn
-    return None
-
-
 def _positions(model, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids for the left-padded context and the next position of each row, (B,).
 
@@ -258,7 +292,10 @@ def _positions(model, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
     positions come from the model's own `get_rope_index`; text after it continues at max + 1.
     """
     mask = ctx["attention_mask"]
-    fn = _rope_index_fn(model)
+    if "position_ids" in ctx:  # built once per prompt on the CPU by encode.Encoder
+        positions = ctx["position_ids"]
+        return positions, positions.amax(dim=(0, 2)) + 1
+    fn = rope_index_fn(model)
     if fn is not None and "mm_token_type_ids" in ctx:
         keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
         positions, deltas = fn(

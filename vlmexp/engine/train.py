@@ -31,6 +31,7 @@ from trl import SFTConfig, SFTTrainer
 from vlmexp.config import Config
 from vlmexp.engine import fast
 from vlmexp.engine.callbacks import EvalCallback, LogRelay, load_trainable_state
+from vlmexp.engine.encode import Encoder, RunCaches, stackable
 from vlmexp.engine.samples import load_images, to_prompt_completion
 
 log = logging.getLogger(__name__)
@@ -54,22 +55,25 @@ def train_fold(
     labels: list[str],
     out_dir: Path,
     on_log=None,
+    caches: RunCaches | None = None,
 ) -> TrainResult:
-    """Fine-tune `model` (already LoRA-wrapped for finetune=lora) and save it to out_dir/adapter."""
+    """Fine-tune `model` (already LoRA-wrapped for finetune=lora) and save it to out_dir/adapter.
+    `caches` carries the run's encoded rows and vision features across folds (recipe: one per run)."""
     if not train_samples:
         raise ValueError("train_fold got no training samples")
     out_dir = Path(out_dir)
-    dataset = training_dataset(cfg, processor, train_samples)
+    caches = caches if caches is not None else RunCaches.for_run(cfg, processor)
+    examples = training_dataset(cfg, processor, train_samples)
     callbacks = []
     evaluator = None
     if cfg.train.eval and val_samples:
-        evaluator = EvalCallback(cfg, processor, val_samples, labels, on_log=on_log)
+        evaluator = EvalCallback(cfg, processor, val_samples, labels, on_log=on_log, caches=caches)
         callbacks.append(evaluator)
     elif cfg.train.eval:
         log.warning("train.eval is on but the fold has no validation samples: keeping the final weights")
     if on_log is not None:
         callbacks.append(LogRelay(on_log))
-    trainer = build_trainer(cfg, model, processor, dataset, out_dir / "trainer", callbacks)
+    trainer = build_trainer(cfg, model, processor, examples, out_dir / "trainer", callbacks, caches=caches)
     if on_log is not None:
         # the caller draws its own progress from on_log; the trainer's printed dicts would garble it
         trainer.remove_callback(PrinterCallback)
@@ -97,37 +101,67 @@ def train_fold(
     )
 
 
-def training_dataset(cfg: Config, processor, train_samples: list[dict]) -> Dataset:
-    """Prompt-completion rows of the competition samples, plus the mixed-in general samples."""
+def training_dataset(cfg: Config, processor, train_samples: list[dict]) -> list[dict]:
+    """Prompt-completion rows {"prompt", "completion", "images"} of the competition samples, plus the
+    mixed-in general samples. Kept in memory as they are: a `datasets` table would store every image
+    as PNG and decode it again at every step."""
     rows = [to_prompt_completion(processor, s) for s in train_samples]
     if cfg.train.mix_dataset and cfg.train.mix_ratio > 0:
         mixed = mix_samples(cfg, len(train_samples))
         rows += [to_prompt_completion(processor, s) for s in mixed]
         log.info("mixed in %d general samples from %s", len(mixed), cfg.train.mix_dataset)
-    return Dataset.from_list(rows)  # PIL images survive: datasets stores them as lossless PNG
+    return rows
+
+
+class _SFTTrainer(SFTTrainer):
+    """trl's SFTTrainer, with cached vision features standing in for pixel_values (frozen tower)."""
+
+    vision_cache: fast.VisionFeatureCache | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        keys, index = inputs.pop("image_keys", None), inputs.pop("pixel_index", ())
+        if self.vision_cache is not None and keys:
+            pixels = inputs.pop("pixel_values", None)
+            mm = self.vision_cache.features(model, keys, inputs["image_grid_thw"], pixels, index)
+            inputs["mm_encoder_outputs"] = mm
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def build_trainer(
-    cfg: Config, model, processor, dataset: Dataset, output_dir: Path, callbacks=(), vision_patch: bool = True
+    cfg: Config,
+    model,
+    processor,
+    examples: list[dict],
+    output_dir: Path,
+    callbacks=(),
+    vision_patch: bool = True,
+    caches: RunCaches | None = None,
 ) -> SFTTrainer:
     """trl's SFTTrainer with the project's settings and speed levers (measured in docs/performance.md):
-    gradient checkpointing only when activations would not fit (train.gradient_checkpointing=auto), the
-    batched vision window attention on CUDA (`vision_patch=False` keeps the stock loop, for the bench),
-    and trl 1.16's own answer-only LM head (it projects only supervised positions on CUDA)."""
+    rows encoded once and padded per batch (speed.encode_once), a frozen vision tower's features once
+    per image (speed.vision_cache), gradient checkpointing only when activations would not fit
+    (train.gradient_checkpointing=auto), the batched vision window attention on CUDA (`vision_patch=False`
+    keeps the stock loop, for the bench), and trl 1.16's own answer-only LM head."""
+    caches = caches if caches is not None else RunCaches.for_run(cfg, processor)
+    caches.bind(model)
     cuda = _on_cuda(model)
-    shape = (
-        _probe_shape(cfg, processor, dataset) if cuda and cfg.train.gradient_checkpointing == "auto" else None
-    )
+    auto_gc = cuda and cfg.train.gradient_checkpointing == "auto"
+    shape = _probe_shape(cfg, processor, examples) if auto_gc else None
     if vision_patch and cuda:
         fast.patch_vision_attention(model)
-    trainer = SFTTrainer(
+    if cfg.speed.compile and cuda:
+        fast.compile_blocks(model)
+    vision = caches.vision_for(model)
+    trainer = _SFTTrainer(
         model=model,
         args=sft_config(cfg, output_dir, model, shape=shape),
-        train_dataset=dataset,
+        # Rows are indices into `examples`; the collator builds the tensors.
+        train_dataset=Dataset.from_dict({"row": list(range(len(examples)))}),
+        data_collator=RowCollator(examples, caches.encoder, vision, cfg.train.max_length, processor),
         processing_class=processor,
         callbacks=list(callbacks),
     )
-    trainer.data_collator = _RequireSupervision(trainer.data_collator, cfg.train.max_length)
+    trainer.vision_cache = vision
     return trainer
 
 
@@ -135,12 +169,12 @@ def _on_cuda(model) -> bool:
     return torch.cuda.is_available() and next(model.parameters()).is_cuda
 
 
-def _probe_shape(cfg: Config, processor, dataset: Dataset, n: int = 32) -> tuple[int, int]:
+def _probe_shape(cfg: Config, processor, examples: list[dict], n: int = 32) -> tuple[int, int]:
     """(tokens, vision patches) of the largest of the first `n` rows, for the checkpointing decision.
     Qwen2.5-VL at 448 px with a 300-token prompt: (570, 1024)."""
     tokens = patches = 0
     image_token = getattr(processor, "image_token_id", None)
-    for row in dataset.select(range(min(n, len(dataset)))):
+    for row in examples[:n]:
         enc = processor(
             text=[row["prompt"] + row["completion"]],
             images=[row["images"]] if row["images"] else None,
@@ -198,7 +232,8 @@ def sft_config(cfg: Config, output_dir: Path, model, shape: tuple[int, int] | No
         max_length=t.max_length,
         logging_steps=t.logging_steps,
         completion_only_loss=True,
-        # The collator needs the raw prompt/completion/images columns.
+        # The dataset holds row indices only; RowCollator builds the tensors, so trl prepares nothing.
+        dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
         # Validation runs through EvalCallback (real accuracy), and the best weights are kept in memory.
         eval_strategy="no",
@@ -217,15 +252,30 @@ def sft_config(cfg: Config, output_dir: Path, model, shape: tuple[int, int] | No
     return args
 
 
-class _RequireSupervision:
-    """Fails loud when a row has no supervised token left: its prompt alone exceeds max_length."""
+class RowCollator:
+    """Batches of training rows (dataset items {"row": i} index `examples`): padded from the rows'
+    single encodings (`encode.Encoder`), or trl's collator on the raw rows when encode_once is off or
+    the rows' media do not stack (e.g. SmolVLM rows with different image counts). Fails loud when a row
+    has no supervised token left: its prompt alone exceeds max_length."""
 
-    def __init__(self, inner, max_length: int):
-        self.inner = inner
-        self.max_length = max_length
+    def __init__(self, examples, encoder: Encoder | None, vision, max_length: int, processor):
+        from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = self.inner(examples)
+        self.examples, self.encoder, self.vision, self.max_length = examples, encoder, vision, max_length
+        self.plain = DataCollatorForVisionLanguageModeling(
+            processor, max_length=max_length, completion_only_loss=True
+        )
+
+    def __call__(self, items: list[dict]) -> dict:
+        examples = [self.examples[int(it["row"])] for it in items]
+        batch = None
+        if self.encoder is not None:
+            rows = [self.encoder.train_row(ex) for ex in examples]
+            if stackable(rows):
+                cached = self.vision.keys() if self.vision is not None else frozenset()
+                batch = self.encoder.pad_train(rows, skip_pixels=cached)
+        if batch is None:
+            batch = self.plain([dict(ex, images=list(ex["images"])) for ex in examples])
         empty = (batch["labels"] != -100).sum(-1) == 0
         if bool(empty.any()):
             raise ValueError(

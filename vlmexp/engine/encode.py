@@ -1,0 +1,240 @@
+"""Each sample through the processor once, batches by padding: the CPU work leaves the training step.
+
+trl's collator runs the processor on every batch: PNG decode (images live in the `datasets` table as
+PNG), resize, normalise and patchify, then tokenise. On 2 CPU cores that is ~200 ms for 8 images of
+448 px, against a ~250 ms GPU step for a 3B model. `Encoder` runs the same collator (or, for prompts,
+the same processor call) on one row at a time, keeps the result by the row's content, and builds
+batches by padding those rows: the same tensors a batched call gives (tests/test_engine_encode.py),
+and every later epoch, fold and prediction of the run reuses them.
+
+Image pixels are kept once per image, by content hash (`image_key`), so a training row, the same
+image's prediction prompt and its cached vision features (`fast.VisionFeatureCache`) share one key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from vlmexp.engine import fast
+
+# Per-token tensors the processor and trl's collator return beside input_ids, with their pad values.
+_PAD = {"attention_mask": 0, "labels": -100, "mm_token_type_ids": 0, "token_type_ids": 0}
+
+
+def image_key(img: Image.Image) -> str:
+    """Content hash of a decoded image, e.g. 'RGB448x448:3f2a…': equal pixels, equal key."""
+    h = hashlib.blake2b(img.tobytes(), digest_size=16).hexdigest()
+    return f"{img.mode}{img.width}x{img.height}:{h}"
+
+
+class Encoder:
+    """Processor outputs of single rows, kept for the whole run (every fold and epoch)."""
+
+    def __init__(self, processor, max_length: int):
+        from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+        self.processor = processor
+        self.pad_id = processor.tokenizer.pad_token_id or 0
+        # The training layout is trl's own: its collator on a batch of one row.
+        self.collator = DataCollatorForVisionLanguageModeling(
+            processor, max_length=max_length, completion_only_loss=True
+        )
+        self._rope = None  # see bind()
+        self.pixel_dtype: torch.dtype | None = None
+        self._rows: dict[tuple, dict] = {}
+        self.pixels: dict[str, torch.Tensor] = {}  # image key -> its rows of pixel_values (grid models)
+        self.hits = self.misses = 0
+
+    def bind(self, model) -> None:
+        """Take the model's M-RoPE builder and pixel dtype (held weakly: a fold's model can be freed).
+
+        Qwen-VL's 3D positions are then computed here, once per row on the CPU, instead of in every
+        forward (transformers builds them in a Python loop per sample, with a device sync each). Pixels
+        are kept in the vision tower's dtype, which it casts them to first anyway: bf16 halves their
+        memory (448 px: 2.4 MB an image instead of 4.8) and changes nothing."""
+        fn = rope_index_fn(model)
+        self._rope = weakref.WeakMethod(fn) if fn is not None else None
+        visual = getattr(getattr(fast.unwrap(model), "model", None), "visual", None)
+        if visual is not None and self.pixel_dtype is None and visual.dtype.is_floating_point:
+            self.pixel_dtype = visual.dtype
+
+    @property
+    def rope_fn(self):
+        return self._rope() if self._rope is not None else None
+
+    # -- rows ------------------------------------------------------------------------------------
+    def train_row(self, example: dict) -> dict:
+        """One {"prompt", "completion", "images"} row as trl's collator lays it out (no batch dim)."""
+        keys = [image_key(im) for im in example["images"]]
+        key = ("train", example["prompt"], example["completion"], *keys)
+        if key not in self._rows:
+            batch = self.collator([dict(example, images=list(example["images"]))])
+            self._rows[key] = self._keep(batch, keys)
+            self.misses += 1
+        else:
+            self.hits += 1
+        return self._rows[key]
+
+    def prompt_row(self, prompt: str, images: list, extra: list[int] | None = None) -> dict:
+        """One prediction prompt as the processor encodes it, with `extra` token ids appended
+        (e.g. the ids all candidate labels share, see `predict.score_completions`)."""
+        keys = [image_key(im) for im in images]
+        key = ("prompt", prompt, tuple(extra or ()), *keys)
+        if key not in self._rows:
+            enc = dict(
+                self.processor(
+                    text=[prompt],
+                    images=[list(images)] if images else None,
+                    return_tensors="pt",
+                    add_special_tokens=False,
+                )
+            )
+            if extra:
+                enc |= {k: v[None] for k, v in _append(enc, extra).items()}
+            self._rows[key] = self._keep(enc, keys)
+            self.misses += 1
+        else:
+            self.hits += 1
+        return self._rows[key]
+
+    def _keep(self, batch: dict, keys: list[str]) -> dict:
+        row = {k: v[0] for k, v in batch.items() if k == "input_ids" or k in _PAD}
+        row["image_keys"] = keys
+        grid = batch.get("image_grid_thw")
+        if grid is not None:  # Qwen-VL: pixel rows per image, split by each image's patch count
+            row["image_grid_thw"] = grid
+            sizes = grid.prod(-1).tolist()
+            for k, pix in zip(keys, batch["pixel_values"].split(sizes), strict=True):
+                if k not in self.pixels:
+                    self.pixels[k] = pix.to(self.pixel_dtype) if self.pixel_dtype else pix
+        else:  # LLaVA, SmolVLM, Gemma: the row's media tensors as they are, batched by concatenation
+            row["media"] = {k: v for k, v in batch.items() if k not in row and k != "labels"}
+        rope = self.rope_fn
+        if rope is not None and grid is not None and "mm_token_type_ids" in row:
+            pos, _ = rope(
+                input_ids=row["input_ids"][None],
+                mm_token_type_ids=row["mm_token_type_ids"][None],
+                image_grid_thw=grid,
+                attention_mask=row["attention_mask"][None],
+            )
+            row["position_ids"] = pos[:, 0]  # (3, tokens)
+        return row
+
+    # -- batches ---------------------------------------------------------------------------------
+    def pad_train(self, rows: list[dict], skip_pixels: set[str] = frozenset()) -> dict:
+        """Right-padded training batch of `rows`, like trl's collator on the same examples.
+        Images whose keys are in `skip_pixels` (features already cached) get no pixel rows."""
+        return self._pad(rows, left=False) | self._media_batch(rows, skip_pixels)
+
+    def pad_prompts(self, rows: list[dict], skip_pixels: set[str] = frozenset()) -> dict:
+        """Left-padded prediction batch of `rows`, like the processor on the same prompts."""
+        return self._pad(rows, left=True) | self._media_batch(rows, skip_pixels)
+
+    def _pad(self, rows: list[dict], left: bool) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+
+        def cols(n: int) -> slice:
+            return slice(width - n, width) if left else slice(0, n)
+
+        out = {}
+        for name in ("input_ids", *_PAD):
+            if name in rows[0]:
+                fill = self.pad_id if name == "input_ids" else _PAD[name]
+                t = torch.full((len(rows), width), fill, dtype=rows[0][name].dtype)
+                for b, r in enumerate(rows):
+                    t[b, cols(len(r[name]))] = r[name]
+                out[name] = t
+        if "position_ids" in rows[0]:  # padding gets position 0, as get_rope_index leaves it
+            pos = torch.zeros((3, len(rows), width), dtype=rows[0]["position_ids"].dtype)
+            for b, r in enumerate(rows):
+                pos[:, b, cols(r["position_ids"].shape[1])] = r["position_ids"]
+            out["position_ids"] = pos
+        return out
+
+    def _media_batch(self, rows: list[dict], skip_pixels: set[str]) -> dict:
+        keys = [k for r in rows for k in r["image_keys"]]
+        out: dict = {"image_keys": keys}
+        if "image_grid_thw" in rows[0]:
+            out["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in rows])
+            # pixel_index: which images (positions in image_keys) have their patches in pixel_values
+            out["pixel_index"] = [i for i, k in enumerate(keys) if k not in skip_pixels]
+            if out["pixel_index"]:
+                out["pixel_values"] = torch.cat([self.pixels[keys[i]] for i in out["pixel_index"]])
+        elif rows[0].get("media"):
+            for name in rows[0]["media"]:
+                out[name] = torch.cat([r["media"][name] for r in rows])
+        return out
+
+
+def _append(enc: dict, extra: list[int]) -> dict:
+    """The per-token tensors of a batch of one, without the batch dim, with `extra` ids appended
+    (attention 1, token types 0: text)."""
+    out = {}
+    for k, v in enc.items():
+        if k != "input_ids" and k not in _PAD:
+            continue
+        fill = extra if k == "input_ids" else [1 if k == "attention_mask" else 0] * len(extra)
+        out[k] = torch.cat([v[0], torch.tensor(fill, dtype=v.dtype)])
+    return out
+
+
+def rope_index_fn(model):
+    """The model's M-RoPE position builder (Qwen2/2.5/3-VL `get_rope_index`), or None for 1D RoPE."""
+    for module in model.modules():
+        fn = getattr(module, "get_rope_index", None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def stackable(rows: list[dict]) -> bool:
+    """Whether `Encoder.pad_*` can batch these rows: media tensors that agree beyond the first dim."""
+    first = rows[0].get("media") or {}
+    for r in rows:
+        media = r.get("media") or {}
+        if ("image_grid_thw" in r) != ("image_grid_thw" in rows[0]) or media.keys() != first.keys():
+            return False
+        if any(media[k].shape[1:] != first[k].shape[1:] for k in media):
+            return False
+    return True
+
+
+@dataclass
+class RunCaches:
+    """What a run computes once and reuses in every fold: encoded rows and vision features."""
+
+    encoder: Encoder | None  # None: speed.encode_once=false, the processor runs every batch
+    vision: fast.VisionFeatureCache | None  # None: speed.vision_cache=off (or no encoder)
+    setting: str = "auto"
+    vision_trains: bool | None = None  # learnt from the first training model; unknown until then
+
+    @classmethod
+    def for_run(cls, cfg, processor) -> RunCaches:
+        encoder = Encoder(processor, cfg.train.max_length) if cfg.speed.encode_once else None
+        use_vision = encoder is not None and cfg.speed.vision_cache != "off"
+        vision = fast.VisionFeatureCache(max_gib=cfg.speed.vision_cache_gib) if use_vision else None
+        return cls(encoder, vision, cfg.speed.vision_cache)
+
+    def bind(self, model) -> None:
+        if self.encoder is not None:
+            self.encoder.bind(model)
+
+    def vision_for(self, model, training: bool = True) -> fast.VisionFeatureCache | None:
+        """The feature cache when `model`'s vision tower is frozen, else None. A training model tells
+        (requires_grad); an inference model cannot, so prediction uses what training learnt."""
+        if self.vision is None:
+            return None
+        if training:
+            self.vision_trains = not fast.vision_frozen(model)
+            if self.vision_trains and self.setting == "on":
+                raise ValueError(
+                    "speed.vision_cache=on, but this model's vision tower trains (lora.vision=true, a vision "
+                    "module in lora.modules_to_save, or finetune=full) or is not a Qwen-VL tower: its "
+                    "features change every step. Use speed.vision_cache=auto or off."
+                )
+        return self.vision if self.vision_trains is False else None
