@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from vlmexp.bench import profile
 from vlmexp.bench.synth import candidate_ids, collate_prompts
 from vlmexp.config import Config
 from vlmexp.engine.encode import RunCaches
@@ -109,5 +110,8 @@ def score_row(
         torch.cuda.reset_peak_memory_stats()
     seconds, outs = _timed(step, list(range(len(batches))), warmup)
     n = sum(len(b) for b in batches[warmup:])
+    if torch.cuda.is_available() and profile.enabled() and mode != "fresh":  # fresh would be warm by now
+        name = f"predict-{mode}-b{batch_size}"
+        profile.profile_calls(name, step, list(range(min(2, len(batches)))), per_item=batch_size)
     row = _row(MODES[mode], seconds, n, batch_size=batch_size, caches=mode, vision_cache=mode == "warm")
     return row, outs

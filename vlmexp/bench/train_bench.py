@@ -23,6 +23,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import TrainerCallback
 
+from vlmexp.bench import profile
 from vlmexp.config import Config, LoraConfig
 from vlmexp.engine import fast
 from vlmexp.engine.train import build_trainer, training_dataset
@@ -212,6 +213,9 @@ def project_row(
     t.epochs = 2.0  # pass 2 sees the same rows again: encoded rows and tower features cached
     dataset = training_dataset(cfg, processor, samples[:n])
     timer, decision = _Timer(warmup, second_pass_at=warmup + steps), _Decision()
+    callbacks = [timer]
+    if cuda and profile.enabled():  # 3 steps of the cached pass
+        callbacks.append(profile.StepProfiler(f"train-{name}-{modules}", warmup + steps + 1, 3, batch_size))
     train_log = logging.getLogger("vlmexp.engine.train")
     train_log.addHandler(decision)
     level = train_log.level
@@ -220,7 +224,7 @@ def project_row(
         with tempfile.TemporaryDirectory() as out:
             _start_row()
             trainer = build_trainer(
-                cfg, peft_model, processor, dataset, Path(out), [timer], vision_patch=vision_patch
+                cfg, peft_model, processor, dataset, Path(out), callbacks, vision_patch=vision_patch
             )
             trainer.args.train_sampling_strategy = "sequential"
             trainer.train()

@@ -1,0 +1,75 @@
+"""Optional torch.profiler capture for bench rows: where a step's time goes, by kernel and operator.
+
+Set `VLMEXP_PROFILE_DIR=/some/dir` and the train bench profiles 3 steps of each project row's second
+(cached) pass, the predict bench 2 batches of each row; each writes `<dir>/<row>.txt`: wall time, the
+summed CUDA kernel time over it (wall >> kernels means the GPU waits for the CPU), and the top operators.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+
+def enabled() -> bool:
+    return bool(os.environ.get("VLMEXP_PROFILE_DIR"))
+
+
+def _write(prof, name: str, wall_s: float, units: int, unit: str) -> None:
+    out = Path(os.environ["VLMEXP_PROFILE_DIR"])
+    out.mkdir(parents=True, exist_ok=True)
+    events = prof.key_averages()
+    # self device time of every op: kernels counted once (the totals of parent ops would double count)
+    kernel_us = sum(e.self_device_time_total for e in events)
+    head = (
+        f"{name}: {units} {unit} in {wall_s * 1e3:.1f} ms wall, CUDA kernels {kernel_us / 1e3:.1f} ms "
+        f"({kernel_us / 1e4 / max(wall_s, 1e-9):.0f}% of wall)\n"
+    )
+    table = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    cpu = events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80]
+    (out / f"{slug}.txt").write_text(head + table + "\n\nby CPU time\n" + cpu)
+    print(head, end="")
+
+
+class StepProfiler(TrainerCallback):
+    """Profiles optimizer steps `start+1 .. start+n` of a Trainer run."""
+
+    def __init__(self, name: str, start: int, n: int = 3, batch_size: int = 1):
+        self.name, self.start, self.n, self.batch_size = name, start, n, batch_size
+        self.prof = None
+        self.t0 = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.start:
+            torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            )
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif self.prof is not None and state.global_step == self.start + self.n:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            _write(self.prof, self.name, wall, self.n * self.batch_size, "samples")
+            self.prof = None
+
+
+def profile_calls(name: str, fn, items: list, unit: str = "images", per_item: int = 1) -> None:
+    """Profile `fn(item)` over `items` (already warmed up)."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        t0 = time.perf_counter()
+        for item in items:
+            fn(item)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    _write(prof, name, wall, len(items) * per_item, unit)
