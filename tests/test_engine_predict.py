@@ -151,11 +151,14 @@ def _bench_tiny():
     return build_model(shape, seed=1).eval(), processor, make_samples(processor, 2, 224, 120, seed=3)
 
 
-def test_score_candidates_on_cached_vision_features_equals_scoring_from_scratch():
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["tree", "repeat"])
+def test_score_candidates_on_cached_vision_features_equals_scoring_from_scratch(layout, attn):
     from vlmexp.bench.synth import candidate_ids, collate_prompts, labels
     from vlmexp.engine.fast import VisionFeatureCache
 
     model, processor, samples = _bench_tiny()
+    model.set_attn_implementation(attn)
     short = dict(
         samples[1],
         messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Label?"}]}],
@@ -170,8 +173,8 @@ def test_score_candidates_on_cached_vision_features_equals_scoring_from_scratch(
     )
     cached = {k: v for k, v in ctx.items() if k != "pixel_values"} | {"mm_encoder_outputs": mm}
     with torch.no_grad():
-        got = predict_mod.score_candidates(model, cached, [cands] * 2)
-        plain = predict_mod.score_candidates(model, ctx, [cands] * 2)
+        got = predict_mod.score_candidates(model, cached, [cands] * 2, layout=layout)
+        plain = predict_mod.score_candidates(model, ctx, [cands] * 2, layout=layout)
         for b, sample in enumerate(batch):
             one = collate_prompts(processor, [sample])
             n = one["input_ids"].shape[1]

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--modules", default="language,all-linear")
     p.add_argument("--ablations", action="store_true")
     p.add_argument("--compile", action="store_true", help="add a speed.compile=true training row")
+    p.add_argument("--rows", nargs="*", default=[], help='extra rows, e.g. "b16:batch_size=16,liger=true"')
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--images", type=int)
     p.add_argument("--predict-batch-sizes", default="")
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
             modules=tuple(a.modules.split(",")),
             ablations=a.ablations,
             compile_row=a.compile,
+            rows_spec=tuple(a.rows),
             reference=not a.no_reference,
             n_images=a.images,
             predict_batch_sizes=tuple(int(x) for x in a.predict_batch_sizes.split(",") if x),

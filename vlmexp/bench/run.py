@@ -45,6 +45,21 @@ def _mfu(flops_per_item: float, items_per_s: float, peak: float | None) -> float
     return flops_per_item * items_per_s / (peak * 1e12) if peak else None
 
 
+def parse_row(spec: str) -> dict:
+    """An extra project row, "name:key=value,...": keys are speed.* fields or batch_size, e.g.
+    "project-compile-b16:compile=true,batch_size=16"."""
+    name, _, body = spec.partition(":")
+    row: dict = {"name": name, "speed": {}}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        parsed = {"true": True, "false": False}.get(value.lower(), value)
+        if key == "batch_size":
+            row["batch_size"] = int(value)
+        else:
+            row["speed"][key] = parsed
+    return row
+
+
 def run_bench(
     kind: str,
     shape: str,
@@ -57,6 +72,7 @@ def run_bench(
     modules: tuple[str, ...] = ("language", "all-linear"),
     ablations: bool = False,
     compile_row: bool = False,
+    rows_spec: tuple[str, ...] = (),
     reference: bool = True,
     n_labels: int = 25,
     n_images: int | None = None,
@@ -79,7 +95,8 @@ def run_bench(
     model = build_model(sh, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32, seed=seed)
     processor = build_processor(sh, res)
     n = n_images or (warmup + steps) * bs
-    samples = make_samples(processor, max(n, (warmup + steps) * bs), res, n_tok, n_labels, seed)
+    bs_max = max([bs] + [parse_row(r).get("batch_size", bs) for r in rows_spec])
+    samples = make_samples(processor, max(n, (warmup + steps) * bs_max), res, n_tok, n_labels, seed)
     probe = collate_train(processor, samples[:bs])
     tok_per_sample = float(probe["attention_mask"].sum(1).float().mean())
     answer_tokens = float((probe["labels"] != -100).sum(1).float().mean())
@@ -123,12 +140,13 @@ def run_bench(
                     variants += [dict(name="project-no-vision-cache", speed=dict(vision_cache="off"))]
             if compile_row:
                 variants += [dict(name="project-compile", speed=dict(compile=True))]
+            variants += [parse_row(spec) for spec in rows_spec]
             rows = []
             if reference:
                 row, model = train_bench.reference_row(model, processor, samples, modules=mod, **kw)
                 rows.append(row)
             for v in variants:
-                row, model = train_bench.project_row(model, processor, samples, modules=mod, **kw, **v)
+                row, model = train_bench.project_row(model, processor, samples, modules=mod, **(kw | v))
                 rows.append(row)
             for row in rows:
                 row |= {

@@ -60,8 +60,10 @@ def _wrap(model: torch.nn.Module, lora: LoraConfig, seed: int):
 def _restore(peft_model) -> torch.nn.Module:
     base = peft_model.unload()  # the original Linear modules back, adapters dropped
     base.gradient_checkpointing_disable()
-    for module in base.modules():  # drop patch_vision_attention's instance-level forward
+    for module in base.modules():  # drop patch_vision_attention's forward and compile_blocks' compile
         module.__dict__.pop("forward", None)
+        if module.__dict__.pop("_vlmexp_compiled", False):
+            module._compiled_call_impl = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -248,6 +250,7 @@ def project_row(
         "gradient_checkpointing": use_gc,
         "gc_reason": decision.text,
         "vision_attention_patched": patched,
+        "batch_size": batch_size,
         "speed": dict(vars(cfg.speed)),
         "vision_cache": trainer_vision is not None,
         "samples_per_s": steps * batch_size / (timer.t_mid - timer.t0),

@@ -126,17 +126,19 @@ class Encoder:
         return row
 
     # -- batches ---------------------------------------------------------------------------------
-    def pad_train(self, rows: list[dict], skip_pixels: set[str] = frozenset()) -> dict:
+    def pad_train(self, rows: list[dict], skip_pixels: set[str] = frozenset(), multiple: int = 1) -> dict:
         """Right-padded training batch of `rows`, like trl's collator on the same examples.
-        Images whose keys are in `skip_pixels` (features already cached) get no pixel rows."""
-        return self._pad(rows, left=False) | self._media_batch(rows, skip_pixels)
+        Images whose keys are in `skip_pixels` (features already cached) get no pixel rows; the width
+        is rounded up to `multiple` tokens (padding is masked and unsupervised: the loss is the same)."""
+        return self._pad(rows, left=False, multiple=multiple) | self._media_batch(rows, skip_pixels)
 
     def pad_prompts(self, rows: list[dict], skip_pixels: set[str] = frozenset()) -> dict:
         """Left-padded prediction batch of `rows`, like the processor on the same prompts."""
         return self._pad(rows, left=True) | self._media_batch(rows, skip_pixels)
 
-    def _pad(self, rows: list[dict], left: bool) -> dict:
+    def _pad(self, rows: list[dict], left: bool, multiple: int = 1) -> dict:
         width = max(len(r["input_ids"]) for r in rows)
+        width = -(-width // multiple) * multiple
 
         def cols(n: int) -> slice:
             return slice(width - n, width) if left else slice(0, n)

@@ -25,8 +25,9 @@ from rich.progress import Progress
 
 from vlmexp.config import Config
 from vlmexp.engine import fast
-from vlmexp.engine.encode import RunCaches, rope_index_fn, stackable
+from vlmexp.engine.encode import RunCaches, stackable
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
+from vlmexp.engine.scoring import score_candidates
 from vlmexp.prompts.render import parse_answer
 from vlmexp.tables import prob_columns
 
@@ -156,58 +157,6 @@ def score_completions(
     return score_candidates(model, ctx, suffixes, pad_id=tok.pad_token_id)
 
 
-def score_candidates(
-    model, ctx: dict, candidates: list[list[list[int]]], pad_id: int | None = None
-) -> torch.Tensor:
-    """Summed log-probabilities (B, n), on the CPU, of each row's n candidate token-id sequences after
-    its left-padded context `ctx` (processor output on the model's device; `mm_encoder_outputs` may
-    stand in for `pixel_values`, e.g. features a `fast.VisionFeatureCache` computed earlier).
-
-    1) one forward over the context: the logits for each candidate's first token and a KV cache;
-    2) the cache repeated n times, and all B*n candidates' remaining tokens in one batch after it.
-    Equal to scoring context + candidate from scratch (tests/test_engine_predict.py)."""
-    if bool((ctx["attention_mask"][:, -1] == 0).any()):
-        raise ValueError("score_candidates needs left-padded contexts: encode with padding_side='left'")
-    n = len(candidates[0])
-    if any(len(c) != n for c in candidates) or any(not s for c in candidates for s in c):
-        raise ValueError("every row needs the same number of candidates, each of at least one token")
-    positions, next_pos = _positions(model, ctx)
-    ctx = {k: v for k, v in ctx.items() if k != "position_ids"}
-    out = model(**ctx, position_ids=positions, use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
-    device = first.device
-    suffixes = [s for cands in candidates for s in cands]  # row b's candidates are b*n .. b*n+n-1
-    rows = torch.arange(len(candidates), device=device).repeat_interleave(n)
-    loglik = first[rows, torch.tensor([s[0] for s in suffixes], device=device)]  # (B*n,)
-
-    width = max(len(s) for s in suffixes) - 1
-    if width > 0:
-        inp = torch.full((len(suffixes), width), pad_id if pad_id is not None else 0, dtype=torch.long)
-        targets = torch.zeros_like(inp)
-        mask = torch.zeros_like(inp)
-        for i, s in enumerate(suffixes):
-            inp[i, : len(s) - 1] = torch.tensor(s[:-1])
-            targets[i, : len(s) - 1] = torch.tensor(s[1:])
-            mask[i, : len(s) - 1] = 1
-        inp, targets, mask = inp.to(device), targets.to(device), mask.to(device)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
-        pos = next_pos.repeat_interleave(n).unsqueeze(-1) + torch.arange(width, device=device)  # (B*n, width)
-        if positions.dim() == 3:  # M-RoPE (3, B, L): a text token has the same position on all three axes
-            pos = pos.unsqueeze(0).expand(positions.shape[0], -1, -1)
-        full_mask = torch.cat([ctx["attention_mask"].repeat_interleave(n, dim=0), mask], dim=1)
-        logits = model(
-            input_ids=inp, attention_mask=full_mask, position_ids=pos, past_key_values=cache
-        ).logits
-        # Only real candidate tokens go to fp32: 25 labels x batch 32 x 152k vocab is 0.5 GB a position.
-        real = mask.bool()
-        sel = logits[real].float()  # (real tokens, V)
-        picked = torch.zeros(mask.shape, dtype=sel.dtype, device=device)
-        picked[real] = sel.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
-        loglik = loglik + picked.sum(-1)
-    return loglik.view(len(candidates), n).cpu()
-
-
 def _context(model, processor, prompts, images, extra, caches: RunCaches | None) -> dict:
     """The left-padded prompts + `extra` ids on the model's device: from the run's encoded rows and
     cached vision features when `caches` has them, else straight from the processor."""
@@ -282,31 +231,6 @@ def _append_left_padded(enc: dict, extra: list[list[int]], pad_id: int) -> dict:
             out[b, width - len(seq) :] = seq
         enc[key] = out
     return enc
-
-
-def _positions(model, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position ids for the left-padded context and the next position of each row, (B,).
-
-    Explicit positions make a left-padded row see exactly the positions it would see alone, and let
-    the candidates continue from the cache at the right place. For Qwen-VL's 3D M-RoPE the context
-    positions come from the model's own `get_rope_index`; text after it continues at max + 1.
-    """
-    mask = ctx["attention_mask"]
-    if "position_ids" in ctx:  # built once per prompt on the CPU by encode.Encoder
-        positions = ctx["position_ids"]
-        return positions, positions.amax(dim=(0, 2)) + 1
-    fn = rope_index_fn(model)
-    if fn is not None and "mm_token_type_ids" in ctx:
-        keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
-        positions, deltas = fn(
-            input_ids=ctx["input_ids"],
-            mm_token_type_ids=ctx["mm_token_type_ids"],
-            attention_mask=mask,
-            **{k: ctx[k] for k in keys if k in ctx},
-        )
-        return positions, mask.sum(-1) + deltas.view(-1).to(mask.device)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return positions, mask.sum(-1)
 
 
 # -- generation ------------------------------------------------------------------------------------

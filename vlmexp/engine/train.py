@@ -157,7 +157,14 @@ def build_trainer(
         args=sft_config(cfg, output_dir, model, shape=shape),
         # Rows are indices into `examples`; the collator builds the tensors.
         train_dataset=Dataset.from_dict({"row": list(range(len(examples)))}),
-        data_collator=RowCollator(examples, caches.encoder, vision, cfg.train.max_length, processor),
+        data_collator=RowCollator(
+            examples,
+            caches.encoder,
+            vision,
+            cfg.train.max_length,
+            processor,
+            multiple=fast.COMPILE_PAD_MULTIPLE if cfg.speed.compile and cuda else 1,
+        ),
         processing_class=processor,
         callbacks=list(callbacks),
     )
@@ -242,6 +249,8 @@ def sft_config(cfg: Config, output_dir: Path, model, shape: tuple[int, int] | No
         push_to_hub=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # liger-kernel's fused RMSNorm, SwiGLU and RoPE (speed.liger); trl keeps its own fused LM head.
+        use_liger_kernel=cfg.speed.liger and cuda,
     )
     if cuda and torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
         # One process trains one fold on one GPU (folds go parallel through `gpus=N`, one process per
@@ -258,10 +267,11 @@ class RowCollator:
     the rows' media do not stack (e.g. SmolVLM rows with different image counts). Fails loud when a row
     has no supervised token left: its prompt alone exceeds max_length."""
 
-    def __init__(self, examples, encoder: Encoder | None, vision, max_length: int, processor):
+    def __init__(self, examples, encoder: Encoder | None, vision, max_length: int, processor, multiple=1):
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
         self.examples, self.encoder, self.vision, self.max_length = examples, encoder, vision, max_length
+        self.multiple = multiple  # pad widths to this many tokens (speed.compile: few distinct shapes)
         self.plain = DataCollatorForVisionLanguageModeling(
             processor, max_length=max_length, completion_only_loss=True
         )
@@ -273,7 +283,7 @@ class RowCollator:
             rows = [self.encoder.train_row(ex) for ex in examples]
             if stackable(rows):
                 cached = self.vision.keys() if self.vision is not None else frozenset()
-                batch = self.encoder.pad_train(rows, skip_pixels=cached)
+                batch = self.encoder.pad_train(rows, skip_pixels=cached, multiple=self.multiple)
         if batch is None:
             batch = self.plain([dict(ex, images=list(ex["images"])) for ex in examples])
         empty = (batch["labels"] != -100).sum(-1) == 0

@@ -1,0 +1,157 @@
+"""Log-likelihood of every candidate label after a prompt: one prefill, then all candidates at once.
+
+The prompt (and image) is encoded once. The candidates' tokens then run in one more forward over
+that KV cache, in one of two layouts:
+
+- `tree` (sdpa and eager attention): each row's candidates sit side by side in ONE sequence after its
+  prompt, e.g. 25 labels x 2 tokens = 50 tokens, under a 4D mask where a candidate's token sees the
+  prompt and its own earlier tokens only, and every candidate starts at the same position. The cache
+  stays (B, L): nothing is copied. At batch 32 x 25 labels x 570 tokens the other layout copies the
+  3B model's cache 25 times (~17 GB across 36 layers) and concatenates onto it again: on an H200 that
+  was about half of prediction's GPU time (docs/performance.md).
+- `repeat` (any other attention, e.g. flash_attention_2, which takes no 4D mask): the cache repeated
+  n times and the B*n candidates as a batch of their own.
+
+Both equal scoring prompt + candidate from scratch (tests/test_engine_predict.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmexp.engine.encode import rope_index_fn
+
+
+def score_candidates(
+    model, ctx: dict, candidates: list[list[list[int]]], pad_id: int | None = None, layout: str = "auto"
+) -> torch.Tensor:
+    """Summed log-probabilities (B, n), on the CPU, of each row's n candidate token-id sequences after
+    its left-padded context `ctx` (processor output on the model's device; `mm_encoder_outputs` may
+    stand in for `pixel_values`, e.g. features a `fast.VisionFeatureCache` computed earlier).
+    `layout`: tree, repeat, or auto (tree where the attention takes a 4D mask)."""
+    if bool((ctx["attention_mask"][:, -1] == 0).any()):
+        raise ValueError("score_candidates needs left-padded contexts: encode with padding_side='left'")
+    n = len(candidates[0])
+    if any(len(c) != n for c in candidates) or any(not s for c in candidates for s in c):
+        raise ValueError("every row needs the same number of candidates, each of at least one token")
+    attn = _attn_implementation(model)
+    if layout == "auto":
+        layout = "tree" if attn in ("sdpa", "eager") else "repeat"
+    if layout not in ("tree", "repeat"):
+        raise ValueError(f"layout={layout!r}: choose tree, repeat or auto")
+    positions, next_pos = _positions(model, ctx)
+    ctx = {k: v for k, v in ctx.items() if k != "position_ids"}
+    out = model(**ctx, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+    device = first.device
+    firsts = torch.tensor([[s[0] for s in cands] for cands in candidates], device=device)
+    loglik = first.gather(1, firsts)  # (B, n)
+    if max(len(s) for cands in candidates for s in cands) == 1:
+        return loglik.cpu()
+    run = _tree if layout == "tree" else _repeat
+    rest = run(
+        model, out.past_key_values, ctx["attention_mask"], positions, next_pos, candidates, pad_id, attn
+    )
+    return (loglik + rest).cpu()
+
+
+def _tree(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, attn) -> torch.Tensor:
+    """Every row's candidates side by side in one sequence after the cached prompt (see module doc)."""
+    device, n = ctx_mask.device, len(candidates[0])
+    # Inputs s[:-1] predict targets s[1:]; a one-token candidate adds nothing here.
+    spans = [[(s[:-1], s[1:]) for s in cands] for cands in candidates]
+    width = max(sum(len(i) for i, _ in row) for row in spans)
+    bsz, ctx_len = ctx_mask.shape
+    inp = torch.full((bsz, width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    targets = torch.zeros_like(inp)
+    owner = torch.full((bsz, width), -1, dtype=torch.long)  # which candidate a token belongs to
+    offset = torch.zeros((bsz, width), dtype=torch.long)  # its place within that candidate
+    for b, row in enumerate(spans):
+        t = 0
+        for c, (i, o) in enumerate(row):
+            inp[b, t : t + len(i)] = torch.tensor(i, dtype=torch.long)
+            targets[b, t : t + len(i)] = torch.tensor(o, dtype=torch.long)
+            owner[b, t : t + len(i)] = c
+            offset[b, t : t + len(i)] = torch.arange(len(i))
+            t += len(i)
+    inp, targets, owner, offset = inp.to(device), targets.to(device), owner.to(device), offset.to(device)
+    real = owner >= 0
+    # Token q sees token k of the candidates when both belong to the same candidate and k <= q;
+    # padding queries see the prompt only (their outputs are dropped), so no row of the mask is empty.
+    same = (owner[:, :, None] == owner[:, None, :]) & real[:, :, None]
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    cand_mask = same & causal
+    prompt_mask = ctx_mask.bool()[:, None, :].expand(bsz, width, ctx_len)
+    mask = torch.cat([prompt_mask, cand_mask], dim=-1)[:, None]  # (B, 1, width, ctx_len + width)
+    if attn == "eager":  # eager attention adds the mask to its scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    pos = next_pos[:, None] + offset  # every candidate starts right after the prompt
+    if positions.dim() == 3:  # M-RoPE (3, B, L): a text token has the same position on all three axes
+        pos = pos[None].expand(positions.shape[0], -1, -1)
+    logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+    # Only real candidate tokens go to fp32: 25 labels x batch 32 x 152k vocab is 0.5 GB a position.
+    sel = logits[real].float()
+    picked = sel.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
+    rest = torch.zeros((bsz, n), dtype=picked.dtype, device=device)
+    rows = torch.arange(bsz, device=device)[:, None].expand(bsz, width)[real]
+    rest.index_put_((rows, owner[real]), picked, accumulate=True)
+    return rest
+
+
+def _repeat(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, attn) -> torch.Tensor:
+    """The cache repeated n times; all B*n candidates' remaining tokens as one batch after it."""
+    device, n = ctx_mask.device, len(candidates[0])
+    suffixes = [s for cands in candidates for s in cands]  # row b's candidates are b*n .. b*n+n-1
+    width = max(len(s) for s in suffixes) - 1
+    inp = torch.full((len(suffixes), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    targets = torch.zeros_like(inp)
+    mask = torch.zeros_like(inp)
+    for i, s in enumerate(suffixes):
+        inp[i, : len(s) - 1] = torch.tensor(s[:-1])
+        targets[i, : len(s) - 1] = torch.tensor(s[1:])
+        mask[i, : len(s) - 1] = 1
+    inp, targets, mask = inp.to(device), targets.to(device), mask.to(device)
+    cache.batch_repeat_interleave(n)
+    pos = next_pos.repeat_interleave(n).unsqueeze(-1) + torch.arange(width, device=device)  # (B*n, width)
+    if positions.dim() == 3:
+        pos = pos.unsqueeze(0).expand(positions.shape[0], -1, -1)
+    full_mask = torch.cat([ctx_mask.repeat_interleave(n, dim=0), mask], dim=1)
+    logits = model(input_ids=inp, attention_mask=full_mask, position_ids=pos, past_key_values=cache).logits
+    real = mask.bool()
+    sel = logits[real].float()  # (real tokens, V)
+    picked = torch.zeros(mask.shape, dtype=sel.dtype, device=device)
+    picked[real] = sel.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
+    return picked.sum(-1).view(len(candidates), n)
+
+
+def _attn_implementation(model) -> str:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return str(getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", ""))
+
+
+def _positions(model, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids for the left-padded context and the next position of each row, (B,).
+
+    Explicit positions make a left-padded row see exactly the positions it would see alone, and let
+    the candidates continue from the cache at the right place. For Qwen-VL's 3D M-RoPE the context
+    positions come from the model's own `get_rope_index` (or `encode.Encoder`, which ran it once per
+    prompt on the CPU); text after it continues at max + 1.
+    """
+    mask = ctx["attention_mask"]
+    if "position_ids" in ctx:
+        positions = ctx["position_ids"]
+        return positions, positions.amax(dim=(0, 2)) + 1
+    fn = rope_index_fn(model)
+    if fn is not None and "mm_token_type_ids" in ctx:
+        keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+        positions, deltas = fn(
+            input_ids=ctx["input_ids"],
+            mm_token_type_ids=ctx["mm_token_type_ids"],
+            attention_mask=mask,
+            **{k: ctx[k] for k in keys if k in ctx},
+        )
+        return positions, mask.sum(-1) + deltas.view(-1).to(mask.device)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions, mask.sum(-1)
