@@ -4,7 +4,8 @@
 # datasets, omegaconf wheels for Python 3.12; see docs/performance.md):
 #   WHEELS=.whl bash scripts/device_bench.sh [train] [predict] [qlora] [equal] [compile]
 # (no argument: the first three); compile: a speed.compile=true row beside a plain project row;
-# levers: language-only project rows at batch 16, with speed.compile, and with speed.liger.
+# levers: language-only rows: reference at batch 8 and 16, project, project with speed.compile at 8 and 16;
+# predict-compile: predict plus a warm speed.compile=true row at batch 32.
 # equal: reference and project only, 16 steps, for the loss-curve comparison.
 # parallel (on nvidia-h200-x2): `exp run folds=2` with gpus=2 against gpus=1, wall time of each.
 set -uo pipefail
@@ -42,9 +43,10 @@ fi
 for part in $parts; do
   case $part in
     train) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --ablations); limit=380 ;;
-    levers) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --modules language --no-reference
-        --rows project-b16:batch_size=16 project-compile:compile=true
-        project-compile-b16:compile=true,batch_size=16 project-liger:liger=true); limit=400 ;;
+    levers) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --modules language
+        --rows reference-b16:batch_size=16 project-compile:compile=true
+        project-compile-b16:compile=true,batch_size=16); limit=330 ;;
+    predict-compile) cmd=(predict qwen2.5-vl-3b --images 128 --predict-batch-sizes 32 --compile); limit=230 ;;
     compile) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --modules language --no-reference --compile); limit=300 ;;
     equal) cmd=(train qwen2.5-vl-3b --steps 14 --warmup 2); limit=250 ;;
     predict) cmd=(predict qwen2.5-vl-3b --images 128 --predict-batch-sizes 32); limit=170 ;;

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--modules", default="language,all-linear")
     p.add_argument("--ablations", action="store_true")
-    p.add_argument("--compile", action="store_true", help="add a speed.compile=true training row")
+    p.add_argument("--compile", action="store_true", help="add a speed.compile=true row (train and predict)")
     p.add_argument("--rows", nargs="*", default=[], help='extra rows, e.g. "b16:batch_size=16,liger=true"')
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--images", type=int)
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
             ablations=a.ablations,
             compile_row=a.compile,
             rows_spec=tuple(a.rows),
+            predict_compile=a.compile,
             reference=not a.no_reference,
             n_images=a.images,
             predict_batch_sizes=tuple(int(x) for x in a.predict_batch_sizes.split(",") if x),

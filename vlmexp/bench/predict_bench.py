@@ -76,6 +76,7 @@ MODES = {
     "plain": "project-predict, no run caches",
     "fresh": "project-predict, run caches empty (fold 1: every image new)",
     "warm": "project-predict, run caches warm (folds 2+: test images seen)",
+    "warm-compile": "project-predict, run caches warm, speed.compile=true",
 }
 
 
@@ -94,6 +95,7 @@ def score_row(
     batches = _batches(samples, batch_size)
     cfg = Config()
     cfg.predict.batch_size, cfg.predict.mode = batch_size, "score"
+    cfg.speed.compile = mode == "warm-compile"
     caches = None
     if mode != "plain":
         caches = RunCaches.for_run(cfg, processor)
@@ -103,7 +105,7 @@ def score_row(
         table = predict(cfg, model, processor, batches[i], label_names, progress=False, caches=caches)
         return torch.tensor(table[prob_columns(label_names)].to_numpy(dtype=float))
 
-    if mode == "warm":
+    if mode.startswith("warm"):
         for i in range(len(batches)):
             step(i)
     if torch.cuda.is_available():
@@ -113,5 +115,11 @@ def score_row(
     if torch.cuda.is_available() and profile.enabled() and mode != "fresh":  # fresh would be warm by now
         name = f"predict-{mode}-b{batch_size}"
         profile.profile_calls(name, step, list(range(min(2, len(batches)))), per_item=batch_size)
-    row = _row(MODES[mode], seconds, n, batch_size=batch_size, caches=mode, vision_cache=mode == "warm")
+    row = _row(
+        MODES[mode], seconds, n, batch_size=batch_size, caches=mode, vision_cache=mode.startswith("warm")
+    )
+    if cfg.speed.compile:  # later rows run eagerly again
+        for module in model.modules():
+            if module.__dict__.pop("_vlmexp_compiled", False):
+                module._compiled_call_impl = None
     return row, outs

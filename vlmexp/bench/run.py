@@ -45,11 +45,27 @@ def _mfu(flops_per_item: float, items_per_s: float, peak: float | None) -> float
     return flops_per_item * items_per_s / (peak * 1e12) if peak else None
 
 
+def _compare(row: dict, refs: list[dict]) -> None:
+    """Attach the reference row of the same batch size (else the first) and the loss-curve gap."""
+    if row["path"] == "reference" or not refs:
+        return
+    ref = next((r for r in refs if r["batch_size"] == row["batch_size"]), refs[0])
+    row["vs_reference"] = {"batch_size": ref["batch_size"], "samples_per_s": ref["samples_per_s"]}
+    if ref["batch_size"] == row["batch_size"]:
+        n = min(len(ref["losses"]), len(row["losses"]))
+        row["max_loss_diff_vs_reference"] = max(
+            abs(a - b) for a, b in zip(ref["losses"][:n], row["losses"][:n], strict=True)
+        )
+
+
 def parse_row(spec: str) -> dict:
-    """An extra project row, "name:key=value,...": keys are speed.* fields or batch_size, e.g.
-    "project-compile-b16:compile=true,batch_size=16"."""
+    """An extra row, "name:key=value,...": keys are speed.* fields or batch_size, e.g.
+    "project-compile-b16:compile=true,batch_size=16"; a name starting with "reference" adds a
+    reference row, e.g. "reference-b16:batch_size=16"."""
     name, _, body = spec.partition(":")
     row: dict = {"name": name, "speed": {}}
+    if name.startswith("reference"):
+        row["kind"] = "reference"
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
         parsed = {"true": True, "false": False}.get(value.lower(), value)
@@ -73,6 +89,7 @@ def run_bench(
     ablations: bool = False,
     compile_row: bool = False,
     rows_spec: tuple[str, ...] = (),
+    predict_compile: bool = False,
     reference: bool = True,
     n_labels: int = 25,
     n_images: int | None = None,
@@ -141,15 +158,18 @@ def run_bench(
             if compile_row:
                 variants += [dict(name="project-compile", speed=dict(compile=True))]
             variants += [parse_row(spec) for spec in rows_spec]
-            rows = []
-            if reference:
-                row, model = train_bench.reference_row(model, processor, samples, modules=mod, **kw)
-                rows.append(row)
-            for v in variants:
-                row, model = train_bench.project_row(model, processor, samples, modules=mod, **(kw | v))
-                rows.append(row)
-            for row in rows:
+            refs = [dict(kind="reference", batch_size=bs)] if reference else []
+            refs += [v for v in variants if v.get("kind") == "reference"]
+            projects = [v for v in variants if v.get("kind") != "reference"]
+            for v in refs + projects:  # references first: each row is compared with one
+                args = kw | {k: val for k, val in v.items() if k != "kind"}
+                if v.get("kind") == "reference":
+                    args.pop("name", None), args.pop("speed", None)
+                    row, model = train_bench.reference_row(model, processor, samples, modules=mod, **args)
+                else:
+                    row, model = train_bench.project_row(model, processor, samples, modules=mod, **args)
                 row |= {
+                    "batch_size": args["batch_size"],
                     "flops_per_sample": fl,
                     "tokens_per_s": row["samples_per_s"] * tok_per_sample,
                     "mfu": _mfu(fl, row["samples_per_s"], peak),
@@ -160,23 +180,17 @@ def run_bench(
                         "flops_per_sample_cached": fl_c,
                         "mfu_cached": _mfu(fl_c, row["samples_per_s_cached"], peak),
                     }
+                _compare(row, [r for r in result["rows"] if r["path"] == "reference" and r["modules"] == mod])
+                if "vs_reference" in row:
+                    base = row["vs_reference"]["samples_per_s"]
+                    result["ratios"][f"{row['path']}/{mod}"] = row["samples_per_s"] / base
+                    result["ratios"][f"{row['path']}/{mod}/cached"] = row["samples_per_s_cached"] / base
                 result["rows"].append(row)
-                save()
-            if reference:
-                ref = rows[0]
-                for row in rows[1:]:
-                    result["ratios"][f"{row['path']}/{mod}"] = row["samples_per_s"] / ref["samples_per_s"]
-                    result["ratios"][f"{row['path']}/{mod}/cached"] = (
-                        row["samples_per_s_cached"] / ref["samples_per_s"]
-                    )
-                    n_cmp = min(len(ref["losses"]), len(row["losses"]))
-                    row["max_loss_diff_vs_reference"] = max(
-                        abs(a - b) for a, b in zip(ref["losses"][:n_cmp], row["losses"][:n_cmp], strict=True)
-                    )
-            save()
+                save()  # after every row: a later row that fails loses nothing
     else:
         fl = count.prefill()
         names = labels(n_labels)
+        bs_pred = max((bs, *predict_batch_sizes))  # the compile row runs at the largest batch only
         rows = []
         if reference:
             rows.append(
@@ -187,7 +201,10 @@ def run_bench(
         fast.patch_vision_attention(model)
         scores = None
         for b in (bs, *predict_batch_sizes):
-            for mode in predict_bench.MODES:
+            modes = [
+                m for m in predict_bench.MODES if m != "warm-compile" or (predict_compile and b == bs_pred)
+            ]
+            for mode in modes:
                 row, outs = predict_bench.score_row(
                     model, processor, samples[:n], names, batch_size=b, warmup=1, mode=mode
                 )
@@ -195,6 +212,9 @@ def run_bench(
                 scores = preds if scores is None else scores
                 row["same_predictions_as_first_score_row"] = bool((preds == scores).all())
                 rows.append(row)
+                result["rows"] = rows
+                save()
+        result["rows"] = []
         for row in rows:
             cached = row.get("vision_cache")
             row["flops_per_image"] = fl - (count.vision_fwd if cached else 0)

@@ -249,8 +249,6 @@ def sft_config(cfg: Config, output_dir: Path, model, shape: tuple[int, int] | No
         push_to_hub=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        # liger-kernel's fused RMSNorm, SwiGLU and RoPE (speed.liger); trl keeps its own fused LM head.
-        use_liger_kernel=cfg.speed.liger and cuda,
     )
     if cuda and torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
         # One process trains one fold on one GPU (folds go parallel through `gpus=N`, one process per
