@@ -120,9 +120,6 @@ class SpeedConfig:
     vision_cache: str = choice("auto", "on", "off")  # frozen vision tower: features once per image; auto=on
     vision_cache_gib: float = 16.0  # most GPU memory the cached features may take (3B, 448 px: 1 MiB each)
     compile: bool = False  # torch.compile each decoder layer (CUDA only; each new batch length compiles)
-    liger: bool = (
-        False  # liger-kernel fused norms/activations/rope in training (CUDA; pip install liger-kernel)
-    )
 
 
 @dataclass

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--modules", default="language,all-linear")
     p.add_argument("--ablations", action="store_true")
     p.add_argument("--compile", action="store_true", help="add a speed.compile=true row (train and predict)")
-    p.add_argument("--rows", nargs="*", default=[], help='extra rows, e.g. "b16:batch_size=16,liger=true"')
+    p.add_argument("--rows", nargs="*", default=[], help='extra rows, e.g. "b16:batch_size=16,compile=true"')
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--images", type=int)
     p.add_argument("--predict-batch-sizes", default="")
