@@ -14,6 +14,7 @@ image's prediction prompt and its cached vision features (`fast.VisionFeatureCac
 from __future__ import annotations
 
 import hashlib
+import json
 import weakref
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from vlmexp.engine import fast
+from vlmexp.engine.samples import split_turn
 
 # Per-token tensors the processor and trl's collator return beside input_ids, with their pad values.
 _PAD = {"attention_mask": 0, "labels": -100, "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -30,6 +32,23 @@ def image_key(img: Image.Image) -> str:
     """Content hash of a decoded image, e.g. 'RGB448x448:3f2a…': equal pixels, equal key."""
     h = hashlib.blake2b(img.tobytes(), digest_size=16).hexdigest()
     return f"{img.mode}{img.width}x{img.height}:{h}"
+
+
+class _KeyMemo:
+    """`image_key` per image object, computed once: hashing a 448 px image takes ~0.5 ms, and the test
+    set's images are keyed again in every fold. Held by id with a weak reference, so a freed image's
+    id reused by a new image is recognised as a different image."""
+
+    def __init__(self):
+        self._by_id: dict[int, tuple[weakref.ref, str]] = {}
+
+    def __call__(self, img: Image.Image) -> str:
+        hit = self._by_id.get(id(img))
+        if hit is not None and hit[0]() is img:
+            return hit[1]
+        key = image_key(img)
+        self._by_id[id(img)] = (weakref.ref(img), key)
+        return key
 
 
 class Encoder:
@@ -47,6 +66,9 @@ class Encoder:
         self._rope = None  # see bind()
         self.pixel_dtype: torch.dtype | None = None
         self._rows: dict[tuple, dict] = {}
+        self._key = _KeyMemo()
+        self._turns: dict[str, object] = {}  # messages (JSON) -> samples.Turn
+        self._ids: dict[str, list[int]] = {}  # completion text -> token ids
         self.pixels: dict[str, torch.Tensor] = {}  # image key -> its rows of pixel_values (grid models)
         self.hits = self.misses = 0
 
@@ -67,10 +89,25 @@ class Encoder:
     def rope_fn(self):
         return self._rope() if self._rope is not None else None
 
+    def turn(self, messages: list[dict]):
+        """`samples.split_turn` of `messages`, rendered once (two chat-template renders a call)."""
+        key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        if key not in self._turns:
+            self._turns[key] = split_turn(self.processor, messages)
+        return self._turns[key]
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text on its own (as trl tokenises completions), each text tokenised once."""
+        todo = sorted({t for t in texts if t not in self._ids})
+        if todo:
+            ids = self.processor.tokenizer(todo, add_special_tokens=False)["input_ids"]
+            self._ids.update(zip(todo, ids, strict=True))
+        return [self._ids[t] for t in texts]
+
     # -- rows ------------------------------------------------------------------------------------
     def train_row(self, example: dict) -> dict:
         """One {"prompt", "completion", "images"} row as trl's collator lays it out (no batch dim)."""
-        keys = [image_key(im) for im in example["images"]]
+        keys = [self._key(im) for im in example["images"]]
         key = ("train", example["prompt"], example["completion"], *keys)
         if key not in self._rows:
             batch = self.collator([dict(example, images=list(example["images"]))])
@@ -83,7 +120,7 @@ class Encoder:
     def prompt_row(self, prompt: str, images: list, extra: list[int] | None = None) -> dict:
         """One prediction prompt as the processor encodes it, with `extra` token ids appended
         (e.g. the ids all candidate labels share, see `predict.score_completions`)."""
-        keys = [image_key(im) for im in images]
+        keys = [self._key(im) for im in images]
         key = ("prompt", prompt, tuple(extra or ()), *keys)
         if key not in self._rows:
             enc = dict(
