@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from transformers import TrainerCallback
 
 
@@ -24,8 +25,8 @@ def _write(prof, name: str, wall_s: float, units: int, unit: str) -> None:
     out = Path(os.environ["VLMEXP_PROFILE_DIR"])
     out.mkdir(parents=True, exist_ok=True)
     events = prof.key_averages()
-    # self device time of every op: kernels counted once (the totals of parent ops would double count)
-    kernel_us = sum(e.self_device_time_total for e in events)
+    # device-side events only (kernels, memcpy): an operator's row repeats its kernels' time
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
     head = (
         f"{name}: {units} {unit} in {wall_s * 1e3:.1f} ms wall, CUDA kernels {kernel_us / 1e3:.1f} ms "
         f"({kernel_us / 1e4 / max(wall_s, 1e-9):.0f}% of wall)\n"

@@ -17,6 +17,8 @@ Both equal scoring prompt + candidate from scratch (tests/test_engine_predict.py
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from vlmexp.engine.encode import rope_index_fn
@@ -87,7 +89,7 @@ def _tree(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, attn)
     pos = next_pos[:, None] + offset  # every candidate starts right after the prompt
     if positions.dim() == 3:  # M-RoPE (3, B, L): a text token has the same position on all three axes
         pos = pos[None].expand(positions.shape[0], -1, -1)
-    logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+    logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, **_cache_arg(model, cache)).logits
     # Only real candidate tokens go to fp32: 25 labels x batch 32 x 152k vocab is 0.5 GB a position.
     sel = logits[real].float()
     picked = sel.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
@@ -115,12 +117,21 @@ def _repeat(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, att
     if positions.dim() == 3:
         pos = pos.unsqueeze(0).expand(positions.shape[0], -1, -1)
     full_mask = torch.cat([ctx_mask.repeat_interleave(n, dim=0), mask], dim=1)
-    logits = model(input_ids=inp, attention_mask=full_mask, position_ids=pos, past_key_values=cache).logits
+    logits = model(
+        input_ids=inp, attention_mask=full_mask, position_ids=pos, **_cache_arg(model, cache)
+    ).logits
     real = mask.bool()
     sel = logits[real].float()  # (real tokens, V)
     picked = torch.zeros(mask.shape, dtype=sel.dtype, device=device)
     picked[real] = sel.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
     return picked.sum(-1).view(len(candidates), n)
+
+
+def _cache_arg(model, cache) -> dict:
+    """The KV cache under the name this transformers takes: `cache` from 5.24 (`past_key_values` still
+    works there but warns at every call), `past_key_values` before."""
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
 
 
 def _attn_implementation(model) -> str:
