@@ -130,11 +130,14 @@ def test_run_caches_change_speed_not_training(tiny_models, table, tmp_path):
     fast_losses, model, caches = _losses(cfg, processor, samples, tmp_path / "fast")
     assert caches.vision is not None and len(caches.vision) == 8  # one feature tensor per image
     assert caches.vision.hits >= 8 and caches.encoder.hits >= 8  # epoch 2 reused epoch 1's work
+    assert not caches.encoder.pixels  # every image's features are cached: its pixels were let go
     key = next(iter(caches.vision.keys()))
     row = next(r for r in caches.encoder._rows.values() if key in r["image_keys"])
+    sample = next(s for s in samples if caches.encoder._key(s["images"][0]) == key)
+    pixels = processor.image_processor(images=sample["images"], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         tower = fast.unwrap(model).model.get_image_features(
-            caches.encoder.pixels[key], row["image_grid_thw"][:1], return_dict=True
+            pixels, row["image_grid_thw"][:1], return_dict=True
         )
     torch.testing.assert_close(caches.vision._store[key], tower.pooler_output[0], rtol=1e-5, atol=1e-6)
     cfg.speed.encode_once, cfg.speed.vision_cache = False, "off"

@@ -184,6 +184,7 @@ def _context(model, processor, prompts, images, extra, caches: RunCaches | None)
     if vision is not None and keys:
         pixels = ctx.pop("pixel_values", None)
         ctx["mm_encoder_outputs"] = vision.features(model, keys, ctx["image_grid_thw"], pixels, index)
+        encoder.forget_pixels(k for k in keys if k in vision)
     return ctx
 
 

@@ -117,6 +117,7 @@ class _SFTTrainer(SFTTrainer):
     """trl's SFTTrainer, with cached vision features standing in for pixel_values (frozen tower)."""
 
     vision_cache: fast.VisionFeatureCache | None = None
+    encoder: Encoder | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keys, index = inputs.pop("image_keys", None), inputs.pop("pixel_index", ())
@@ -124,6 +125,8 @@ class _SFTTrainer(SFTTrainer):
             pixels = inputs.pop("pixel_values", None)
             mm = self.vision_cache.features(model, keys, inputs["image_grid_thw"], pixels, index)
             inputs["mm_encoder_outputs"] = mm
+            if self.encoder is not None:
+                self.encoder.forget_pixels(k for k in keys if k in self.vision_cache)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
@@ -168,7 +171,7 @@ def build_trainer(
         processing_class=processor,
         callbacks=list(callbacks),
     )
-    trainer.vision_cache = vision
+    trainer.vision_cache, trainer.encoder = vision, caches.encoder
     return trainer
 
 
