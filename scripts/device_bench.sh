@@ -6,7 +6,8 @@
 # (no argument: the first three); compile: a speed.compile=true row beside a plain project row;
 # levers: language-only rows: reference at batch 8 and 16, project, project with speed.compile at 8 and 16;
 # predict-compile: predict plus a warm speed.compile=true row at batch 32; levers32: a compiled
-# batch-32 row; predict64: prediction at batch 8 and 64; predict32: at batch 32 only (reference too).
+# batch-32 row; predict64: prediction at batch 8 and 64; predict32: at batch 32 only (reference too);
+# levers24: a compiled batch-24 row alone; gputests: the CUDA-only tests of tests/test_engine_encode.py.
 # equal: reference and project only, 16 steps, for the loss-curve comparison.
 # parallel (on nvidia-h200-x2): `exp run folds=2` with gpus=2 against gpus=1, wall time of each.
 set -uo pipefail
@@ -49,6 +50,10 @@ for part in $parts; do
         project-compile-b16:compile=true,batch_size=16); limit=330 ;;
     levers32) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --modules language --no-reference
         --rows project-compile-b32:compile=true,batch_size=32); limit=200 ;;
+    levers24) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --modules language --no-reference --only-rows
+        --rows project-compile-b24:compile=true,batch_size=24); limit=170 ;;
+    gputests) echo "== gputests"; timeout 100 python3 -m pytest -q -m gpu tests/test_engine_encode.py 2>&1 | tail -5
+        continue ;;
     predict32) cmd=(predict qwen2.5-vl-3b --images 160 --batch-size 32); limit=200 ;;
     predict64) cmd=(predict qwen2.5-vl-3b --images 192 --predict-batch-sizes 64); limit=200 ;;
     predict-compile) cmd=(predict qwen2.5-vl-3b --images 128 --predict-batch-sizes 32 --compile); limit=230 ;;

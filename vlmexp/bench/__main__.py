@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--modules", default="language,all-linear")
     p.add_argument("--ablations", action="store_true")
     p.add_argument("--compile", action="store_true", help="add a speed.compile=true row (train and predict)")
+    p.add_argument("--only-rows", action="store_true", help="no default project row, only --rows")
     p.add_argument("--rows", nargs="*", default=[], help='extra rows, e.g. "b16:batch_size=16,compile=true"')
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--images", type=int)
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
             compile_row=a.compile,
             rows_spec=tuple(a.rows),
             predict_compile=a.compile,
+            only_rows=a.only_rows,
             reference=not a.no_reference,
             n_images=a.images,
             predict_batch_sizes=tuple(int(x) for x in a.predict_batch_sizes.split(",") if x),

@@ -90,6 +90,7 @@ def run_bench(
     compile_row: bool = False,
     rows_spec: tuple[str, ...] = (),
     predict_compile: bool = False,
+    only_rows: bool = False,
     reference: bool = True,
     n_labels: int = 25,
     n_images: int | None = None,
@@ -150,7 +151,7 @@ def run_bench(
             fl = count.train(answer_tokens, vision_trainable=mod == "all-linear")
             # With the tower's features cached it does not run: its forward is not counted then.
             fl_cached = fl - (count.vision_fwd if mod == "language" else 0)
-            variants = [dict(name="project")]
+            variants = [] if only_rows else [dict(name="project")]
             if ablations:  # one lever of build_trainer switched back at a time
                 variants += [dict(name="project-plain-data", speed=dict(encode_once=False))]
                 if mod == "language":
