@@ -350,7 +350,8 @@ def bench(ctx: typer.Context) -> None:
     """GPU benchmark on a real-shaped random-weight model vs the tutorial recipe.
 
     exp bench train|predict|qlora SHAPE [--resolution 448] [--tokens 570] [--batch-size 8] [--steps 8]
-    [--modules language,all-linear] [--ablations] [--no-reference] [--images N] [--out results.json]
+    [--modules language,all-linear] [--ablations] [--compile] [--rows NAME:KEY=VALUE,...] [--only-rows]
+    [--no-reference] [--images N] [--predict-batch-sizes 32] [--out results.json]
     (SHAPE: qwen2.5-vl-3b, qwen2-vl-7b, or tiny for a CPU smoke run). See docs/performance.md.
     """
     from vlmexp.bench.__main__ import main as bench_main
