@@ -1,8 +1,9 @@
 """Each sample through the processor once, batches by padding: the CPU work leaves the training step.
 
 trl's collator runs the processor on every batch: PNG decode (images live in the `datasets` table as
-PNG), resize, normalise and patchify, then tokenise. On 2 CPU cores that is ~200 ms for 8 images of
-448 px, against a ~250 ms GPU step for a 3B model. `Encoder` runs the same collator (or, for prompts,
+PNG), resize, normalise and patchify, then tokenise: ~200 ms for 8 images of 448 px on 2 CPU cores
+(measured on this project's CPU machines; on the H200 machine's 16 cores it kept up with the GPU and
+the gain was within noise, docs/performance.md). `Encoder` runs the same collator (or, for prompts,
 the same processor call) on one row at a time, keeps the result by the row's content, and builds
 batches by padding those rows: the same tensors a batched call gives (tests/test_engine_encode.py),
 and every later epoch, fold and prediction of the run reuses them.
@@ -35,7 +36,7 @@ def image_key(img: Image.Image) -> str:
 
 
 class _KeyMemo:
-    """`image_key` per image object, computed once: hashing a 448 px image takes ~0.5 ms, and the test
+    """`image_key` per image object, computed once: hashing a 448 px image takes ~0.6 ms, and the test
     set's images are keyed again in every fold. Held by id with a weak reference, so a freed image's
     id reused by a new image is recognised as a different image."""
 
