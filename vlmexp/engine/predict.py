@@ -1,9 +1,9 @@
 """Label probabilities for samples: score every label's likelihood, or generate and parse.
 
 `mode=score` (default): for each image, the prompt (and, for reason/CoT variants, the reasoning the
-model first generates up to the marker, e.g. "Reason: red tag.\\nLabel:") is encoded once; its KV
-cache is then copied once per candidate label and only the candidates' own tokens (label + end of
-turn, e.g. "red<|im_end|>") are run through the model. Softmax over the candidates' summed
+model first generates up to the marker, e.g. "Reason: red tag.\\nLabel:") is encoded once, then
+only the candidates' own tokens (label + end of turn, e.g. "red<|im_end|>") run over its KV cache,
+all candidates in one more forward (`engine/scoring.py`). Softmax over the candidates' summed
 log-likelihoods gives one probability per class, so there are no parse failures.
 
 `mode=generate`: greedy decoding, parsed with `parse_answer`; the parsed label gets probability 1,
@@ -15,6 +15,7 @@ completion `lead + answer + eot` tokenised on its own, as trl's prompt-completio
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 
@@ -56,12 +57,13 @@ def predict(
     if caches is not None:
         caches.bind(model)
     mode = cfg.predict.mode
+    encoder = caches.encoder if caches is not None else None
+    # Each prompt's layout is rendered once per run (two chat-template renders) when the run caches it.
+    turn_of = encoder.turn if encoder is not None else functools.partial(split_turn, processor)
     rows: list[dict] = []
     with torch.inference_mode(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"predict ({mode})", total=len(samples))
         for batch in _chunks(samples, cfg.predict.batch_size):
-            turn_of = caches.encoder.turn if caches is not None and caches.encoder else None
-            turn_of = turn_of or (lambda m: split_turn(processor, m))
             turns = [turn_of(prompt_messages(s["messages"])) for s in batch]
             marker = batch[0]["rendered"].marker
             if mode == "generate":
@@ -142,7 +144,7 @@ def score_completions(
 
     Each completion is tokenised on its own (as in training). Tokens all n completions of a
     prompt share (e.g. "Reason: red tag.\\nLabel:") join the prompt; the prompt and image are
-    encoded ONCE, and the KV cache is repeated n times for the candidates' remaining tokens.
+    encoded ONCE, and the candidates' remaining tokens all run over its KV cache (engine/scoring.py).
     Shared tokens have the same probability under every candidate and cancel in the softmax.
     With `caches`, each prompt is encoded once per run (`encode.Encoder`) and a frozen tower's image
     features come from the run's feature cache.
