@@ -60,10 +60,9 @@ def _wrap(model: torch.nn.Module, lora: LoraConfig, seed: int):
 def _restore(peft_model) -> torch.nn.Module:
     base = peft_model.unload()  # the original Linear modules back, adapters dropped
     base.gradient_checkpointing_disable()
-    for module in base.modules():  # drop patch_vision_attention's forward and compile_blocks' compile
+    for module in base.modules():  # drop patch_vision_attention's instance-level forward
         module.__dict__.pop("forward", None)
-        if module.__dict__.pop("_vlmexp_compiled", False):
-            module._compiled_call_impl = None
+    fast.uncompile_blocks(base)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -56,14 +56,10 @@ class Encoder:
     """Processor outputs of single rows, kept for the whole run (every fold and epoch)."""
 
     def __init__(self, processor, max_length: int):
-        from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
         self.processor = processor
         self.pad_id = processor.tokenizer.pad_token_id or 0
         # The training layout is trl's own: its collator on a batch of one row.
-        self.collator = DataCollatorForVisionLanguageModeling(
-            processor, max_length=max_length, completion_only_loss=True
-        )
+        self.collator = trl_collator(processor, max_length)
         self._rope = None  # see bind()
         self.pixel_dtype: torch.dtype | None = None
         self._rows: dict[tuple, dict] = {}
@@ -133,7 +129,7 @@ class Encoder:
                 )
             )
             if extra:
-                enc |= {k: v[None] for k, v in _append(enc, extra).items()}
+                enc |= {k: v[None] for k, v in append_ids(_tokens(enc, 0), extra).items()}
             self._rows[key] = self._keep(enc, keys)
             self.misses += 1
         else:
@@ -174,33 +170,13 @@ class Encoder:
         """Right-padded training batch of `rows`, like trl's collator on the same examples.
         Images whose keys are in `skip_pixels` (features already cached) get no pixel rows; the width
         is rounded up to `multiple` tokens (padding is masked and unsupervised: the loss is the same)."""
-        return self._pad(rows, left=False, multiple=multiple) | self._media_batch(rows, skip_pixels)
+        return pad_rows(rows, self.pad_id, left=False, multiple=multiple) | self._media_batch(
+            rows, skip_pixels
+        )
 
     def pad_prompts(self, rows: list[dict], skip_pixels: set[str] = frozenset()) -> dict:
         """Left-padded prediction batch of `rows`, like the processor on the same prompts."""
-        return self._pad(rows, left=True) | self._media_batch(rows, skip_pixels)
-
-    def _pad(self, rows: list[dict], left: bool, multiple: int = 1) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
-        width = -(-width // multiple) * multiple
-
-        def cols(n: int) -> slice:
-            return slice(width - n, width) if left else slice(0, n)
-
-        out = {}
-        for name in ("input_ids", *_PAD):
-            if name in rows[0]:
-                fill = self.pad_id if name == "input_ids" else _PAD[name]
-                t = torch.full((len(rows), width), fill, dtype=rows[0][name].dtype)
-                for b, r in enumerate(rows):
-                    t[b, cols(len(r[name]))] = r[name]
-                out[name] = t
-        if "position_ids" in rows[0]:  # padding gets position 0, as get_rope_index leaves it
-            pos = torch.zeros((3, len(rows), width), dtype=rows[0]["position_ids"].dtype)
-            for b, r in enumerate(rows):
-                pos[:, b, cols(r["position_ids"].shape[1])] = r["position_ids"]
-            out["position_ids"] = pos
-        return out
+        return pad_rows(rows, self.pad_id, left=True) | self._media_batch(rows, skip_pixels)
 
     def _media_batch(self, rows: list[dict], skip_pixels: set[str]) -> dict:
         keys = [k for r in rows for k in r["image_keys"]]
@@ -217,15 +193,56 @@ class Encoder:
         return out
 
 
-def _append(enc: dict, extra: list[int]) -> dict:
-    """The per-token tensors of a batch of one, without the batch dim, with `extra` ids appended
-    (attention 1, token types 0: text)."""
+def trl_collator(processor, max_length: int):
+    """trl's prompt-completion VLM collator with the project's settings (answer-only labels)."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    return DataCollatorForVisionLanguageModeling(processor, max_length=max_length, completion_only_loss=True)
+
+
+def _tokens(enc: dict, b: int) -> dict:
+    """Row b's per-token tensors, real tokens only (the attention mask's ones)."""
+    real = enc["attention_mask"][b].bool()
+    return {k: v[b][real] for k, v in enc.items() if k == "input_ids" or k in _PAD}
+
+
+def append_ids(row: dict, extra: list[int]) -> dict:
+    """A row's per-token tensors with `extra` ids appended (attention 1, token types 0: text)."""
     out = {}
-    for k, v in enc.items():
-        if k != "input_ids" and k not in _PAD:
-            continue
+    for k, v in row.items():
         fill = extra if k == "input_ids" else [1 if k == "attention_mask" else 0] * len(extra)
-        out[k] = torch.cat([v[0], torch.tensor(fill, dtype=v.dtype)])
+        out[k] = torch.cat([v, torch.tensor(fill, dtype=v.dtype)])
+    return out
+
+
+def append_left_padded(enc: dict, extra: list[list[int]], pad_id: int) -> dict:
+    """A left-padded batch with `extra[b]` appended to row b's real tokens, left-padded again."""
+    rows = [append_ids(_tokens(enc, b), e) for b, e in enumerate(extra)]
+    return enc | pad_rows(rows, pad_id, left=True)
+
+
+def pad_rows(rows: list[dict], pad_id: int, left: bool, multiple: int = 1) -> dict:
+    """Per-token tensors of `rows` padded to one width (a multiple of `multiple`), on the left or the
+    right: input_ids with `pad_id`, the others with their `_PAD` value; 3D positions with 0."""
+    width = max(len(r["input_ids"]) for r in rows)
+    width = -(-width // multiple) * multiple
+
+    def cols(n: int) -> slice:
+        return slice(width - n, width) if left else slice(0, n)
+
+    out = {}
+    for name in ("input_ids", *_PAD):
+        if name in rows[0]:
+            fill = pad_id if name == "input_ids" else _PAD[name]
+            t = torch.full((len(rows), width), fill, dtype=rows[0][name].dtype)
+            for b, r in enumerate(rows):
+                t[b, cols(len(r[name]))] = r[name]
+            out[name] = t
+    if "position_ids" in rows[0]:  # padding gets position 0, as get_rope_index leaves it
+        pos = torch.zeros((3, len(rows), width), dtype=rows[0]["position_ids"].dtype)
+        for b, r in enumerate(rows):
+            pos[:, b, cols(r["position_ids"].shape[1])] = r["position_ids"]
+        out["position_ids"] = pos
     return out
 
 

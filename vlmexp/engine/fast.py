@@ -134,6 +134,13 @@ def compile_blocks(model: torch.nn.Module) -> int:
     return n
 
 
+def uncompile_blocks(model: torch.nn.Module) -> None:
+    """Undo `compile_blocks`: the layers run eagerly again (the bench compares rows on one model)."""
+    for module in model.modules():
+        if module.__dict__.pop("_vlmexp_compiled", False):
+            module._compiled_call_impl = None
+
+
 # -- gradient checkpointing ---------------------------------------------------------------------
 def activation_bytes(model: torch.nn.Module, batch_size: int, tokens: int, patches: int) -> int:
     """Training memory of one step without checkpointing, bf16: activations plus the trained weights'

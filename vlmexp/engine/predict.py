@@ -26,7 +26,7 @@ from rich.progress import Progress
 
 from vlmexp.config import Config
 from vlmexp.engine import fast
-from vlmexp.engine.encode import RunCaches, stackable
+from vlmexp.engine.encode import RunCaches, append_left_padded, stackable
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.engine.scoring import score_candidates
 from vlmexp.prompts.render import parse_answer
@@ -218,33 +218,7 @@ def _encode(processor, prompts: list[str], images: list[list], extra: list[list[
     )
     enc = dict(enc)
     if extra and any(extra):
-        enc = _append_left_padded(enc, extra, processor.tokenizer.pad_token_id)
-    return enc
-
-
-# Per-token tensors the processor returns beside input_ids; they are re-padded with the ids.
-_PER_TOKEN = ("attention_mask", "mm_token_type_ids", "token_type_ids")
-
-
-def _append_left_padded(enc: dict, extra: list[list[int]], pad_id: int) -> dict:
-    """Append `extra[b]` to row b's real tokens and left-pad again (input_ids with pad_id, the rest 0)."""
-    real = enc["attention_mask"].bool()
-    rows: dict[str, list[torch.Tensor]] = {}
-    for key in ("input_ids", *_PER_TOKEN):
-        if key not in enc:
-            continue
-        tails = {"input_ids": extra, "attention_mask": [[1] * len(e) for e in extra]}.get(key)
-        tails = tails or [[0] * len(e) for e in extra]  # appended text tokens: type 0 (text)
-        rows[key] = [
-            torch.cat([enc[key][b][real[b]], torch.tensor(tail, dtype=enc[key].dtype)])
-            for b, tail in enumerate(tails)
-        ]
-    width = max(len(r) for r in rows["input_ids"])
-    for key, seqs in rows.items():
-        out = torch.full((len(seqs), width), pad_id if key == "input_ids" else 0, dtype=seqs[0].dtype)
-        for b, seq in enumerate(seqs):
-            out[b, width - len(seq) :] = seq
-        enc[key] = out
+        enc = append_left_padded(enc, extra, processor.tokenizer.pad_token_id)
     return enc
 
 

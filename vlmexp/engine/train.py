@@ -31,7 +31,7 @@ from trl import SFTConfig, SFTTrainer
 from vlmexp.config import Config
 from vlmexp.engine import fast
 from vlmexp.engine.callbacks import EvalCallback, LogRelay, load_trainable_state
-from vlmexp.engine.encode import Encoder, RunCaches, stackable
+from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.samples import load_images, to_prompt_completion
 
 log = logging.getLogger(__name__)
@@ -269,13 +269,9 @@ class RowCollator:
     has no supervised token left: its prompt alone exceeds max_length."""
 
     def __init__(self, examples, encoder: Encoder | None, vision, max_length: int, processor, multiple=1):
-        from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
         self.examples, self.encoder, self.vision, self.max_length = examples, encoder, vision, max_length
         self.multiple = multiple  # pad widths to this many tokens (speed.compile: few distinct shapes)
-        self.plain = DataCollatorForVisionLanguageModeling(
-            processor, max_length=max_length, completion_only_loss=True
-        )
+        self.plain = encoder.collator if encoder is not None else trl_collator(processor, max_length)
 
     def __call__(self, items: list[dict]) -> dict:
         examples = [self.examples[int(it["row"])] for it in items]
