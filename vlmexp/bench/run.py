@@ -163,11 +163,11 @@ def run_bench(
             refs += [v for v in variants if v.get("kind") == "reference"]
             projects = [v for v in variants if v.get("kind") != "reference"]
             for v in refs + projects:  # references first: each row is compared with one
-                args = kw | {k: val for k, val in v.items() if k != "kind"}
                 if v.get("kind") == "reference":
-                    args.pop("name", None), args.pop("speed", None)
+                    args = kw | {"batch_size": v.get("batch_size", bs)}
                     row, model = train_bench.reference_row(model, processor, samples, modules=mod, **args)
                 else:
+                    args = kw | v
                     row, model = train_bench.project_row(model, processor, samples, modules=mod, **args)
                 row |= {
                     "batch_size": args["batch_size"],
@@ -192,12 +192,22 @@ def run_bench(
         fl = count.prefill()
         names = labels(n_labels)
         bs_pred = max((bs, *predict_batch_sizes))  # the compile row runs at the largest batch only
-        rows = []
-        if reference:
-            rows.append(
-                predict_bench.generate_row(model, processor, samples[:n], names, batch_size=bs, warmup=1)
-            )
+
+        def add(row: dict) -> None:  # figures of the row, its ratio to the reference, saved at once
+            cached = row.get("vision_cache")
+            row["flops_per_image"] = fl - (count.vision_fwd if cached else 0)
+            row["tokens_per_s"] = row["images_per_s"] * tok_per_sample
+            row["mfu"] = _mfu(row["flops_per_image"], row["images_per_s"], peak)
+            if reference:
+                ref = result["rows"][0] if result["rows"] else row
+                result["ratios"][f"{row['path']}/b{row['batch_size']}"] = (
+                    row["images_per_s"] / ref["images_per_s"]
+                )
+            result["rows"].append(row)
             save()
+
+        if reference:
+            add(predict_bench.generate_row(model, processor, samples[:n], names, batch_size=bs, warmup=1))
         model.eval().requires_grad_(False)
         fast.patch_vision_attention(model)
         scores = None
@@ -212,21 +222,7 @@ def run_bench(
                 preds = torch.cat([torch.as_tensor(o) for o in outs]).argmax(-1)
                 scores = preds if scores is None else scores
                 row["same_predictions_as_first_score_row"] = bool((preds == scores).all())
-                rows.append(row)
-                result["rows"] = rows
-                save()
-        result["rows"] = []
-        for row in rows:
-            cached = row.get("vision_cache")
-            row["flops_per_image"] = fl - (count.vision_fwd if cached else 0)
-            row["tokens_per_s"] = row["images_per_s"] * tok_per_sample
-            row["mfu"] = _mfu(row["flops_per_image"], row["images_per_s"], peak)
-            if reference:
-                result["ratios"][f"{row['path']}/b{row['batch_size']}"] = (
-                    row["images_per_s"] / rows[0]["images_per_s"]
-                )
-            result["rows"].append(row)
-        save()
+                add(row)
     return result
 
 
