@@ -34,9 +34,10 @@ from vlmexp.models.load import load_for_inference, load_model, load_processor
 from vlmexp.progress import RunProgress
 from vlmexp.prompts.render import load_template
 from vlmexp.pseudolabel.select import add_pseudo, select_pseudo, split_with_pseudo
-from vlmexp.rundir import RunDir
+from vlmexp.rundir import RunDir, find_run
+from vlmexp.sanity import describe, run_flags
 from vlmexp.submit import make_submission
-from vlmexp.tables import read_table, write_json, write_table
+from vlmexp.tables import read_json, read_table, write_json, write_table
 
 log = logging.getLogger("vlmexp")
 
@@ -91,11 +92,24 @@ class Experiment:
 
 def run_once(cfg: Config, force: bool = False) -> RunDir:
     t0 = time.time()
-    done = RunDir.for_config(cfg)
-    if done.finished and not force:
+    run = RunDir.for_config(cfg)  # refuses a name that is not one plain folder, before anything is touched
+    if run.finished and not force:
         # A sweep or a pseudo-label chain meets finished runs again: reuse them, as they are.
-        log.info("%s already finished (cv.json); reusing it (--force redoes it)", done.root.name)
-        return done
+        log.info("%s already finished (cv.json); reusing it (--force redoes it)", run.root.name)
+        _post_leaderboard_row(run, cfg)
+        return run
+    fresh = not run.root.exists()
+    try:
+        return _run_folds(cfg, t0, force)
+    except BaseException:
+        # A run that dies before computing anything (e.g. data.dir mistyped) leaves no empty folder.
+        if fresh and run.discard_if_empty():
+            log.info("removed %s: the run failed before computing anything", run.root)
+        raise
+
+
+def _run_folds(cfg: Config, t0: float, force: bool) -> RunDir:
+    """prepare -> every unfinished fold (here, or one process per GPU) -> finalize."""
     exp = prepare(cfg, force=force)
     pending = [k for k in range(cfg.folds) if not exp.run.fold_done(k)]
     if cfg.gpus > 1 and pending:
@@ -129,7 +143,7 @@ def prepare(cfg: Config, force: bool = False) -> Experiment:
     # -- pseudo-labels: confident, agreeing test predictions of a finished run ------
     pseudo = pd.DataFrame()
     if cfg.pseudo.source:
-        src = _resolve_run(cfg.pseudo.source, cfg.runs_dir)
+        src = find_run(cfg.pseudo.source, cfg.runs_dir).root
         test_probs = read_table(src / "test_probs.csv")
         pseudo = select_pseudo(test_probs, comp.labels, cfg.pseudo.min_agree, cfg.pseudo.min_confidence)
         log.info("pseudo-labels from %s: %d of %d test rows", src.name, len(pseudo), len(comp.test))
@@ -235,7 +249,14 @@ def finalize(exp: Experiment, started: float) -> RunDir:
     }
     # The floor every run must clear: always answering the most common training label.
     majority = exp.train["label"].value_counts().idxmax()
-    cv["majority_baseline"] = score(oof["label"], [majority] * len(oof), labels)[cfg.metric]
+    majority_key = f"majority_{cfg.metric}"
+    cv[majority_key] = score(oof["label"], [majority] * len(oof), labels)[cfg.metric]
+    flags = run_flags(cv["mean"], cv["std"], cv[majority_key], oof["pred"].tolist())
+    cv["flag"] = " ".join(flags)
+    if flags:
+        log.warning(
+            "%s: %s", run.root.name, describe(flags, cfg.metric, cv["mean"], cv["std"], cv[majority_key])
+        )
     write_table(
         per_class_report(oof["label"], oof["pred"], labels).reset_index(names="label"),
         run.path("per_class.csv"),
@@ -250,12 +271,12 @@ def finalize(exp: Experiment, started: float) -> RunDir:
     write_table(disagreements(fold_tests, labels), run.path("disagreements.csv"))
     rerun = None
     if cfg.ensemble.reconcile == "rerun":
-        rerun = read_table(_resolve_run(cfg.ensemble.rerun_from, cfg.runs_dir) / "test_probs.csv")
+        rerun = read_table(find_run(cfg.ensemble.rerun_from, cfg.runs_dir).path("test_probs.csv"))
     final = reconcile(ensemble, fold_tests, labels, cfg.ensemble.reconcile, rerun_table=rerun)
     write_table(final, run.path("test_probs.csv"))
     write_table(suspect_labels(oof, labels, cfg.ensemble.suspect_confidence), run.path("suspect_labels.csv"))
 
-    # -- save: submission, cv.json last (it marks the run finished), leaderboard -----
+    # -- save: submission, the leaderboard row, cv.json (it marks the run finished), the append ------
     sub = make_submission(
         run.root,
         exp.comp.test["id"].tolist(),
@@ -266,30 +287,33 @@ def finalize(exp: Experiment, started: float) -> RunDir:
     )
     test_scores = _score_answers(cfg, exp, final, majority)
     cv["duration_s"] = round(time.time() - started, 1)
-    write_json(cv, run.path("cv.json"))
-    leaderboard.append(
-        {
-            "run": run.root.name,
-            "overrides": " ".join(f"{k}={v}" for k, v in diff_from_defaults(cfg).items()),
-            "config_hash": cv["config_hash"],
-            "git_sha": cv["git_sha"][:10],
-            "metric": cfg.metric,
-            "cv_mean": round(cv["mean"], 4),
-            "cv_std": round(cv["std"], 4),
-            "fold_scores": " ".join(f"{s:.4f}" for s in fold_scores),
-            "accuracy": round(cv["accuracy"], 4),
-            "macro_f1": round(cv["macro_f1"], 4),
-            "majority_baseline": round(cv["majority_baseline"], 4),
-            **test_scores,
-            "train_size": len(exp.train),
-            "pseudo_round": cfg.pseudo.round,
-            "pseudo_count": len(exp.pseudo),
-            "duration_s": cv["duration_s"],
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "submission": str(sub),
-        },
-        Path(cfg.leaderboard),
-    )
+    row = {
+        "run": run.root.name,
+        "overrides": " ".join(f"{k}={v}" for k, v in diff_from_defaults(cfg).items()),
+        "config_hash": cv["config_hash"],
+        "git_sha": cv["git_sha"][:10],
+        "metric": cfg.metric,
+        "cv_mean": round(cv["mean"], 4),
+        "cv_std": round(cv["std"], 4),
+        "fold_scores": " ".join(f"{s:.4f}" for s in fold_scores),
+        "flag": cv["flag"],
+        "accuracy": round(cv["accuracy"], 4),
+        "macro_f1": round(cv["macro_f1"], 4),
+        majority_key: round(cv[majority_key], 4),
+        **test_scores,
+        "train_size": len(exp.train),
+        "pseudo_round": cfg.pseudo.round,
+        "pseudo_count": len(exp.pseudo),
+        "duration_s": cv["duration_s"],
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "submission": str(sub),
+        "data": cfg.data.dir,
+    }
+    # The row is saved before cv.json: a run killed between cv.json and the append (e.g. waiting
+    # on the leaderboard lock) gets its row appended by the rerun that finds it finished.
+    write_json(row, run.leaderboard_row_path)
+    write_json(cv, run.cv_path)
+    _post_leaderboard_row(run, cfg)
     log.info("%s: CV %s %.4f ± %.4f", run.root.name, cfg.metric, cv["mean"], cv["std"])
     return run
 
@@ -313,7 +337,9 @@ def _score_answers(cfg: Config, exp: Experiment, final: pd.DataFrame, majority: 
     truth = pd.read_csv(path, dtype=str).set_index(cfg.data.id_col)[cfg.data.label_col]
     pred = final.set_index("id")["pred"].reindex(truth.index)
     result = {f"test_{m}": round(score(truth, pred, exp.labels)[m], 4) for m in ("accuracy", "macro_f1")}
-    result["test_majority_baseline"] = round(score(truth, [majority] * len(truth), exp.labels)[cfg.metric], 4)
+    result[f"test_majority_{cfg.metric}"] = round(
+        score(truth, [majority] * len(truth), exp.labels)[cfg.metric], 4
+    )
     write_json(result, exp.run.path("test_score.json"))
     log.info(
         "test answers %s: accuracy %.4f, macro-F1 %.4f",
@@ -333,22 +359,18 @@ def _ocr_texts(cfg: Config, comp: Competition) -> dict[str, str] | None:
 
 
 def _apply_source_suspects(train: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    src = _resolve_run(cfg.ensemble.suspects_from, cfg.runs_dir)
+    src = find_run(cfg.ensemble.suspects_from, cfg.runs_dir).root
     suspects = read_table(src / "suspect_labels.csv")
     log.info("%s %d suspect labels from %s", cfg.ensemble.suspects, len(suspects), src.name)
     return apply_suspects(train, suspects, how=cfg.ensemble.suspects)
 
 
-def _resolve_run(name_or_path: str, runs_dir: str) -> Path:
-    """A run given by folder path or by name under runs_dir; it must be finished."""
-    if not name_or_path:
-        raise ValueError("no source run given; set it, e.g. pseudo.source=baseline-1a2b3c4d")
-    for p in (Path(name_or_path), Path(runs_dir) / name_or_path):
-        if (p / "cv.json").exists():
-            return p
-    raise FileNotFoundError(
-        f"run '{name_or_path}' not found or not finished (no cv.json) in . or {runs_dir}/"
-    )
+def _post_leaderboard_row(run: RunDir, cfg: Config) -> None:
+    """Append the finished run's row to cfg.leaderboard unless it is there already (same run and hash)."""
+    if not run.leaderboard_row_path.exists():  # a run finished before rows were kept in the folder
+        return
+    if leaderboard.append(read_json(run.leaderboard_row_path), Path(cfg.leaderboard), unique=True):
+        log.info("%s: row added to %s", run.root.name, cfg.leaderboard)
 
 
 def _free_memory() -> None:

@@ -15,7 +15,15 @@ import subprocess
 import time
 from pathlib import Path
 
-from vlmexp.config import Config, ConfigError, config_hash, diff_from_defaults, run_name, to_yaml
+from vlmexp.config import (
+    Config,
+    ConfigError,
+    config_hash,
+    diff_from_defaults,
+    load_config_file,
+    run_name,
+    to_yaml,
+)
 from vlmexp.tables import read_json, write_json, write_text
 
 _VERSIONED = ("vlmexp", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "scikit-learn")
@@ -48,30 +56,87 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+class RunNotFound(FileNotFoundError):
+    """No run folder by that name or path, or one that has not finished; the message says which."""
+
+
+def check_run_name(name: str) -> str:
+    """The name must be one plain folder inside runs_dir: `name=..` with --force once deleted the parent."""
+    bad = not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip()
+    if bad:
+        raise ConfigError(
+            f"run name {name!r} is not one plain folder name; use letters, digits, '-', '_' or '.', "
+            "e.g. name=baseline-v2 (no '/', '\\', '..' or surrounding spaces)"
+        )
+    return name
+
+
 class RunDir:
+    """The run folder's layout: every other module asks here instead of spelling `folds/fold{k}/...`."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
 
     @classmethod
     def for_config(cls, cfg: Config) -> RunDir:
-        return cls(Path(cfg.runs_dir) / run_name(cfg))
+        return cls(Path(cfg.runs_dir) / check_run_name(run_name(cfg)))
 
     # -- layout ---------------------------------------------------------------
     def fold_dir(self, k: int) -> Path:
         return self.root / "folds" / f"fold{k}"
 
+    def adapter_dir(self, k: int) -> Path:
+        """Fold k's LoRA adapter (or whole model for model.finetune=full), as engine/train.py saves it."""
+        return self.fold_dir(k) / "adapter"
+
     def fold_done(self, k: int) -> bool:
         return (self.fold_dir(k) / "done.json").exists()
+
+    def done_folds(self, n_folds: int) -> list[int]:
+        return [k for k in range(n_folds) if self.fold_done(k)]
 
     def mark_fold_done(self, k: int, info: dict) -> None:
         write_json(info, self.fold_dir(k) / "done.json")
 
     @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def cv_path(self) -> Path:
+        return self.root / "cv.json"
+
+    @property
+    def provenance_path(self) -> Path:
+        return self.root / "provenance.json"
+
+    @property
+    def leaderboard_row_path(self) -> Path:
+        """The row this run appends, kept so a rerun can append it if the run died before it did."""
+        return self.root / "leaderboard_row.json"
+
+    @property
     def finished(self) -> bool:
-        return (self.root / "cv.json").exists()
+        return self.cv_path.exists()
+
+    @property
+    def is_run(self) -> bool:
+        """A vlmexp run folder (it has provenance.json), not some other folder of the same name."""
+        return self.provenance_path.exists()
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+    def config(self, overrides: list[str] | None = None) -> Config:
+        """The Config this run was made with (its config.yaml), plus optional key=value overrides."""
+        return load_config_file(self.config_path, overrides)
+
+    def cv(self) -> dict:
+        return read_json(self.cv_path)
+
+    def holds_results(self) -> bool:
+        """Whether anything computed is inside: a finished fold or the run's cv.json."""
+        return self.finished or any((self.root / "folds").glob("fold*/done.json"))
 
     # -- start / resume -----------------------------------------------------
     def start(self, cfg: Config, prompt_sources: dict[str, str], force: bool = False) -> dict:
@@ -81,17 +146,24 @@ class RunDir:
         config is refused rather than silently mixed.
         """
         h = config_hash(cfg)
+        check_run_name(self.root.name)
         if self.root.exists() and force:
+            if not self.is_run:
+                # `name=..` or `name=data` would otherwise point --force at a folder that is not ours.
+                raise ConfigError(
+                    f"--force would delete {self.root}, which is not a vlmexp run (no provenance.json); "
+                    "choose another name=... or move that folder away yourself"
+                )
             shutil.rmtree(self.root)
-        if (self.root / "provenance.json").exists():
-            old = read_json(self.root / "provenance.json")
+        if self.is_run:
+            old = read_json(self.provenance_path)
             if old.get("config_hash") != h:
                 raise ConfigError(
                     f"run folder {self.root} holds config {old.get('config_hash')}, this config is {h}; "
                     "choose another name=..., or pass --force to redo it from scratch"
                 )
             old["resumed_at"] = old.get("resumed_at", []) + [time.strftime("%Y-%m-%dT%H:%M:%S")]
-            write_json(old, self.root / "provenance.json")
+            write_json(old, self.provenance_path)
             return old
         self.root.mkdir(parents=True, exist_ok=True)
         write_text(to_yaml(cfg), self.root / "config.yaml")
@@ -107,8 +179,44 @@ class RunDir:
             "versions": library_versions(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        write_json(prov, self.root / "provenance.json")
+        write_json(prov, self.provenance_path)
         return prov
 
     def overrides(self) -> dict:
         return json.loads((self.root / "overrides.json").read_text(encoding="utf-8"))
+
+    def discard_if_empty(self) -> bool:
+        """After a failure of the run that created this folder: remove it if nothing computed is inside.
+
+        A run that dies while loading data (e.g. a typo in data.dir) would otherwise leave
+        `runs/baseline-1a2b3c4d/` with only config.yaml behind, looking like a started run.
+        """
+        if self.root.is_dir() and self.is_run and not self.holds_results():
+            shutil.rmtree(self.root, ignore_errors=True)
+            return True
+        return False
+
+
+def find_run(name_or_path: str | Path, runs_dir: str | Path = "runs", *, finished: bool = True) -> RunDir:
+    """A run by its folder path (from anywhere) or by its name under runs_dir; the one run finder.
+
+    With `finished`, the run must have its cv.json (e.g. `exp submit`, `pseudo.source=`);
+    without, any run folder will do (e.g. `exp serve --fold 0` on a run still training).
+    """
+    if not str(name_or_path).strip():
+        raise RunNotFound("no run given; name one, e.g. baseline-1a2b3c4d or runs/baseline-1a2b3c4d")
+    tried = [Path(name_or_path), Path(runs_dir) / name_or_path]
+    for p in tried:
+        run = RunDir(p)
+        if run.config_path.exists():
+            if finished and not run.finished:
+                raise RunNotFound(
+                    f"run {p} has not finished (no cv.json); resume it with the same `exp run ...` "
+                    "command, or pick a finished run from `exp leaderboard`"
+                )
+            return run
+    looked = " and ".join(str(p) for p in dict.fromkeys(tried))
+    raise RunNotFound(
+        f"no run '{name_or_path}' (looked for {looked}/config.yaml); give the run's folder, "
+        f"or its name with runs_dir=DIR if it lives elsewhere (see `exp leaderboard`)"
+    )

@@ -29,11 +29,31 @@ def probs(df: pd.DataFrame, labels: list[str]) -> np.ndarray:
     return df[prob_columns(labels)].to_numpy(dtype=float)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    mask = os.umask(0o022)  # pragma: no cover
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
 def _atomic_write(path: Path, write) -> Path:
     path = Path(path)
+    if path.is_symlink():
+        # A symlinked leaderboard (e.g. into a shared folder) is written through, not replaced by a file.
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates 0600; the file gets what open() would give: the old file's mode, or
+    # 0666 minus the umask (0644 with the usual umask 022), so teammates can read the results.
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             write(f)
             f.flush()
