@@ -89,15 +89,10 @@ def run(comp_dir, tiny_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(run):
     """`exp serve` on the fold ensemble, on a free port; shut down after the module."""
-    from vlmexp.serve import make_server
+    from vlmexp.serve import make_server, running
 
-    srv = make_server(run[1], host="127.0.0.1", port=0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    with running(make_server(run[1], host="127.0.0.1", port=0)) as srv:
+        yield srv
 
 
 def openai_cfg(cfg, url: str):
@@ -125,8 +120,8 @@ def test_served_ensemble_equals_local_fold_vote(run, server):
 
     cfg, _, labels, samples, tables = run
     local = vote(tables, labels, how=cfg.ensemble.vote)
-    served = predict_openai(openai_cfg(cfg, server.url), samples, labels, progress=False,
-                            client=make_client(server.url, timeout=TIMEOUT_S))  # fmt: skip
+    with make_client(server.url, timeout=TIMEOUT_S) as client:
+        served = predict_openai(openai_cfg(cfg, server.url), samples, labels, progress=False, client=client)
     assert list(served.columns) == ["id", "pred", *prob_columns(labels), "raw"]
     assert served["id"].tolist() == local["id"].tolist()
     assert served["pred"].tolist() == local["pred"].tolist()
@@ -134,20 +129,12 @@ def test_served_ensemble_equals_local_fold_vote(run, server):
 
 
 def test_served_single_fold_equals_local_fold(run):
-    from vlmexp.serve import make_server
+    from vlmexp.serve import make_server, running
 
     cfg, root, labels, samples, tables = run
-    srv = make_server(root, port=0, fold=1)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(make_server(root, port=0, fold=1)) as srv, make_client(srv.url, timeout=TIMEOUT_S) as client:
         assert http(srv.url + "/models")[1]["data"][0]["id"] == "tiny/fold1"
-        served = predict_openai(openai_cfg(cfg, srv.url), samples, labels, progress=False,
-                                client=make_client(srv.url, timeout=TIMEOUT_S))  # fmt: skip
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=10)
+        served = predict_openai(openai_cfg(cfg, srv.url), samples, labels, progress=False, client=client)
     assert served["pred"].tolist() == tables[1]["pred"].tolist()
 
 
@@ -238,18 +225,38 @@ class _NoGuidedChoice(BaseHTTPRequestHandler):
 
 def test_server_without_guided_choice_is_asked_again_and_parsed(run):
     cfg, _, labels, samples, _ = run
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _NoGuidedChoice)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    try:
-        out = predict_openai(openai_cfg(cfg, url), samples[:2], labels, concurrency=1, progress=False,
-                             client=make_client(url, timeout=TIMEOUT_S))  # fmt: skip
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=10)
+    from vlmexp.serve import running
+
+    with running(ThreadingHTTPServer(("127.0.0.1", 0), _NoGuidedChoice)) as srv:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        with make_client(url, timeout=TIMEOUT_S) as client:
+            out = predict_openai(openai_cfg(cfg, url), samples[:2], labels, concurrency=1, progress=False,
+                                 client=client)  # fmt: skip
     assert _NoGuidedChoice.guided_seen == 1  # refused once, then never sent again
     assert out["pred"].iloc[0] == "b" and pd.isna(out["pred"].iloc[1])
     np.testing.assert_array_equal(probs(out, labels), [[0, 1, 0, 0], [0, 0, 0, 0]])
     assert out["raw"].tolist() == ["B.", "no idea"]
+
+
+def test_close_joins_handler_threads_despite_an_idle_keepalive_client(run):
+    """Issue 15: a handler thread left running at exit frees the model after Python stops handing out
+    the GIL, and the process aborts (rc 134) after every test passed. Closing must join them all."""
+    import http.client
+
+    from vlmexp.serve import make_server
+
+    srv = make_server(run[1], port=0, fold=0)
+    thread = threading.Thread(target=srv.serve_forever)
+    thread.start()
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=TIMEOUT_S)
+    conn.request("GET", "/v1/models")
+    assert conn.getresponse().read()  # the connection stays open: its handler waits for a next request
+    try:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+        left = [t.name for t in threading.enumerate() if "process_request_thread" in t.name]
+        assert left == [], f"handler threads still running after server_close: {left}"
+        assert srv.predictor is None  # models released on the closing thread
+    finally:
+        conn.close()

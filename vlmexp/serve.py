@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import io
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -284,6 +287,17 @@ def completion(body: dict, predictor: RunPredictor) -> dict:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses its connections
+    timeout = 120  # seconds an idle keep-alive connection may hold its thread
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection, open_=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self.connection, open_=False)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.rstrip("/") == "/v1/models":
@@ -342,11 +356,35 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a hung client must not keep the process alive at shutdown
+    # Handler threads are joined on close, never left as daemons: a daemon thread that still holds
+    # the last reference to a model when the interpreter exits frees torch tensors after Python has
+    # stopped handing out the GIL, and the process aborts ("terminate called without an active
+    # exception", exit 134) after all work succeeded. server_close() first shuts every open
+    # connection (an idle keep-alive client would otherwise block its thread in recv), then joins.
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(self, address: tuple[str, int], predictor: RunPredictor):
         super().__init__(address, _Handler)
         self.predictor = predictor
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+
+    def track(self, conn: socket.socket, open_: bool) -> None:
+        with self._connections_lock:
+            (self._connections.add if open_ else self._connections.discard)(conn)
+
+    def server_close(self) -> None:
+        """Close open connections, then (ThreadingMixIn) close the socket and join handler threads."""
+        with self._connections_lock:
+            conns = list(self._connections)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading the next request
+            except OSError:
+                pass  # already closed by the client
+        super().server_close()
+        self.predictor = None  # the models are freed here, on the closing thread, not at exit
 
     @property
     def url(self) -> str:
@@ -362,6 +400,19 @@ def make_server(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, fold: 
             "serving on %s: anyone who can reach it can use the model; there is no authentication", host
         )
     return _Server((host, port), predictor)
+
+
+@contextlib.contextmanager
+def running(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
+    """Serve on a background thread for the `with` block; on exit stop, close connections, join."""
+    thread = threading.Thread(target=server.serve_forever, name="exp-serve")
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None) -> None:
