@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -6,11 +7,15 @@ from vlmexp.cli import expand_grid
 from vlmexp.config import (
     Config,
     ConfigError,
+    _all_keys,
+    _field,
     config_hash,
     diff_from_defaults,
     load_config,
+    load_config_file,
     nearest_key,
     run_name,
+    to_yaml,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +112,104 @@ def test_expand_grid():
     grid = expand_grid(["prompt=baseline,label_desc", "lora.r=8,16", "lora.modules_to_save=[a,b]"])
     assert len(grid) == 4
     assert ["prompt=label_desc", "lora.r=8", "lora.modules_to_save=[a,b]"] in grid
+
+
+# -- ranges, prompt names, empty values, environment values (issue 10 items 5 and 9, issue 14 item 4) --
+
+
+@pytest.mark.parametrize(
+    "arg, allowed",
+    [
+        ("train.epochs=0", ">= 1"),
+        ("train.lr=-1", "> 0"),
+        ("lora.r=0", ">= 1"),
+        ("train.batch_size=0", ">= 1"),
+        ("data.limit=-5", ">= 0"),
+        ("train.warmup_ratio=5", r"in \[0, 1\]"),
+        ("ocr.min_confidence=7", r"in \[0, 1\]"),
+        ("image.resize=-1", ">= 0"),
+        ("folds=1", ">= 2"),
+        ("pseudo.min_confidence=1.5", r"in \[0, 1\]"),
+        ("train.lr=nan", "> 0"),
+    ],
+)
+def test_out_of_range_values_name_key_value_and_range(arg, allowed):
+    key, value = arg.split("=")
+    expected = rf"'{re.escape(key)}={value}.*' is out of range: .*must be {allowed}"
+    with pytest.raises(ConfigError, match=expected):
+        load_config([arg])
+
+
+def test_range_edges_are_accepted():
+    cfg = load_config(["train.epochs=1", "train.warmup_ratio=1", "data.limit=0", "ocr.min_confidence=0"])
+    assert (cfg.train.epochs, cfg.train.warmup_ratio, cfg.data.limit) == (1, 1, 0)
+
+
+def test_every_problem_listed_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(["train.lr=-1", "lora.r=0", "predict.mode=vote"])
+    assert all(k in str(e.value) for k in ("train.lr=-1", "lora.r=0", "predict.mode=vote"))
+
+
+def test_every_numeric_field_has_its_range_in_the_schema():
+    # The schema is the one owner of allowed values: a new int/float field must say its range.
+    numeric = [k for k in _all_keys() if str(_field(k).type) in ("int", "float")]
+    assert len(numeric) > 30
+    assert [k for k in numeric if "range" not in _field(k).metadata] == []
+
+
+def test_unknown_prompt_names_the_nearest_template(tmp_path):
+    with pytest.raises(ConfigError, match=r"prompt=label_dsc.*did you mean 'label_desc'"):
+        load_config(["prompt=label_dsc"])
+    (tmp_path / "mine.jinja").write_text("{% extends 'baseline.jinja' %}")
+    assert load_config(["prompt=mine", f"prompts.dir={tmp_path}"]).prompt == "mine"
+    with pytest.raises(ConfigError, match="did you mean 'mine'"):
+        load_config(["prompt=mien", f"prompts.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="not a folder"):
+        load_config([f"prompts.dir={tmp_path / 'nope'}"])
+
+
+def test_empty_value_clears_a_text_or_list_option(tmp_path):
+    cfg = load_config(["data.answers_csv=", "lora.modules_to_save=", "predict.base_url="])
+    assert cfg.data.answers_csv == "" and cfg.lora.modules_to_save == [] and cfg.predict.base_url == ""
+    (tmp_path / "x.yaml").write_text("data:\n  answers_csv: test_answers.csv\n")
+    cfg = load_config(["experiment=x", "data.answers_csv="], experiments_dir=tmp_path)
+    assert cfg.data.answers_csv == ""
+    (tmp_path / "y.yaml").write_text("data:\n  answers_csv:\n")
+    assert load_config(["experiment=y"], experiments_dir=tmp_path).data.answers_csv == ""
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(["train.lr="])  # a number has no empty value
+
+
+SECRET = "sk-test-0123456789abcdef"
+
+
+def test_environment_values_never_reach_names_files_or_the_leaderboard(tmp_path, monkeypatch):
+    from vlmexp.rundir import RunDir
+
+    monkeypatch.setenv("H2_TEST_KEY", SECRET)
+    written = "${oc.env:H2_TEST_KEY}"
+    (tmp_path / "e.yaml").write_text("predict:\n  base_url: http://h/${oc.env:H2_TEST_KEY}/v1\n")
+    cfg = load_config(
+        ["experiment=e", f"predict.server_model={written}", f"runs_dir={tmp_path / 'runs'}"],
+        experiments_dir=tmp_path,
+    )
+    # The code gets the resolved values...
+    assert cfg.predict.server_model == SECRET and cfg.predict.base_url == f"http://h/{SECRET}/v1"
+    # ...everything printed or stored gets the text as written.
+    assert SECRET not in run_name(cfg) and SECRET not in to_yaml(cfg)
+    diff = diff_from_defaults(cfg)
+    assert diff["predict.server_model"] == written and SECRET not in str(diff)
+    run = RunDir.for_config(cfg)
+    run.start(cfg, {"baseline.jinja": "x"})
+    for f in run.root.rglob("*"):
+        if f.is_file():
+            assert SECRET not in f.read_text(), f
+    # A saved config.yaml resolves again when loaded, and hashes the same.
+    again = load_config_file(run.root / "config.yaml")
+    assert again.predict.server_model == SECRET and config_hash(again) == config_hash(cfg)
+    with pytest.raises(ConfigError, match="name cannot come from the environment|cannot come from the env"):
+        load_config([f"name={written}"])
+    monkeypatch.delenv("H2_TEST_KEY")
+    with pytest.raises(ConfigError, match="predict.server_model"):
+        load_config([f"predict.server_model={written}"])

@@ -9,12 +9,14 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 EXPERIMENTS_DIR = Path("experiments")
 
@@ -28,6 +30,41 @@ def choice(default: str, *choices: str) -> Any:
     return field(default=default, metadata={"choices": (default, *choices)})
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field, e.g. Range(gt=0) for a learning rate; checked in `validate`."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, v: float) -> bool:
+        if v != v:  # NaN (train.lr=nan) compares False with every bound
+            return False
+        return not (
+            (self.ge is not None and v < self.ge)
+            or (self.gt is not None and v <= self.gt)
+            or (self.le is not None and v > self.le)
+            or (self.lt is not None and v >= self.lt)
+        )
+
+    def __str__(self) -> str:
+        """'>= 1', '> 0', 'in [0, 1]', 'in [0, 1)'."""
+        lo = (self.ge, "[") if self.ge is not None else (self.gt, "(") if self.gt is not None else None
+        hi = (self.le, "]") if self.le is not None else (self.lt, ")") if self.lt is not None else None
+        if lo and hi:
+            return f"in {lo[1]}{lo[0]:g}, {hi[0]:g}{hi[1]}"
+        if lo:
+            return f"{'>=' if lo[1] == '[' else '>'} {lo[0]:g}"
+        return f"{'<=' if hi[1] == ']' else '<'} {hi[0]:g}" if hi else "any number"
+
+
+def ranged(default: float, **bounds: float) -> Any:
+    """A numeric field with its allowed range beside it, e.g. `lr: float = ranged(2e-4, gt=0)`."""
+    return field(default=default, metadata={"range": Range(**bounds)})
+
+
 @dataclass
 class DataConfig:
     dir: str = "demo_data"  # competition folder with train.csv, test.csv, labels.json, images
@@ -39,7 +76,8 @@ class DataConfig:
     reason_col: str = "reason"  # optional column with a short reason for reason-then-label prompts
     group_col: str = "group"  # optional column; rows of one group never straddle folds
     id_col: str = "id"  # test.csv id column, copied to the submission
-    limit: int = 0  # use only the first N train and test rows (0 = all), for smoke tests
+    limit: int = ranged(0, ge=0)  # first N train AND test rows (0 = all); such a run cannot be submitted
+    train_limit: int = ranged(0, ge=0)  # first N train rows only (0 = all): a smoke run that can be submitted
     answers_csv: str = ""  # optional id,label test answers (the demo has test_answers.csv): runs score them
 
 
@@ -57,19 +95,17 @@ class ModelConfig:
 
 @dataclass
 class ImageConfig:
-    min_pixels: int = 0  # lower bound on H*W after resizing (0 = the processor's default)
-    max_pixels: int = (
-        0  # upper bound on H*W (0 = processor default); ~ 1024*28*28 keeps screenshot text legible
-    )
-    longest_side: int = 0  # if > 0, downscale so the longest side is at most this many px
-    resize: int = 0  # if > 0, resize every image to resize x resize (ignores aspect ratio)
+    min_pixels: int = ranged(0, ge=0)  # lower bound on H*W after resizing (0 = the processor's default)
+    max_pixels: int = ranged(0, ge=0)  # upper bound on H*W (0 = processor default); 1024*28*28 keeps text
+    longest_side: int = ranged(0, ge=0)  # if > 0, downscale so the longest side is at most this many px
+    resize: int = ranged(0, ge=0)  # if > 0, resize every image to resize x resize (ignores aspect ratio)
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16  # adapter rank
-    alpha: int = 32  # scaling numerator; effective scale alpha/r (or alpha/sqrt(r) with rslora)
-    dropout: float = 0.05  # dropout on the adapter input
+    r: int = ranged(16, ge=1)  # adapter rank
+    alpha: int = ranged(32, gt=0)  # scaling numerator; effective scale alpha/r (or alpha/sqrt(r) with rslora)
+    dropout: float = ranged(0.05, ge=0, lt=1)  # dropout on the adapter input
     rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r)
     bias: str = choice("none", "all", "lora_only")  # which biases train
     modules_to_save: list[str] = field(default_factory=list)  # fully trained modules, e.g. ["lm_head"]
@@ -82,35 +118,37 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = 3.0  # passes over each fold's training split
-    batch_size: int = 8  # per-device micro batch
-    grad_accum: int = 1  # micro batches per optimizer step
-    lr: float = 2e-4  # peak learning rate (LoRA); use ~1e-5 for full fine-tuning
+    epochs: float = ranged(3.0, ge=1)  # passes over each fold's training split
+    batch_size: int = ranged(8, ge=1)  # per-device micro batch
+    grad_accum: int = ranged(1, ge=1)  # micro batches per optimizer step
+    lr: float = ranged(2e-4, gt=0)  # peak learning rate (LoRA); use ~1e-5 for full fine-tuning
     scheduler: str = "cosine"  # any transformers scheduler name, e.g. linear, cosine, constant
-    warmup_ratio: float = 0.05  # share of steps spent warming up
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping
+    warmup_ratio: float = ranged(0.05, ge=0, le=1)  # share of steps spent warming up
+    weight_decay: float = ranged(0.0, ge=0)  # AdamW weight decay
+    max_grad_norm: float = ranged(1.0, ge=0)  # gradient clipping
     gradient_checkpointing: str = choice("auto", "on", "off")  # auto: off on CPU, on for big GPU models
     optim: str = "adamw_torch"  # any transformers optimizer name, e.g. adamw_torch_fused, paged_adamw_8bit
     bf16: str = choice("auto", "on", "off")  # auto: on when the GPU supports it
     tf32: bool = True  # allow TF32 matmuls on Ampere+ GPUs
     eval: bool = True  # evaluate accuracy/macro-F1 on the validation split and keep the best checkpoint
-    eval_every: float = 1.0  # evaluate every this many epochs
+    eval_every: float = ranged(1.0, gt=0)  # evaluate every this many epochs
     mix_dataset: str = ""  # optional JSONL of general {"messages": ...} samples mixed in to keep skills
-    mix_ratio: float = 0.0  # mixed samples per competition sample, e.g. 0.1
-    max_length: int = 2048  # truncate longer samples (tokens)
-    logging_steps: int = 5  # log loss every N optimizer steps
+    mix_ratio: float = ranged(0.0, ge=0)  # mixed samples per competition sample, e.g. 0.1
+    max_length: int = ranged(2048, ge=1)  # truncate longer samples (tokens)
+    logging_steps: int = ranged(5, ge=1)  # log loss every N optimizer steps
+    gpus_per_fold: int = ranged(1, ge=1)  # > 1: one fold sharded over this many GPUs (FSDP), e.g. 4 for 72B
 
 
 @dataclass
 class PredictConfig:
     mode: str = choice("score", "generate")  # score: label log-likelihoods; generate: greedy decode + parse
-    batch_size: int = 8  # images per prediction batch
-    max_new_tokens: int = 128  # generation budget for reasons / chain of thought
+    batch_size: int = ranged(8, ge=1)  # images per prediction batch
+    max_new_tokens: int = ranged(128, ge=1)  # generation budget for reasons / chain of thought
     backend: str = choice("local", "openai")  # openai: predict through an OpenAI-compatible server
     base_url: str = ""  # server URL for backend=openai, e.g. http://127.0.0.1:8000/v1
     server_model: str = ""  # model name on that server (empty: the server's only model)
-    concurrency: int = 4  # requests in flight for backend=openai; vLLM takes far more, e.g. 64
+    tta: str = choice("none", "scales", "crops")  # test-time views, probs averaged (engine/tta.py); no flips
+    concurrency: int = ranged(4, ge=1)  # requests in flight for backend=openai; vLLM takes far more, e.g. 64
 
 
 @dataclass
@@ -118,31 +156,31 @@ class SpeedConfig:
     # Levers that change speed, not results (beyond bf16 rounding): left out of the config hash.
     encode_once: bool = True  # process each row's images and text once per run, pad per batch
     vision_cache: str = choice("auto", "on", "off")  # frozen vision tower: features once per image; auto=on
-    vision_cache_gib: float = 16.0  # most GPU memory the cached features may take (3B, 448 px: 1 MiB each)
+    vision_cache_gib: float = ranged(16.0, ge=0)  # GPU memory for cached features (3B, 448 px: 1 MiB each)
     compile: bool = False  # torch.compile each decoder layer (CUDA only; each new batch length compiles)
 
 
 @dataclass
 class PromptConfig:
     dir: str = ""  # a folder of your own .jinja templates; its names add to or override the shipped ones
-    budget: int = 2500  # warn when a rendered prompt is longer (characters); longer prompts scored worse
+    budget: int = ranged(2500, ge=1)  # warn over this many prompt chars; long prompts scored worse
 
 
 @dataclass
 class OcrConfig:
     enabled: bool = False  # put the image's OCR text into the prompt as `ocr_text`
-    max_chars: int = 600  # cut the OCR text to this many characters
-    min_confidence: float = 0.5  # drop OCR lines below this confidence
+    max_chars: int = ranged(600, ge=0)  # cut the OCR text to this many characters
+    min_confidence: float = ranged(0.5, ge=0, le=1)  # drop OCR lines below this confidence
     cache_dir: str = ".cache/ocr"  # per-image-hash cache shared by all runs
 
 
 @dataclass
 class PseudoConfig:
-    rounds: int = 0  # extra rounds: each trains on train + confident test predictions of the round before
+    rounds: int = ranged(0, ge=0)  # extra rounds: each trains on train + confident test preds of the last
     source: str = ""  # take pseudo-labels from this finished run's test ensemble (name or folder)
-    min_agree: float = 1.0  # share of folds that must vote the ensemble's label, e.g. 1.0 = 5 of 5
-    min_confidence: float = 0.9  # ensemble probability of that label must reach this
-    round: int = 0  # which pseudo-label round this run is (set by pseudo.rounds chaining)
+    min_agree: float = ranged(1.0, ge=0, le=1)  # share of folds voting the ensemble's label; 1.0 = 5 of 5
+    min_confidence: float = ranged(0.9, ge=0, le=1)  # ensemble probability of that label must reach this
+    round: int = ranged(0, ge=0)  # which pseudo-label round this run is (set by pseudo.rounds chaining)
 
 
 @dataclass
@@ -152,9 +190,20 @@ class EnsembleConfig:
         "soft", "majority", "confident", "rerun"
     )  # policy for samples the folds disagree on
     rerun_from: str = ""  # for reconcile=rerun: a finished run whose models re-predict the disputed samples
-    suspect_confidence: float = 0.9  # OOF prob of another label above this marks a training label suspect
+    suspect_confidence: float = ranged(0.9, ge=0, le=1)  # OOF prob of another label above this: suspect
     suspects: str = choice("keep", "relabel", "drop")  # what this run does with a source run's suspects
     suspects_from: str = ""  # run whose suspect_labels.csv to apply
+    calibrate: str = choice("none", "bias")  # bias: per-class log-prob offsets fitted on OOF for the metric
+
+
+@dataclass
+class RayConfig:
+    # Where launcher=ray sends the folds; none of this changes results (left out of the hash).
+    address: str = ""  # "" starts a local Ray instance; auto joins `ray start`; or ray://HOST:10001
+    max_retries: int = ranged(
+        3, ge=0
+    )  # a fold task whose process dies (kill -9, node lost) reruns this often
+    cpus_per_fold: float = ranged(1.0, gt=0)  # CPUs each fold task reserves, e.g. 8 on a GPU node
 
 
 @dataclass
@@ -164,12 +213,14 @@ class Config:
     runs_dir: str = "runs"  # where run folders live
     leaderboard: str = "experiments/leaderboard.csv"  # every finished run appends one row here
     prompt: str = "baseline"  # template name: baseline, label_desc, reason_label, cot, describe_classify
-    folds: int = 5  # K of stratified (grouped if the data has groups) K-fold
-    fold_seed: int = 42  # seed of the fold assignment (shared by all runs on the same data)
-    seed: int = 42  # training seed
+    folds: int = ranged(5, ge=2)  # K of stratified (grouped if the data has groups) K-fold
+    fold_seed: int = ranged(42, ge=0)  # seed of the fold assignment (shared by all runs on the same data)
+    seed: int = ranged(42, ge=0)  # training seed
     metric: str = choice("macro_f1", "accuracy")  # the score that ranks runs
-    gpus: int = 1  # > 1: folds train in parallel, one process per GPU, launched through torchrun
+    gpus: int = ranged(1, ge=1)  # > 1: folds train in parallel, one process per GPU (torchrun)
     balance: str = choice("none", "oversample", "sqrt", "undersample")  # class resampling of train splits
+    launcher: str = choice("local", "ray")  # ray: every unfinished fold of every run is a Ray task
+    ray: RayConfig = field(default_factory=RayConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -181,16 +232,34 @@ class Config:
     ocr: OcrConfig = field(default_factory=OcrConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    # Filled by load_config, not a key you set: {key: value as written} of values read from the
+    # environment, e.g. {"predict.base_url": "${oc.env:VLLM_URL}"}; config.yaml, overrides.json and the
+    # leaderboard show this text, never the resolved value (which may be a secret).
+    interpolations: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
 
 
 # Fields that name or place a run without changing its results: left out of the hash,
 # so that `name=foo` reruns into the same numbers.
-_UNHASHED = {"name", "runs_dir", "experiment", "leaderboard", "gpus", "speed"}
+# A dotted key leaves out one field: changing only the answers scored (data.answers_csv) must not
+# retrain folds that are already done.
+_UNHASHED = {
+    "name",
+    "runs_dir",
+    "experiment",
+    "leaderboard",
+    "gpus",
+    "speed",
+    "launcher",
+    "ray",
+    "data.answers_csv",
+}
 
 
 def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     keys = []
     for f in fields(cls):
+        if f.metadata.get("internal"):
+            continue
         key = prefix + f.name
         keys.append(key)
         if is_dataclass(f.type) or (isinstance(f.default_factory, type) and is_dataclass(f.default_factory)):
@@ -262,17 +331,17 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
     overrides = list(overrides or [])
     _check_keys(overrides, "argument")
     cfg: DictConfig = OmegaConf.structured(Config)
-    cli = _merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(overrides), "argument")
+    cli = _merge(OmegaConf.structured(Config), _dotlist(overrides), "argument")
     experiment = cli.experiment
     if experiment:
         path = experiment_path(experiment, experiments_dir)
-        raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        raw = _cleared(OmegaConf.to_container(OmegaConf.load(path)) or {})
         _check_keys(_flatten(raw), str(path))
         cfg = _merge(cfg, OmegaConf.create(raw), str(path))
-    cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "argument")
+    cfg = _merge(cfg, _dotlist(overrides), "argument")
     cfg.experiment = experiment
-    config: Config = OmegaConf.to_object(cfg)
-    validate(config)
+    config = _to_config(cfg, "argument")
+    _check_prompt(config)
     return config
 
 
@@ -281,10 +350,97 @@ def load_config_file(path: Path, overrides: list[str] | None = None) -> Config:
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
     if overrides:
         _check_keys(overrides, "argument")
-        cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "argument")
-    config: Config = OmegaConf.to_object(cfg)
+        cfg = _merge(cfg, _dotlist(overrides), "argument")
+    return _to_config(cfg, str(path))
+
+
+def _dotlist(overrides: list[str]) -> DictConfig:
+    try:
+        layer = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"argument: cannot parse {' '.join(overrides)!r}: {str(e).splitlines()[0]}; "
+            "quote values with brackets or colons, e.g. 'lora.target_modules=[q_proj,v_proj]'"
+        ) from None
+    return OmegaConf.create(_cleared(layer))
+
+
+def _cleared(layer: dict, prefix: str = "") -> dict:
+    """An empty value clears a text option to "" and a list option to [] (`data.answers_csv=` turns the
+    answers file off) instead of failing on None; other fields keep None, which their type refuses."""
+    out = {}
+    keys = set(_all_keys())
+    for k, v in layer.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            v = _cleared(v, key + ".")
+        elif v is None and key in keys:
+            kind = str(_field(key).type)
+            v = "" if kind == "str" else [] if kind.startswith("list") else None
+        out[k] = v
+    return out
+
+
+# A value read from outside the config calls a resolver, e.g. "${oc.env:OPENAI_API_KEY}"; "${prompt}"
+# (another key's value) does not.
+_RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")
+# Keys that become folder names and leaderboard rows: they must be written out, not read from outside.
+_NAMING = ("name", "experiment", "prompt")
+
+
+def _env_values(raw: dict, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value as written} of every value that calls a resolver, at any depth of `raw`."""
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if key == "interpolations":
+            continue
+        if isinstance(v, dict):
+            out |= _env_values(v, key + ".")
+        elif any(isinstance(x, str) and _RESOLVER.search(x) for x in (v if isinstance(v, list) else [v])):
+            out[key] = v
+    return out
+
+
+def _to_config(cfg: DictConfig, source: str) -> Config:
+    """The validated Config of a merged DictConfig; environment values resolved, and kept as written in
+    `Config.interpolations` for everything printed (names, config.yaml, overrides.json, the leaderboard)."""
+    written = _env_values(OmegaConf.to_container(cfg, resolve=False))
+    for key in _NAMING:
+        if key in written:
+            raise ConfigError(
+                f"{source}: '{key}={written[key]}': {key} becomes part of the run folder name and the "
+                f"leaderboard, so it cannot come from the environment; write it out, e.g. {key}=my-run"
+            )
+    try:
+        config: Config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(
+            f"{source}: cannot resolve '{e.full_key}': {str(e).splitlines()[0]}; "
+            "e.g. export the environment variable it reads"
+        ) from None
+    config.interpolations = written
     validate(config)
     return config
+
+
+def _check_prompt(cfg: Config) -> None:
+    """`prompt=NAME` must name a template (shipped or in prompts.dir): refused here, before any data loads."""
+    from vlmexp.prompts.render import SHIPPED_DIR, available_templates  # jinja only: no import cycle
+
+    if cfg.prompts.dir and not Path(cfg.prompts.dir).is_dir():
+        raise ConfigError(
+            f"'prompts.dir={cfg.prompts.dir}' is not a folder; point it at a folder of .jinja templates"
+        )
+    have = available_templates(cfg.prompts.dir)
+    name = cfg.prompt.removesuffix(".jinja")
+    if name not in have:
+        near = difflib.get_close_matches(name, have, n=1, cutoff=0.0)
+        where = f"{SHIPPED_DIR}" + (f" or {cfg.prompts.dir}" if cfg.prompts.dir else "")
+        raise ConfigError(
+            f"'prompt={cfg.prompt}': no template {name}.jinja in {where}; did you mean '{near[0]}'? "
+            f"(templates: {', '.join(have)}; add your own with prompts.dir=DIR)"
+        )
 
 
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
@@ -298,46 +454,103 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         ) from None
 
 
+# What an out-of-range value usually means, added to its error: key -> hint.
+_RANGE_HINTS = {
+    "folds": "K-fold needs at least 2 folds, e.g. folds=5",
+    "train.epochs": "at least one pass over each fold's training split, e.g. train.epochs=3",
+    "data.limit": "0 means every row",
+    "image.resize": "0 means no resizing",
+    "pseudo.min_agree": "a share of folds, e.g. 0.8",
+}
+
+
 def validate(cfg: Config) -> None:
+    """Every choice and numeric range of the schema, all problems in one error, e.g.
+    "'train.lr=-1.0' is out of range: train.lr must be > 0"."""
+    values = OmegaConf.structured(cfg)
+    problems = []
     for key in _all_keys():
-        f = _field(key)
-        allowed = f.metadata.get("choices")
-        if allowed:
-            value = OmegaConf.select(OmegaConf.structured(cfg), key)
-            if value not in allowed:
-                raise ConfigError(f"'{key}={value}' is not allowed; choose one of: {', '.join(allowed)}")
-    if cfg.folds < 2:
-        raise ConfigError(f"'folds={cfg.folds}': K-fold needs at least 2 folds, e.g. folds=5")
-    if not 0.0 <= cfg.pseudo.min_agree <= 1.0:
+        meta = _field(key).metadata
+        if "choices" not in meta and "range" not in meta:
+            continue
+        value = OmegaConf.select(values, key)
+        allowed, rng = meta.get("choices"), meta.get("range")
+        if allowed and value not in allowed:
+            problems.append(f"'{key}={value}' is not allowed; choose one of: {', '.join(allowed)}")
+        if rng is not None and value not in rng:
+            hint = f" ({_RANGE_HINTS[key]})" if key in _RANGE_HINTS else ""
+            problems.append(f"'{key}={value}' is out of range: {key} must be {rng}{hint}")
+    if 0 < cfg.image.max_pixels < cfg.image.min_pixels:
+        problems.append(
+            f"'image.min_pixels={cfg.image.min_pixels}' exceeds 'image.max_pixels={cfg.image.max_pixels}'"
+        )
+    if cfg.ensemble.calibrate != "none" and cfg.ensemble.vote != "soft":
+        problems.append(
+            f"'ensemble.calibrate={cfg.ensemble.calibrate}' shifts the test ensemble's probabilities, which "
+            f"'ensemble.vote={cfg.ensemble.vote}' ignores; use ensemble.vote=soft"
+        )
+    if problems:
         raise ConfigError(
-            f"'pseudo.min_agree={cfg.pseudo.min_agree}' is a share of folds in [0, 1], e.g. 0.8"
+            problems[0] if len(problems) == 1 else "bad config values:\n- " + "\n- ".join(problems)
         )
     if cfg.predict.backend == "openai" and not cfg.predict.base_url:
         raise ConfigError("predict.backend=openai needs predict.base_url=http://HOST:PORT/v1")
 
 
 def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    """Every field as the code sees it (environment values resolved): what the hash covers."""
+    d = OmegaConf.to_container(OmegaConf.structured(cfg))
+    d.pop("interpolations", None)
+    return d
+
+
+def _as_written(cfg: Config) -> dict:
+    """`to_dict` with every environment value back as written, e.g. "${oc.env:OPENAI_API_KEY}"."""
+    d = to_dict(cfg)
+    for key, text in cfg.interpolations.items():
+        *parents, leaf = key.split(".")
+        node = d
+        for part in parents:
+            node = node[part]
+        node[leaf] = text
+    return d
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as written (environment values unresolved): loading it back resolves them again."""
+    return OmegaConf.to_yaml(OmegaConf.create(_as_written(cfg)))
 
 
 def config_hash(cfg: Config) -> str:
     """Stable 8-hex hash of everything that changes results (not name/runs_dir/experiment)."""
     d = {k: v for k, v in to_dict(cfg).items() if k not in _UNHASHED}
+    defaults = to_dict(Config())
+    for key in (k for k in _UNHASHED if "." in k):
+        # Reset to its default rather than dropped: runs that never set it keep the hash they had.
+        section, leaf = key.split(".")
+        d[section][leaf] = defaults[section][leaf]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def diff_from_defaults(cfg: Config) -> dict[str, Any]:
     """{dotted key: value} of every field that differs from the defaults, e.g. {"lora.r": 32}."""
-    base, mine = to_dict(Config()), to_dict(cfg)
-    out = {}
-    for key in _all_keys():
-        a, b = OmegaConf.select(OmegaConf.create(base), key), OmegaConf.select(OmegaConf.create(mine), key)
-        if not isinstance(a, DictConfig) and a != b and key.split(".")[0] not in _UNHASHED:
-            out[key] = OmegaConf.to_container(b) if hasattr(b, "_content") else b
+    # As written: this lands in overrides.json and the git-tracked leaderboard, so an API key read
+    # with ${oc.env:...} stays that text.
+    base, mine = _leaves(to_dict(Config())), _leaves(_as_written(cfg))
+    return {k: v for k, v in mine.items() if base.get(k, _ABSENT) != v and k.split(".")[0] not in _UNHASHED}
+
+
+_ABSENT = object()
+
+
+def _leaves(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"lora": {"r": 8}} -> {"lora.r": 8}; lists stay whole."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _leaves(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
