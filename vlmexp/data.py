@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -23,12 +24,22 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from vlmexp.config import DataConfig
+from vlmexp.config import Config, DataConfig
 
 CANONICAL = ("id", "image", "label", "reason", "group")
 GOOD_SIDE = (300, 1000)  # longest side in px; smaller loses screenshot text, larger costs image tokens
 Frame = pd.DataFrame | None
 MAX_LISTED = 100  # problems spelled out in a DataError message; all stay on `.problems`
+# A multi-image row holds several paths in its image cell, e.g. "a/front.png|a/back.png".
+IMAGE_SEP = "|"
+
+
+def image_paths(cell: str) -> list[str]:
+    """The paths of one image cell, in order: "a/front.png | a/back.png" -> ["a/front.png", "a/back.png"].
+
+    The one place the multi-image convention is spelled out: loading, samples, OCR and reasons split here.
+    """
+    return [p.strip() for p in str(cell).split(IMAGE_SEP) if p.strip()]
 
 
 class DataError(ValueError):
@@ -61,6 +72,8 @@ class CheckResult:
     imbalance_ratio: float | None = None  # max/min count over classes that have rows, e.g. 8.25
     # {"width": {"min": 320, "median": 367, "max": 480}, "height": {...}} over train and test images
     image_sizes: dict[str, dict[str, float]] = field(default_factory=dict)
+    group_col: str | None = None  # the group column found in train.csv, e.g. "group"; None without one
+    groups: int | None = None  # distinct groups (a row with an empty cell is a group of its own), e.g. 20
 
     @property
     def ok(self) -> bool:
@@ -70,7 +83,7 @@ class CheckResult:
         (self.warnings if warning else self.problems).append(Problem(file, row, message, fix))
 
     def summary(self) -> dict:
-        keys = ("rows", "class_counts", "imbalance_ratio", "image_sizes")
+        keys = ("rows", "class_counts", "imbalance_ratio", "image_sizes", "group_col", "groups")
         counts = {"problems": len(self.problems), "warnings": len(self.warnings)}
         return {k: getattr(self, k) for k in keys} | counts
 
@@ -136,6 +149,10 @@ def _read_labels(root: Path, cfg: DataConfig, out: CheckResult) -> dict[str, str
     if not isinstance(obj, dict) or not obj:
         out.add(name, None, f"expected a non-empty JSON object, got {type(obj).__name__}", fix)
         return None
+    if len(obj) < 2:
+        # One class scores a perfect CV of 1.0 +- 0.0 and teaches nothing.
+        msg = f"has {len(obj)} class ({', '.join(obj)}); classification needs at least 2 classes"
+        out.add(name, None, msg, "add the other classes to labels.json (and their rows to train.csv)")
     bad = [k for k, v in obj.items() if not isinstance(v, str) or not k.strip()]
     for k in bad:
         out.add(name, None, f"label '{k}' has a {type(obj[k]).__name__} description", fix)
@@ -184,49 +201,59 @@ def _read_csv(root: Path, name: str, key: str, need: dict[str, str], limit: int,
 
 
 def _image_paths(root: Path, df: pd.DataFrame, col: str, name: str, out: CheckResult) -> list[str | None]:
-    """Absolute image path per row (None where the path is bad), checking each exists inside `root`."""
-    paths: list[str | None] = []
-    index: dict[str, list[str]] | None = None
+    """Absolute image cell per row (None where a path is bad), checking each image exists inside `root`.
+
+    A multi-image cell stays one cell of absolute paths: "a.png|b.png" -> "/data/a.png|/data/b.png".
+    """
+    cells: list[str | None] = []
+    index: dict[str, list[str]] = {}
     for row, raw in enumerate(df[col], 1):
-        full = os.path.normpath(os.path.join(root, raw))  # lexical: a symlinked images folder stays inside
         if not raw.strip():
             out.add(name, row, f"empty '{col}' cell", "give the image path or drop the row")
-        elif os.path.commonpath([full, str(root)]) != str(root):
-            msg = f"image path '{raw}' points outside the data folder {root}"
-            out.add(name, row, msg, "copy the image into the folder; give its path relative to it")
-        elif not os.path.isfile(full):
-            if index is None:  # built once, only when some image is missing
-                index = {}
-                for d, _, files in os.walk(root):
-                    for f in files:
-                        index.setdefault(f, []).append(os.path.relpath(os.path.join(d, f), root))
-            if "\\" in raw:
-                fix = f"write the path with forward slashes: {raw.replace(chr(92), '/')}"
-            elif raw != raw.strip():
-                fix = "remove the spaces around the path"
-            elif os.path.basename(raw) in index:
-                fix = f"did you mean '{index[os.path.basename(raw)][0]}'? paths are relative to {root}"
-            else:
-                fix = f"restore the image or fix the path (relative to {root})"
-            out.add(name, row, f"image not found: {raw}", fix)
-        else:
-            paths.append(full)
+            cells.append(None)
             continue
-        paths.append(None)
-    return paths
+        parts = [_image_path(root, part, name, row, out, index) for part in raw.split(IMAGE_SEP)]
+        cells.append(IMAGE_SEP.join(parts) if all(parts) else None)  # type: ignore[arg-type]
+    return cells
+
+
+def _image_path(root: Path, raw: str, name: str, row: int, out: CheckResult, index: dict) -> str | None:
+    """One image's absolute path, or None after adding the problem; `index` is filled on the first miss."""
+    path = raw.strip()  # "a.png | b.png": spaces around a multi-image separator are no part of a path
+    full = os.path.normpath(os.path.join(root, path))  # lexical: a symlinked images folder stays inside
+    if not path:
+        out.add(name, row, "empty path in a multi-image cell", f"remove the extra '{IMAGE_SEP}'")
+    elif os.path.commonpath([full, str(root)]) != str(root):
+        msg = f"image path '{path}' points outside the data folder {root}"
+        out.add(name, row, msg, "copy the image into the folder; give its path relative to it")
+    elif not os.path.isfile(full):
+        if not index:  # built once, only when some image is missing
+            for d, _, files in os.walk(root):
+                for f in files:
+                    index.setdefault(f, []).append(os.path.relpath(os.path.join(d, f), root))
+        if "\\" in path:
+            fix = f"write the path with forward slashes: {path.replace(chr(92), '/')}"
+        elif os.path.basename(path) in index:
+            fix = f"did you mean '{index[os.path.basename(path)][0]}'? paths are relative to {root}"
+        else:
+            fix = f"restore the image or fix the path (relative to {root})"
+        out.add(name, row, f"image not found: {path}", fix)
+    else:
+        return full
+    return None
 
 
 def _decode_all(
     paths: list[str | None], name: str, out: CheckResult
 ) -> list[tuple[str, int, tuple[int, int]]]:
     """(file, row, (width, height)) of every image that fully decodes; the others become problems."""
-    ok = [(row, p) for row, p in enumerate(paths, 1) if p]
+    ok = [(row, p) for row, cell in enumerate(paths, 1) if cell for p in image_paths(cell)]
     sizes = []
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
-        for (row, _), got in zip(ok, pool.map(_decode, [p for _, p in ok]), strict=True):
+        for (row, path), got in zip(ok, pool.map(_decode, [p for _, p in ok]), strict=True):
             if isinstance(got, str):
                 fix = "re-export the image (e.g. open and save it again) or drop the row"
-                out.add(name, row, f"cannot decode image: {got}", fix)
+                out.add(name, row, f"cannot decode image {os.path.relpath(path, out.root)}: {got}", fix)
             else:
                 sizes.append((name, row, got))
     return sizes
@@ -256,10 +283,10 @@ def _inspect(cfg: DataConfig, decode: bool) -> tuple[CheckResult, dict | None, F
         return out, None, None, None
     labels = _read_labels(root, cfg, out)
     need = {"data.image_col": cfg.image_col, "data.label_col": cfg.label_col}
-    train = _read_csv(root, cfg.train_csv, "data.train_csv", need, cfg.limit, out)
+    train = _read_csv(root, cfg.train_csv, "data.train_csv", need, _train_limit(cfg), out)
     need = {"data.id_col": cfg.id_col, "data.image_col": cfg.image_col}
     test = _read_csv(root, cfg.test_csv, "data.test_csv", need, cfg.limit, out)
-    sizes: list[tuple[str, int, tuple[int, int]]] = []
+    sizes: dict[str, list[tuple[str, int, tuple[int, int]]]] = {}
     for split, name, df in (("train", cfg.train_csv, train), ("test", cfg.test_csv, test)):
         if df is not None:
             out.rows[split] = len(df)
@@ -267,14 +294,14 @@ def _inspect(cfg: DataConfig, decode: bool) -> tuple[CheckResult, dict | None, F
             paths = _image_paths(root, df, cfg.image_col, name, out)
             df["_abs"] = pd.Series(paths, index=df.index, dtype=object)
             if decode:
-                sizes += _decode_all(paths, name, out)
+                sizes[name] = _decode_all(paths, name, out)
     if test is not None:
         _check_ids(list(test[cfg.id_col]), cfg.test_csv, f"id ('{cfg.id_col}')", out)
     if train is not None:
         if cfg.id_col in train.columns:
             _check_ids(list(train[cfg.id_col]), cfg.train_csv, f"id ('{cfg.id_col}')", out)
         else:  # ids come from the image paths, so a repeated image would repeat an id
-            rel = [os.path.relpath(p, root) if p else None for p in train["_abs"]]
+            rel = [_relative_cell(p, root) if p else None for p in train["_abs"]]
             _check_ids(rel, cfg.train_csv, "image (the row id when there is no id column)", out)
         if labels is not None:
             _check_labels(train[cfg.label_col], labels, cfg.train_csv, out)
@@ -284,6 +311,16 @@ def _inspect(cfg: DataConfig, decode: bool) -> tuple[CheckResult, dict | None, F
     order = {cfg.labels_json: 0, cfg.train_csv: 1, cfg.test_csv: 2}
     out.problems.sort(key=lambda p: (order.get(p.file, 3), p.row or 0))  # stable: a row's problems keep order
     return out, labels, train, test
+
+
+def _train_limit(cfg: DataConfig) -> int:
+    """Rows of train.csv to read: data.train_limit, else data.limit (which also cuts test), 0 = all."""
+    return cfg.train_limit or cfg.limit
+
+
+def _relative_cell(cell: str, root: Path) -> str:
+    """An absolute image cell as a row id: "/data/img/a.png|/data/img/b.png" -> "img/a.png|img/b.png"."""
+    return IMAGE_SEP.join(Path(os.path.relpath(p, root)).as_posix() for p in image_paths(cell))
 
 
 def _check_labels(values: pd.Series, labels: dict[str, str], name: str, out: CheckResult) -> None:
@@ -307,8 +344,12 @@ def _warn_overlap(train: pd.DataFrame, test: pd.DataFrame, cfg: DataConfig, out:
 
 
 def _summarise(
-    out: CheckResult, sizes: list, train: pd.DataFrame | None, labels: dict | None, cfg: DataConfig
+    out: CheckResult, sizes: dict[str, list], train: pd.DataFrame | None, labels: dict | None, cfg: DataConfig
 ):
+    if train is not None and cfg.group_col in train.columns:
+        cells = train[cfg.group_col].str.strip()
+        out.group_col = cfg.group_col
+        out.groups = cells[cells != ""].nunique() + int((cells == "").sum())  # an empty cell: its own group
     if train is not None:
         counts = train[cfg.label_col].value_counts()
         out.class_counts = {label: int(counts.get(label, 0)) for label in (labels or counts.index)}
@@ -319,17 +360,19 @@ def _summarise(
             msg = f"{len(few)} classes have fewer than 5 training rows: {', '.join(few)}"
             fix = "add examples; with fewer rows than folds, stratified K-fold leaves some folds without them"
             out.add(cfg.train_csv, None, msg, fix, warning=True)
-    if sizes:
+    every = [s for per_file in sizes.values() for s in per_file]
+    if every:
         for axis, i in (("width", 0), ("height", 1)):
-            values = [s[i] for _, _, s in sizes]
+            values = [s[i] for _, _, s in every]
             out.image_sizes[axis] = {
                 "min": min(values),
                 "median": statistics.median(values),
                 "max": max(values),
             }
-        lo, hi = GOOD_SIDE
-        small = [s for s in sizes if max(s[2]) < lo]
-        large = [s for s in sizes if max(s[2]) > hi]
+    lo, hi = GOOD_SIDE
+    for per_file in sizes.values():  # one warning per file: its count is that file's images only
+        small = [s for s in per_file if max(s[2]) < lo]
+        large = [s for s in per_file if max(s[2]) > hi]
         for bad, word, fix in (
             (small, f"under {lo}", "small text may be unreadable: upscale, or raise image.min_pixels"),
             (large, f"over {hi}", f"they cost many image tokens: set image.longest_side={hi}"),
@@ -340,9 +383,32 @@ def _summarise(
                 out.add(name, row, msg, fix, warning=True)
 
 
-def check_competition(data_cfg: DataConfig | str | Path) -> CheckResult:
-    """Every problem with the competition folder (images fully decoded) plus a summary."""
-    return _inspect(_as_cfg(data_cfg), decode=True)[0]
+def check_competition(data_cfg: DataConfig | str | Path, run_cfg: Config | None = None) -> CheckResult:
+    """Every problem with the competition folder (images fully decoded) plus a summary.
+
+    With `run_cfg`, also every other file and column that run would read (see `preflight`).
+    """
+    out, labels, _, test = _inspect(_as_cfg(data_cfg), decode=True)
+    if run_cfg is not None:
+        from vlmexp.preflight import check_run_files
+
+        check_run_files(run_cfg, out, labels, test)
+    return out
+
+
+def preflight(cfg: Config) -> Competition:
+    """The competition a run trains on, after checking everything it will read, before fold 0.
+
+    Every image of the rows it uses is fully decoded, and every other file of the config (answers,
+    mix dataset, OCR cache folder, source runs) is checked; all problems are raised at once, e.g.
+    a corrupt image in row 5, another in row 8 and a missing answers file in one DataError.
+    """
+    from vlmexp.preflight import check_run_files
+
+    out, labels, train, test = _inspect(cfg.data, decode=True)
+    check_run_files(cfg, out, labels, test)
+    _raise_problems(out)
+    return _competition(cfg.data, out.root, labels, train, test)
 
 
 def _as_cfg(data_cfg: DataConfig | str | Path) -> DataConfig:
@@ -357,22 +423,37 @@ def load_competition(data_cfg: DataConfig | str | Path, *, check_images: bool = 
     """
     data_cfg = _as_cfg(data_cfg)
     out, labels, train, test = _inspect(data_cfg, decode=check_images)
+    _raise_problems(out)
+    return _competition(data_cfg, out.root, labels, train, test)
+
+
+def _raise_problems(out: CheckResult) -> None:
     if out.problems:
         lines = [f"  - {p}" for p in out.problems[:MAX_LISTED]]
         if len(out.problems) > MAX_LISTED:
             lines.append(f"  ... and {len(out.problems) - MAX_LISTED} more: run `exp data check {out.root}`")
         head = f"{len(out.problems)} problem(s) in the competition data at {out.root}:"
         raise DataError("\n".join([head, *lines]), out.problems)
-    c = data_cfg
+
+
+def _competition(c: DataConfig, root: Path, labels, train: pd.DataFrame, test: pd.DataFrame) -> Competition:
+    """Checked frames -> canonical columns (id, image, label, reason, group, then the rest as-is)."""
     names = {c.id_col: "id", c.image_col: "image", c.label_col: "label", c.reason_col: "reason"}
     train = _canonical(train, names | {c.group_col: "group"})
     if "id" not in train.columns:  # the image path relative to the folder: stable across runs and machines
-        train.insert(0, "id", [Path(os.path.relpath(p, out.root)).as_posix() for p in train["image"]])
+        train.insert(0, "id", [_relative_cell(p, root) for p in train["image"]])
     if "group" in train.columns:
         empty = train["group"].str.strip() == ""
         train.loc[empty, "group"] = train.loc[empty, "id"]  # an ungrouped row is a group of its own
     test = _canonical(test, {c.id_col: "id", c.image_col: "image"})
-    return Competition(out.root, list(labels), dict(labels), train, test)
+    return Competition(root, list(labels), dict(labels), train, test)
+
+
+def read_answers(data_cfg: DataConfig) -> pd.Series:
+    """data.answers_csv as {test id: label}, plain strings (an answer "None" or "NA" stays that label)."""
+    path = Path(data_cfg.dir) / data_cfg.answers_csv
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    return df.set_index(data_cfg.id_col)[data_cfg.label_col]
 
 
 def _canonical(df: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
@@ -385,12 +466,80 @@ def _canonical(df: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
     return df[first + [col for col in df.columns if col not in first]].reset_index(drop=True)
 
 
+def competition_fingerprint(data_cfg: DataConfig | str | Path) -> dict:
+    """What the competition folder holds now, to refuse mixing edited data into a resumed run.
+
+    Tables and labels.json by sha256 of their bytes (a 10,000-row csv hashes in milliseconds), with
+    their row counts so a change can be told as "train.csv changed: 10 rows fewer (60 -> 50)".
+    Images by size and modification time, not content: hashing 10,000 screenshots (~2 GB) would cost
+    tens of seconds on every start, and an edited image changes its mtime. Copying the folder without
+    keeping times (`cp -r` without `-p`) therefore reads as every image changed.
+    {"digest": "3f9a1c2b7d4e", "files": {"train.csv": {"sha256": ..., "rows": 60}, ...},
+     "images": {"images/train_0001.png": "48213:1733011200123456789", ...}}
+    """
+    cfg = _as_cfg(data_cfg)
+    root = Path(os.path.normpath(Path(cfg.dir).expanduser().absolute()))
+    files: dict[str, dict] = {}
+    images: dict[str, str] = {}
+    for name in (cfg.train_csv, cfg.test_csv, cfg.labels_json):
+        path = root / name
+        if not path.is_file():
+            files[name] = {"sha256": "missing", "rows": 0}
+            continue
+        data = path.read_bytes()
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest()[:16], "rows": None}
+        if name == cfg.labels_json:
+            continue
+        try:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        except (ValueError, UnicodeDecodeError):  # unreadable: its checks say why; the bytes still count
+            continue
+        files[name]["rows"] = len(df)
+        for cell in df.get(cfg.image_col, []):
+            for rel in image_paths(cell):
+                st = (root / rel).stat() if (root / rel).is_file() else None
+                images[rel] = f"{st.st_size}:{st.st_mtime_ns}" if st else "missing"
+    whole = json.dumps({"files": files, "images": images}, sort_keys=True)
+    return {"digest": hashlib.sha256(whole.encode()).hexdigest()[:12], "files": files, "images": images}
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, one line per file, e.g. "train.csv changed: 10 rows fewer"."""
+    if old.get("digest") == new.get("digest"):
+        return []
+    out = []
+    for name in dict.fromkeys([*old.get("files", {}), *new.get("files", {})]):
+        a, b = old.get("files", {}).get(name), new.get("files", {}).get(name)
+        if a == b:
+            continue
+        if not a or not b or "missing" in (a["sha256"], b["sha256"]):
+            out.append(f"{name} {'appeared' if not a or a['sha256'] == 'missing' else 'is gone'}")
+        elif a.get("rows") is not None and b.get("rows") is not None and a["rows"] != b["rows"]:
+            n = b["rows"] - a["rows"]
+            word = "more" if n > 0 else "fewer"
+            out.append(f"{name} changed: {abs(n)} rows {word} ({a['rows']} -> {b['rows']})")
+        else:
+            out.append(f"{name} changed: same row count, other content")
+    a, b = old.get("images", {}), new.get("images", {})
+    for what, keys in (
+        ("changed", [k for k in a if k in b and a[k] != b[k]]),
+        ("added", [k for k in b if k not in a]),
+        ("removed", [k for k in a if k not in b]),
+    ):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            out.append(f"images {what}: {len(keys)} of {len(a)}, e.g. {', '.join(keys[:3])}{more}")
+    return out or ["the data changed (fingerprint differs)"]
+
+
 def format_check(result: CheckResult) -> Group:
     """Rich tables for `exp data check`: summary and class counts, then problems and warnings with fixes."""
     summary = Table(title=Text(f"Competition at {result.root}"), show_header=False)
     for split, n in result.rows.items():
         summary.add_row(f"{split} rows", str(n))
     summary.add_row("classes", str(len(result.class_counts)))
+    if result.group_col:  # grouped folds: rows of one group never straddle train and validation
+        summary.add_row(Text(f"group column '{result.group_col}'"), f"{result.groups} groups")
     if result.imbalance_ratio is not None:
         summary.add_row("imbalance (max/min)", f"{result.imbalance_ratio:g}")
     for axis, stats in result.image_sizes.items():

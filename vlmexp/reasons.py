@@ -83,7 +83,7 @@ def _sha(text: str) -> str:
 
 
 def _image_cell_paths(cell: str) -> list[str]:
-    from vlmexp.engine.samples import image_paths  # a multi-image cell: "a/front.png|a/back.png"
+    from vlmexp.data import image_paths  # a multi-image cell: "a/front.png|a/back.png"
 
     return image_paths(cell)
 

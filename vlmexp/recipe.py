@@ -22,13 +22,13 @@ from transformers import set_seed
 from vlmexp import leaderboard
 from vlmexp.balance import resample
 from vlmexp.config import Config, config_hash, diff_from_defaults, run_name
-from vlmexp.data import Competition, load_competition
+from vlmexp.data import Competition, competition_fingerprint, preflight, read_answers
 from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
 from vlmexp.engine.samples import build_samples
 from vlmexp.engine.train import train_fold
 from vlmexp.kfold.ensemble import apply_suspects, disagreements, reconcile, suspect_labels, vote
-from vlmexp.kfold.folds import assign_folds
+from vlmexp.kfold.folds import assign_folds, check_oof_ids
 from vlmexp.metrics import confusion, per_class_report, score
 from vlmexp.models.load import load_for_inference, load_model, load_processor
 from vlmexp.progress import RunProgress
@@ -38,6 +38,7 @@ from vlmexp.rundir import RunDir, find_run
 from vlmexp.sanity import describe, run_flags
 from vlmexp.submit import make_submission
 from vlmexp.tables import read_json, read_table, write_json, write_table
+from vlmexp.timing import phase
 
 log = logging.getLogger("vlmexp")
 
@@ -110,7 +111,8 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
 
 def _run_folds(cfg: Config, t0: float, force: bool) -> RunDir:
     """prepare -> every unfinished fold (here, or one process per GPU) -> finalize."""
-    exp = prepare(cfg, force=force)
+    with phase("prepare"):
+        exp = prepare(cfg, force=force)
     pending = [k for k in range(cfg.folds) if not exp.run.fold_done(k)]
     if cfg.gpus > 1 and pending:
         # One process per GPU through torchrun; each trains the folds k with k % world_size == rank.
@@ -124,21 +126,27 @@ def _run_folds(cfg: Config, t0: float, force: bool) -> RunDir:
                     run_fold(exp, k, progress)
                 else:
                     progress.skip_fold(k)
-    return finalize(exp, started=t0)
+    with phase("finalize"):
+        return finalize(exp, started=t0)
 
 
 def prepare(cfg: Config, force: bool = False) -> Experiment:
     # -- setup: run folder, data, prompt -------------------------------------------
     template = load_template(cfg.prompt, cfg.prompts.dir)
+    # Before fold 0 and before the run folder: every image decoded, every file the config names
+    # (answers, mix dataset, OCR cache, source runs) checked, all problems listed in one DataError.
+    comp = preflight(cfg)
+    # Content, not the data.dir path: a resume on an edited train.csv is refused, saying what changed.
+    fingerprint = competition_fingerprint(cfg.data)
     run = RunDir.for_config(cfg)
-    prov = run.start(cfg, template.sources, force=force)
-    comp = load_competition(cfg.data)
+    prov = run.start(cfg, template.sources, force=force, fingerprint=fingerprint)
     train = comp.train
     if cfg.ensemble.suspects != "keep":
         train = _apply_source_suspects(train, cfg)
 
     # -- folds: computed once per dataset/k/seed and shared by every run ------------
-    folds = assign_folds(train, cfg.folds, cfg.fold_seed, store_dir=Path(cfg.runs_dir) / "_folds")
+    store = Path(cfg.runs_dir) / "_folds"
+    folds = assign_folds(train, cfg.folds, cfg.fold_seed, store_dir=store, fingerprint=fingerprint)
 
     # -- pseudo-labels: confident, agreeing test predictions of a finished run ------
     pseudo = pd.DataFrame()
@@ -183,7 +191,8 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
 
     # peft draws the LoRA init from the global RNG: seed it so a resumed fold equals the original.
     set_seed(cfg.seed + k)
-    model = load_model(cfg, training=True)
+    with phase("load_model"):
+        model = load_model(cfg, training=True)
     result = train_fold(
         cfg,
         model,
@@ -198,11 +207,14 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
     del model
     _free_memory()
 
-    model = load_for_inference(cfg, result.adapter_dir) if cfg.predict.backend == "local" else None
-    oof = _predict(cfg, model, exp.processor, exp.samples(val_split, False), labels, exp.caches)
+    with phase("load_model"):
+        model = load_for_inference(cfg, result.adapter_dir) if cfg.predict.backend == "local" else None
+    with phase("predict_oof"):
+        oof = _predict(cfg, model, exp.processor, exp.samples(val_split, False), labels, exp.caches)
     oof.insert(1, "label", val_split["label"].to_numpy())
     oof.insert(2, "fold", k)
-    test_k = _predict(cfg, model, exp.processor, exp.test_samples, labels, exp.caches)
+    with phase("predict_test"):
+        test_k = _predict(cfg, model, exp.processor, exp.test_samples, labels, exp.caches)
     del model
     _free_memory()
 
@@ -233,6 +245,7 @@ def finalize(exp: Experiment, started: float) -> RunDir:
 
     # -- score: out-of-fold CV on the original labels only --------------------------
     oof = pd.concat([read_table(run.fold_dir(k) / "oof.csv") for k in range(cfg.folds)], ignore_index=True)
+    check_oof_ids(oof["id"], exp.train["id"].tolist())  # each training id once: else it is no CV
     write_table(oof, run.path("oof.csv"))
     fold_scores = [score(g["label"], g["pred"], labels)[cfg.metric] for _, g in oof.groupby("fold")]
     overall = score(oof["label"], oof["pred"], labels)
@@ -334,13 +347,20 @@ def _score_answers(cfg: Config, exp: Experiment, final: pd.DataFrame, majority: 
     if not cfg.data.answers_csv:
         return {}
     path = Path(cfg.data.dir) / cfg.data.answers_csv
-    truth = pd.read_csv(path, dtype=str).set_index(cfg.data.id_col)[cfg.data.label_col]
+    truth = read_answers(cfg.data)  # plain strings: an answer "None" or "NA" is a label, not missing
+    predicted = truth.index.isin(final["id"])
+    if not predicted.all():  # e.g. data.limit=50 predicted 50 of 200 answered test rows: score those only
+        n, total = int(predicted.sum()), len(truth)
+        log.warning("%s: scoring the %d of %d answers whose rows this run predicted", path, n, total)
+        truth = truth[predicted]
+    if truth.empty:
+        return {}
     pred = final.set_index("id")["pred"].reindex(truth.index)
     result = {f"test_{m}": round(score(truth, pred, exp.labels)[m], 4) for m in ("accuracy", "macro_f1")}
     result[f"test_majority_{cfg.metric}"] = round(
         score(truth, [majority] * len(truth), exp.labels)[cfg.metric], 4
     )
-    write_json(result, exp.run.path("test_score.json"))
+    write_json(result | {"test_rows": len(truth)}, exp.run.path("test_score.json"))
     log.info(
         "test answers %s: accuracy %.4f, macro-F1 %.4f",
         path,

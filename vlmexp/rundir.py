@@ -139,7 +139,13 @@ class RunDir:
         return self.finished or any((self.root / "folds").glob("fold*/done.json"))
 
     # -- start / resume -----------------------------------------------------
-    def start(self, cfg: Config, prompt_sources: dict[str, str], force: bool = False) -> dict:
+    def start(
+        self,
+        cfg: Config,
+        prompt_sources: dict[str, str],
+        force: bool = False,
+        fingerprint: dict | None = None,
+    ) -> dict:
         """Create or resume the folder. Returns the provenance dict written to provenance.json.
 
         Resuming needs the same config hash: a folder named `name=foo` that holds another
@@ -162,6 +168,7 @@ class RunDir:
                     f"run folder {self.root} holds config {old.get('config_hash')}, this config is {h}; "
                     "choose another name=..., or pass --force to redo it from scratch"
                 )
+            _refuse_other_data(self.root, old.get("data_fingerprint"), fingerprint)
             old["resumed_at"] = old.get("resumed_at", []) + [time.strftime("%Y-%m-%dT%H:%M:%S")]
             write_json(old, self.provenance_path)
             return old
@@ -179,6 +186,8 @@ class RunDir:
             "versions": library_versions(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if fingerprint is not None:
+            prov["data_fingerprint"] = fingerprint  # data.competition_fingerprint: what the folds train on
         write_json(prov, self.provenance_path)
         return prov
 
@@ -195,6 +204,20 @@ class RunDir:
             shutil.rmtree(self.root, ignore_errors=True)
             return True
         return False
+
+
+def _refuse_other_data(root: Path, old: dict | None, new: dict | None) -> None:
+    """The data config hashes the data.dir path, not its content: an edited train.csv is caught here."""
+    if not old or not new or old.get("digest") == new.get("digest"):
+        return
+    from vlmexp.data import fingerprint_changes
+
+    changes = "\n".join(f"  - {c}" for c in fingerprint_changes(old, new))
+    raise ConfigError(
+        f"run folder {root} was started on other data; since then:\n{changes}\n"
+        "Its finished folds would be mixed with the edited data. Start a new run (another name=...), "
+        "or pass --force to redo this one from scratch; to keep the old results, restore the data."
+    )
 
 
 def find_run(name_or_path: str | Path, runs_dir: str | Path = "runs", *, finished: bool = True) -> RunDir:

@@ -70,9 +70,11 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    # ids and labels stay strings: "007" must not become 7.
-    df = pd.read_csv(path, dtype={"id": str, "label": str, "pred": str})
-    return df
+    """A table as written: ids and labels stay strings ("007" stays "007", a label "None" or "NA" stays
+    that label); only an empty cell is missing (NaN), e.g. a `pred` the model never gave."""
+    return pd.read_csv(
+        path, dtype={"id": str, "label": str, "pred": str}, keep_default_na=False, na_values=[""]
+    )
 
 
 def write_json(obj: Any, path: str | Path) -> Path:

@@ -20,20 +20,14 @@ import pandas as pd
 from PIL import Image
 
 from vlmexp.config import Config
-from vlmexp.data import open_image
+from vlmexp.data import image_paths, open_image
 from vlmexp.prompts.checks import long_prompts
 from vlmexp.prompts.render import PromptTemplate, render_sample, to_messages
 
 log = logging.getLogger(__name__)
 
-# A multi-image row holds several paths in its image cell, e.g. "a/front.png|a/back.png".
-IMAGE_SEP = "|"
 # Stands in for the answer when only the turn's shape is wanted (prediction has no answer yet).
 _SENTINEL = "ANSWER"
-
-
-def image_paths(cell: str) -> list[str]:
-    return [p.strip() for p in str(cell).split(IMAGE_SEP) if p.strip()]
 
 
 def resize_image(img: Image.Image, cfg: Config) -> Image.Image:

@@ -131,7 +131,7 @@ def cut_text(text: str, max_chars: int) -> str:
 
 
 def _image_paths(cell: str) -> list[str]:
-    from vlmexp.engine.samples import image_paths  # a multi-image cell: "a/front.png|a/back.png"
+    from vlmexp.data import image_paths  # a multi-image cell: "a/front.png|a/back.png"
 
     return image_paths(cell)
 
