@@ -70,3 +70,69 @@ def test_markdown_sorted(tmp_path):
     assert "best" in top1 and "mid" not in top1
     out = write_markdown(path, tmp_path / "lb.md")
     assert "acc-run" in out.read_text() and "best" in out.read_text()
+
+
+def test_file_without_final_newline_keeps_rows_apart(tmp_path):
+    path = tmp_path / "lb.csv"
+    append(_row("a", 0.7), path)
+    path.write_text(path.read_text().rstrip("\n"))  # saved by an editor that drops the last newline
+    append(_row("b", 0.8), path)
+    assert load(path)["run"].tolist() == ["a", "b"]
+
+
+def test_symlinked_leaderboard_is_written_through(tmp_path):
+    shared = tmp_path / "shared" / "lb.csv"
+    append(_row("a", 0.7), shared)
+    link = tmp_path / "lb.csv"
+    link.symlink_to(shared)
+    append(_row("b", 0.8, brand_new="x"), link)  # a new column: the whole file is rewritten
+    assert link.is_symlink()
+    assert load(shared)["run"].tolist() == ["a", "b"]
+
+
+def test_files_get_the_users_umask_not_0600(tmp_path):
+    import os
+
+    from vlmexp.tables import write_json
+
+    old = os.umask(0o022)
+    try:
+        append(_row("a", 0.7), tmp_path / "lb.csv")
+        write_json({"x": 1}, tmp_path / "cv.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "lb.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "cv.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_unique_append_skips_a_row_already_there(tmp_path):
+    path = tmp_path / "lb.csv"
+    assert append(_row("a", 0.7), path, unique=True)
+    assert not append(_row("a", 0.7), path, unique=True)
+    assert append({**_row("a", 0.7), "config_hash": "99999999"}, path, unique=True)  # another config
+    assert load(path)["config_hash"].tolist() == ["00001234", "99999999"]
+
+
+def test_old_majority_baseline_column_loads_under_its_metric(tmp_path):
+    path = tmp_path / "lb.csv"
+    path.write_text(
+        "run,metric,cv_mean,majority_baseline,test_majority_baseline\n"
+        "old-f1,macro_f1,0.5,0.02,0.03\nold-acc,accuracy,0.6,0.3,\n"
+    )
+    append({**_row("new", 0.7), "majority_macro_f1": 0.1}, path)
+    df = load(path).set_index("run")
+    assert "majority_baseline" not in df.columns
+    assert df.loc["old-f1", "majority_macro_f1"] == 0.02 and df.loc["new", "majority_macro_f1"] == 0.1
+    assert df.loc["old-acc", "majority_accuracy"] == 0.3 and pd.isna(df.loc["old-f1", "majority_accuracy"])
+    assert df.loc["old-f1", "test_majority_macro_f1"] == 0.03
+    assert "majority_macro_f1" in to_markdown(df.reset_index())
+
+
+def test_markdown_shows_one_competition(tmp_path):
+    path = tmp_path / "lb.csv"
+    append(_row("mine", 0.7, data=str(tmp_path / "comp_a")), path)
+    append(_row("theirs", 0.9, data="comp_b"), path)
+    md = to_markdown(load(path), data=tmp_path / "comp_a")
+    assert "mine" in md and "theirs" not in md and "1 runs on other competitions" in md
+    both = to_markdown(load(path))
+    assert "mine" in both and "theirs" in both

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from vlmexp.config import Config
 from vlmexp.engine.predict import predict
 from vlmexp.metrics import score
+from vlmexp.timing import phase
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,16 @@ class EvalCallback(TrainerCallback):
     def evaluate(self, model, state) -> dict:
         t0 = time.time()
         was_training = model.training
-        table = predict(
-            self.cfg, model, self.processor, self.val_samples, self.labels, progress=False, caches=self.caches
-        )
+        with phase("validation"):
+            table = predict(
+                self.cfg,
+                model,
+                self.processor,
+                self.val_samples,
+                self.labels,
+                progress=False,
+                caches=self.caches,
+            )
         if was_training:
             model.train()
         gold = [s["label"] for s in self.val_samples]

@@ -24,6 +24,7 @@ from PIL import Image
 
 from vlmexp.engine import fast
 from vlmexp.engine.samples import split_turn
+from vlmexp.timing import phase
 
 # Per-token tensors the processor and trl's collator return beside input_ids, with their pad values.
 _PAD = {"attention_mask": 0, "labels": -100, "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -107,8 +108,9 @@ class Encoder:
         keys = [self._key(im) for im in example["images"]]
         key = ("train", example["prompt"], example["completion"], *keys)
         if key not in self._rows:
-            batch = self.collator([dict(example, images=list(example["images"]))])
-            self._rows[key] = self._keep(batch, keys)
+            with phase("encode"):
+                batch = self.collator([dict(example, images=list(example["images"]))])
+                self._rows[key] = self._keep(batch, keys)
             self.misses += 1
         else:
             self.hits += 1
@@ -120,17 +122,18 @@ class Encoder:
         keys = [self._key(im) for im in images]
         key = ("prompt", prompt, tuple(extra or ()), *keys)
         if key not in self._rows:
-            enc = dict(
-                self.processor(
-                    text=[prompt],
-                    images=[list(images)] if images else None,
-                    return_tensors="pt",
-                    add_special_tokens=False,
+            with phase("encode"):
+                enc = dict(
+                    self.processor(
+                        text=[prompt],
+                        images=[list(images)] if images else None,
+                        return_tensors="pt",
+                        add_special_tokens=False,
+                    )
                 )
-            )
-            if extra:
-                enc |= {k: v[None] for k, v in append_ids(_tokens(enc, 0), extra).items()}
-            self._rows[key] = self._keep(enc, keys)
+                if extra:
+                    enc |= {k: v[None] for k, v in append_ids(_tokens(enc, 0), extra).items()}
+                self._rows[key] = self._keep(enc, keys)
             self.misses += 1
         else:
             self.hits += 1

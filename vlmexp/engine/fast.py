@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmexp.models.lora import classify
+from vlmexp.timing import phase
 
 IGNORE = -100
 
@@ -241,7 +242,7 @@ class VisionFeatureCache:
             raise ValueError(f"{len(keys)} keys for {len(image_grid_thw)} images: give one key per image")
         fresh: dict[int, torch.Tensor] = {}
         if len(pixel_index):
-            with torch.no_grad():
+            with torch.no_grad(), phase("vision_tower"):
                 out = core.get_image_features(
                     pixel_values, image_grid_thw[list(pixel_index)], return_dict=True
                 )

@@ -33,6 +33,7 @@ from vlmexp.engine import fast
 from vlmexp.engine.callbacks import EvalCallback, LogRelay, load_trainable_state
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.samples import load_images, to_prompt_completion
+from vlmexp.timing import phase
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ def train_fold(
         # the caller draws its own progress from on_log; the trainer's printed dicts would garble it
         trainer.remove_callback(PrinterCallback)
     t0 = time.time()
-    trainer.train()
+    with phase("train_steps"):
+        trainer.train()
     seconds = time.time() - t0
 
     best_metric = best_epoch = None
@@ -89,8 +91,9 @@ def train_fold(
     else:
         best_epoch = float(trainer.state.epoch or cfg.train.epochs)
     adapter_dir = out_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    processor.save_pretrained(adapter_dir)
+    with phase("save"):
+        model.save_pretrained(adapter_dir)
+        processor.save_pretrained(adapter_dir)
     model.eval()
     return TrainResult(
         adapter_dir=adapter_dir,
