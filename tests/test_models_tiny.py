@@ -43,7 +43,8 @@ def test_build_reload_forward(family, tiny_models):
     images = [[image]] if family == "smolvlm" else [image]
     inputs = processor(text=[text], images=images, return_tensors="pt")
     n_image_tokens = int((inputs["input_ids"] == _image_token_id(model)).sum())
-    assert 1 <= n_image_tokens <= 16
+    # Gemma 4's processor allows no budget under 70 soft tokens an image
+    assert 1 <= n_image_tokens <= (70 if family == "gemma4" else 16)
 
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -63,7 +64,24 @@ def test_trl_recognises_the_chat_templates():
     assert trl_templates.has_generation_markers(tiny.LLAVA_TEMPLATE)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "smolvlm"])
+@pytest.mark.parametrize(
+    "family, trl_name",
+    [
+        ("qwen3_vl", "qwen3_vl"),
+        ("qwen3_vl_moe", "qwen3_vl"),
+        ("qwen3_5", "qwen3_5_think"),
+        ("gemma3", "gemma3"),
+        ("gemma4", "gemma4_v5"),
+    ],
+)
+def test_recent_families_carry_the_hub_templates(family, trl_name, tiny_models):
+    trl_templates = pytest.importorskip("trl.chat_template_utils")
+    processor = AutoProcessor.from_pretrained(tiny_models(family))
+    assert processor.chat_template == getattr(trl_templates, f"{trl_name}_chat_template")
+    assert processor.tokenizer.chat_template == processor.chat_template
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "smolvlm", "qwen3_vl", "qwen3_5", "gemma3"])
 def test_trl_patches_training_template(family, tiny_models):
     trl_templates = pytest.importorskip("trl.chat_template_utils")
     processor = AutoProcessor.from_pretrained(tiny_models(family))

@@ -122,13 +122,18 @@ def sweep(
 ) -> None:
     """Run a grid (skipping finished runs), then one report over it: exp sweep prompt=baseline,label_desc."""
     _setup_logging(verbose)
-    from vlmexp.recipe import run_experiment
+    from vlmexp.recipe import run_experiment, run_experiments
     from vlmexp.report import write_report
 
     grid = expand_grid(overrides)
     configs = [load_config(o) for o in grid]  # every point validated before any training starts
     runs = []
-    for i, cfg in enumerate(configs):
+    if any(cfg.launcher == "ray" for cfg in configs):
+        # Every unfinished fold of every point goes to the cluster at once (launch/ray_tasks.py).
+        runs = [run.root for run in run_experiments(configs, force=force)]
+        for root in runs:
+            _print_cv(root)
+    for i, cfg in enumerate(configs if not runs else []):
         console.rule(f"sweep {i + 1}/{len(configs)}: {' '.join(grid[i])}")
         runs.append(run_experiment(cfg, force=force).root)
         _print_cv(runs[-1])

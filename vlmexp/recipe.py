@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -21,16 +23,15 @@ from transformers import set_seed
 
 from vlmexp import leaderboard
 from vlmexp.balance import resample
-from vlmexp.config import Config, config_hash, diff_from_defaults, run_name
+from vlmexp.config import Config, ConfigError, config_hash, diff_from_defaults, run_name
 from vlmexp.data import Competition, competition_fingerprint, preflight, read_answers
 from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
 from vlmexp.engine.samples import build_samples
 from vlmexp.engine.train import train_fold
-from vlmexp.kfold.calibrate import calibrate_run
-from vlmexp.kfold.calibrate import summary as calibration_summary
 from vlmexp.kfold.ensemble import apply_suspects, disagreements, reconcile, suspect_labels, vote
 from vlmexp.kfold.folds import assign_folds, check_oof_ids
+from vlmexp.launch import FoldJob, ray_tasks, torchrun
 from vlmexp.metrics import confusion, per_class_report, score
 from vlmexp.models.load import load_for_inference, load_model, load_processor
 from vlmexp.progress import RunProgress
@@ -47,15 +48,32 @@ log = logging.getLogger("vlmexp")
 
 def run_experiment(cfg: Config, force: bool = False) -> RunDir:
     """Run (or resume) one experiment; with pseudo.rounds=N, chain N pseudo-label rounds after it."""
-    rounds = cfg.pseudo.rounds
+    return run_experiments([cfg], force=force)[0]
+
+
+def run_experiments(cfgs: list[Config], force: bool = False) -> list[RunDir]:
+    """Run (or resume) several experiments, e.g. a sweep's grid, each with its pseudo-label rounds.
+    Round by round, the runs go to the launcher together: with launcher=ray every unfinished fold of
+    every run is submitted at once (4 variants x 5 folds = 20 tasks); otherwise one run after another."""
     # Round 0 is the plain run: same hash as `exp run` without pseudo.rounds, so it is reused.
-    cfg = dataclasses.replace(cfg, pseudo=dataclasses.replace(cfg.pseudo, rounds=0))
-    run = run_once(cfg, force=force)
-    for r in range(1, rounds + 1):
-        pseudo = dataclasses.replace(cfg.pseudo, source=str(run.root), round=r)
-        cfg_r = dataclasses.replace(cfg, pseudo=pseudo, name=f"{run_name(cfg)}-pl{r}" if cfg.name else "")
-        run = run_once(cfg_r, force=force)
-    return run
+    base = [dataclasses.replace(c, pseudo=dataclasses.replace(c.pseudo, rounds=0)) for c in cfgs]
+    runs = _run_all(base, force)
+    for r in range(1, max(c.pseudo.rounds for c in cfgs) + 1):
+        chained = [i for i, c in enumerate(cfgs) if c.pseudo.rounds >= r]
+        pseudo = [dataclasses.replace(base[i].pseudo, source=str(runs[i].root), round=r) for i in chained]
+        nxt = [
+            dataclasses.replace(base[i], pseudo=p, name=f"{run_name(base[i])}-pl{r}" if base[i].name else "")
+            for i, p in zip(chained, pseudo, strict=True)
+        ]
+        for i, run in zip(chained, _run_all(nxt, force), strict=True):
+            runs[i] = run
+    return runs
+
+
+def _run_all(cfgs: list[Config], force: bool) -> list[RunDir]:
+    if any(c.launcher == "ray" for c in cfgs):
+        return run_on_ray(cfgs, force=force)
+    return [run_once(c, force=force) for c in cfgs]
 
 
 @dataclasses.dataclass
@@ -113,14 +131,14 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
 
 def _run_folds(cfg: Config, t0: float, force: bool) -> RunDir:
     """prepare -> every unfinished fold (here, or one process per GPU) -> finalize."""
+    if cfg.launcher == "ray":
+        return run_on_ray([cfg], force=force)[0]
     with phase("prepare"):
         exp = prepare(cfg, force=force)
     pending = [k for k in range(cfg.folds) if not exp.run.fold_done(k)]
     if cfg.gpus > 1 and pending:
-        # One process per GPU through torchrun; each trains the folds k with k % world_size == rank.
-        from vlmexp.parallel import launch_folds
-
-        launch_folds(cfg, gpus=cfg.gpus)
+        # One process per GPU of this machine through torchrun, each running its share of the fold units.
+        torchrun.launch_folds(cfg, pending, run_fold_task, exp.run.path("launch_config.yaml"))
     else:
         with RunProgress(cfg.folds, title=exp.run.root.name) as progress:
             for k in range(cfg.folds):
@@ -237,6 +255,64 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
         progress.end_fold(k, metrics[cfg.metric])
 
 
+def run_on_ray(cfgs: list[Config], force: bool = False) -> list[RunDir]:
+    """launcher=ray: prepare every run folder here, send every unfinished fold of every run to the
+    cluster as one task each, and finalize each run (CV, vote, submission, leaderboard row) as soon
+    as its own folds are in."""
+    t0 = time.time()
+    runs, exps, jobs = [], {}, []
+    for cfg in cfgs:
+        run = RunDir.for_config(cfg)
+        if run.root.name in exps:  # the same run twice in a grid
+            runs.append(run)
+            continue
+        if run.finished and not force:
+            runs.append(run_once(cfg, force=False))  # reused as it is, like a local run
+            continue
+        exp = prepare(cfg, force=force)
+        # The driver only scores and votes: the models, samples and caches live in the fold tasks.
+        exp.test_samples, exp.caches = [], None
+        exps[run.root.name] = exp
+        jobs += [FoldJob(run.root.name, cfg, k) for k in range(cfg.folds) if not run.fold_done(k)]
+        runs.append(run)
+    ray_tasks.run_folds(
+        jobs, list(exps), run_fold_task, lambda name: finalize(exps.pop(name), started=t0), cfgs[0].ray
+    )
+    return runs
+
+
+# The run this process prepared last, reused by its next fold of the same run (a torchrun rank's folds,
+# a Ray worker's next task): one entry, so a long sweep holds one run's caches at a time.
+_PREPARED: dict[str, Experiment] = {}
+
+
+def run_fold_task(cfg: Config, k: int) -> dict:
+    """The unit of work every launcher schedules: fold k of the run `cfg` names, in whatever process
+    runs it (this one, a torchrun rank, a Ray worker on another node). The driver's `prepare` made the
+    run folder; a process that cannot see it fails here instead of training into a folder of its own."""
+    run = RunDir.for_config(cfg)
+    where = f"node {socket.gethostname()}"
+    provenance = run.path("provenance.json")
+    if not provenance.exists():
+        raise FileNotFoundError(
+            f"{where} cannot see the run folder {run.root.resolve()} (no provenance.json): "
+            f"runs_dir={cfg.runs_dir} must be storage every node mounts at the same path, e.g. NFS; "
+            "see docs/scaling.md"
+        )
+    have = read_json(provenance).get("config_hash")
+    if have != config_hash(cfg):
+        raise ConfigError(f"{where}: {run.root} holds config {have}, the task's config is {config_hash(cfg)}")
+    if not run.fold_done(k):
+        key = f"{run.root.resolve()}:{config_hash(cfg)}"
+        if key not in _PREPARED:
+            _PREPARED.clear()
+            _PREPARED[key] = prepare(cfg)
+        task = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()}
+        write_json(task, run.fold_task_path(k))
+        run_fold(_PREPARED[key], k)
+    return {"run": run.root.name, "fold": k}
+
+
 def finalize(exp: Experiment, started: float) -> RunDir:
     cfg, run, labels = exp.cfg, exp.run, exp.labels
     missing = [k for k in range(cfg.folds) if not run.fold_done(k)]
@@ -288,12 +364,6 @@ def finalize(exp: Experiment, started: float) -> RunDir:
     if cfg.ensemble.reconcile == "rerun":
         rerun = read_table(find_run(cfg.ensemble.rerun_from, cfg.runs_dir).path("test_probs.csv"))
     final = reconcile(ensemble, fold_tests, labels, cfg.ensemble.reconcile, rerun_table=rerun)
-    if cfg.ensemble.calibrate == "bias":
-        # Per-class offsets fitted on the OOF rows shift the test ensemble; the CV beside the raw one
-        # is cross-fitted (each fold scored by offsets fitted on the others), so it stays honest.
-        final, calibrated, offsets = calibrate_run(oof, final, labels, cfg.metric)
-        write_table(calibrated.oof, run.path("oof_calibrated.csv"))
-        cv["calibrated"] = calibration_summary(calibrated, offsets, labels)
     write_table(final, run.path("test_probs.csv"))
     write_table(suspect_labels(oof, labels, cfg.ensemble.suspect_confidence), run.path("suspect_labels.csv"))
 
@@ -330,9 +400,6 @@ def finalize(exp: Experiment, started: float) -> RunDir:
         "submission": str(sub),
         "data": cfg.data.dir,
     }
-    if "calibrated" in cv:
-        row["cv_calibrated"] = round(cv["calibrated"]["mean"], 4)
-        row["cv_calibrated_std"] = round(cv["calibrated"]["std"], 4)
     # The row is saved before cv.json: a run killed between cv.json and the append (e.g. waiting
     # on the leaderboard lock) gets its row appended by the rerun that finds it finished.
     write_json(row, run.leaderboard_row_path)

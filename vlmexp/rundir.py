@@ -89,6 +89,10 @@ class RunDir:
         """Fold k's LoRA adapter (or whole model for model.finetune=full), as engine/train.py saves it."""
         return self.fold_dir(k) / "adapter"
 
+    def fold_task_path(self, k: int) -> Path:
+        """Which process runs fold k ({"host", "pid", "started_at"}), written as the fold starts."""
+        return self.fold_dir(k) / "task.json"
+
     def fold_done(self, k: int) -> bool:
         return (self.fold_dir(k) / "done.json").exists()
 

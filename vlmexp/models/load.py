@@ -33,7 +33,8 @@ _STAMP = "vlmexp_tiny.json"
 def _tiny_stamp(family: str) -> dict:
     # A cached tiny model is reused only if built by the same tiny.py under the same transformers:
     # a folder saved by one transformers version may not load in another.
-    source = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:16]
+    sources = [Path(tiny.__file__), Path(tiny.__file__).with_name("tiny_recent.py")]
+    source = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     return {"family": family, "tiny_py": source, "transformers": transformers.__version__}
 
 

@@ -4,6 +4,10 @@ Each is a real architecture (same module names, processor and chat template as t
 shrunk to text hidden 64, 2 layers, vision depth 1, so that the whole pipeline (LoRA selection,
 trl SFT, scoring, export) runs on a laptop CPU. The tokenizer is a byte-level BPE trained in memory,
 so any text (CJK label names included) encodes without unknown tokens.
+
+The newer families carry the hub checkpoints' own chat templates, read from trl's copies
+(trl/chat_templates/*.jinja) so that trl recognises them: Qwen3-VL, Qwen3.5 (its "think" template,
+as Qwen3.5-4B and larger ship it), Gemma 3 and Gemma 4. Their builders live in `tiny_recent.py`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "smolvlm", "llava")
+# The four original families, then today's (builders in tiny_recent.py).
+FAMILIES = (
+    *("qwen2_vl", "qwen2_5_vl", "smolvlm", "llava"),
+    *("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma3", "gemma4"),
+)
 
 # The hub checkpoints' chat templates, byte for byte: trl recognises the Qwen2-VL and SmolVLM ones by
 # string equality and swaps in a training variant with {% generation %} markers for assistant_only_loss
@@ -277,8 +285,12 @@ def build_tiny(family: str, out_dir: Path, seed: int = 0) -> Path:
         config, processor = _qwen(family)
     elif family == "smolvlm":
         config, processor = _smolvlm()
-    else:
+    elif family == "llava":
         config, processor = _llava()
+    else:
+        from vlmexp.models import tiny_recent
+
+        config, processor = tiny_recent.build_config(family)
     # fork_rng: seed the init without disturbing the caller's global RNG stream
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
