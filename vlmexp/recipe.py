@@ -29,6 +29,8 @@ from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
 from vlmexp.engine.samples import build_samples
 from vlmexp.engine.train import train_fold
+from vlmexp.kfold.calibrate import calibrate_run
+from vlmexp.kfold.calibrate import summary as calibration_summary
 from vlmexp.kfold.ensemble import apply_suspects, disagreements, reconcile, suspect_labels, vote
 from vlmexp.kfold.folds import assign_folds, check_oof_ids
 from vlmexp.launch import FoldJob, ray_tasks, torchrun
@@ -364,6 +366,12 @@ def finalize(exp: Experiment, started: float) -> RunDir:
     if cfg.ensemble.reconcile == "rerun":
         rerun = read_table(find_run(cfg.ensemble.rerun_from, cfg.runs_dir).path("test_probs.csv"))
     final = reconcile(ensemble, fold_tests, labels, cfg.ensemble.reconcile, rerun_table=rerun)
+    if cfg.ensemble.calibrate == "bias":
+        # Per-class offsets fitted on the OOF rows shift the test ensemble; the CV beside the raw one
+        # is cross-fitted (each fold scored by offsets fitted on the others), so it stays honest.
+        final, calibrated, offsets = calibrate_run(oof, final, labels, cfg.metric)
+        write_table(calibrated.oof, run.path("oof_calibrated.csv"))
+        cv["calibrated"] = calibration_summary(calibrated, offsets, labels)
     write_table(final, run.path("test_probs.csv"))
     write_table(suspect_labels(oof, labels, cfg.ensemble.suspect_confidence), run.path("suspect_labels.csv"))
 
@@ -400,6 +408,9 @@ def finalize(exp: Experiment, started: float) -> RunDir:
         "submission": str(sub),
         "data": cfg.data.dir,
     }
+    if "calibrated" in cv:
+        row["cv_calibrated"] = round(cv["calibrated"]["mean"], 4)
+        row["cv_calibrated_std"] = round(cv["calibrated"]["std"], 4)
     # The row is saved before cv.json: a run killed between cv.json and the append (e.g. waiting
     # on the leaderboard lock) gets its row appended by the rerun that finds it finished.
     write_json(row, run.leaderboard_row_path)
