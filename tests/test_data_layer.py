@@ -241,3 +241,45 @@ def test_check_names_the_group_column_and_counts_train_images_only(comp):
     assert "group column 'group'" in console.export_text()
     small = {w.file: w.message for w in result.warnings if "under 300" in w.message}
     assert small["train.csv"].startswith("1 images") and small["test.csv"].startswith("3 images")
+
+
+@pytest.mark.slow
+def test_prepare_refuses_to_resume_on_edited_data_and_another_answers_file_resumes(comp, tmp_path):
+    from vlmexp.recipe import prepare
+
+    base = [f"data.dir={comp}", f"runs_dir={tmp_path / 'runs'}", f"model.cache_dir={tmp_path / 'tiny'}"]
+    exp = prepare(load_config([*base, "folds=2", "data.answers_csv=test_answers.csv"]))
+    assert exp.prov["data_fingerprint"]["files"]["train.csv"]["rows"] == 60
+    # Only the answers scored differ: the same folder resumes (no fold is trained again).
+    other = load_config([*base, "folds=2", "data.answers_csv="])
+    assert RunDir.for_config(other).root == exp.run.root
+    train = read(comp / "train.csv")
+    train.iloc[:-10].to_csv(comp / "train.csv", index=False)
+    with pytest.raises(ConfigError, match=r"train.csv changed: 10 rows fewer \(60 -> 50\)"):
+        prepare(other)
+
+
+def test_cli_data_check_lists_run_files_and_submit_names_data_limit(comp, tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmexp.cli import app
+    from vlmexp.config import to_yaml
+
+    runner = CliRunner()
+    got = runner.invoke(app, ["data", "check", str(comp), "data.answers_csv=nope.csv"])
+    assert got.exit_code == 1 and "nope.csv" in got.output
+    # A run made with data.limit=5 predicted 5 test rows; the sample asks for all 20.
+    cfg = load_config([f"data.dir={comp}", "data.limit=5"])
+    run = tmp_path / "runs" / "smoke"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    (run / "cv.json").write_text("{}")
+    test = read(comp / "test.csv").head(5)
+    write_table(pd.DataFrame({"id": test["id"], "pred": cfg_label(comp)}), run / "test_probs.csv")
+    got = runner.invoke(app, ["submit", str(run), "--sample", str(comp / "sample_submission.csv")])
+    assert got.exit_code == 2, got.output
+    assert "data.limit=5" in got.output and "data.train_limit" in got.output
+
+
+def cfg_label(comp: Path) -> str:
+    return next(iter(json.loads((comp / "labels.json").read_text())))

@@ -197,20 +197,29 @@ def submit(
 ) -> None:
     """Write the submission CSV of a finished run, validated against the test set."""
     from vlmexp.data import load_competition
-    from vlmexp.submit import make_submission
+    from vlmexp.submit import SubmissionError, make_submission
 
     root = _run_path(run_name_, runs_dir)
     cfg = _run_config(root)
     comp = load_competition(cfg.data)
-    path = make_submission(
-        root,
-        comp.test["id"].tolist(),
-        comp.labels,
-        sample=sample,
-        out=out,
-        force=force,
-        id_col=cfg.data.id_col,
-    )
+    try:
+        path = make_submission(
+            root,
+            comp.test["id"].tolist(),
+            comp.labels,
+            sample=sample,
+            out=out,
+            force=force,
+            id_col=cfg.data.id_col,
+        )
+    except SubmissionError as e:
+        if not cfg.data.limit:
+            raise
+        raise SubmissionError(
+            f"{e}\nThe run used data.limit={cfg.data.limit}: it predicted only the first {cfg.data.limit} "
+            "test rows. For a quick run that can be submitted, cut only the training rows: "
+            f"data.train_limit={cfg.data.limit}"
+        ) from None
     console.print(f"submission: {path}")
 
 
@@ -237,7 +246,7 @@ def data_check(
     from vlmexp.data import check_competition, format_check
 
     cfg = load_config([*(overrides or []), f"data.dir={directory}"])
-    result = check_competition(cfg.data)
+    result = check_competition(cfg.data, run_cfg=cfg)  # with key=value...: the files that run would read
     console.print(format_check(result))
     if result.problems:
         raise typer.Exit(1)
