@@ -19,6 +19,7 @@ from PIL import Image
 from vlmexp.config import DataConfig
 from vlmexp.data import load_competition
 from vlmexp.reasons import ReasonsError, read_cache, reason_quality, reasons_for_competition, write_reasons
+from vlmexp.serve import running
 
 FAKE_KEY = "sk-test-DO-NOT-LEAK-7f3a9c"
 LABELS = ["refund", "invoice"]
@@ -61,7 +62,8 @@ class FakeTeacher:
             return self.status_for_all, {}, {"error": {"message": f"invalid credentials: {auth}"}}
         if sha in self.broken or n <= self.transient:
             status = 429 if n == 2 and sha not in self.broken else 500
-            return status, {"Retry-After": "0"} if status == 429 else {}, {"error": {"message": "busy"}}
+            # retry-after-ms: the openai client's own backoff waits 10 ms instead of 0.5 s, 1 s, ...
+            return status, {"retry-after-ms": "10"}, {"error": {"message": "busy"}}
         reply = {"role": "assistant", "content": f"  Evidence\n for {sha[:8]}. "}
         return 200, {}, {
             "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -102,14 +104,9 @@ def server():
         def log_message(self, *args):  # keep test output quiet
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    teacher.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield teacher
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with running(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as httpd:  # stopped and joined after
+        teacher.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        yield teacher
 
 
 @pytest.fixture
@@ -129,7 +126,7 @@ def _shas(train: pd.DataFrame) -> list[str]:
 
 
 def _run(server, train, out, **kw):
-    kw = {"concurrency": 2, "max_retries": 3, "retry_base_s": 0.01, "timeout_s": 10, "progress": False} | kw
+    kw = {"concurrency": 2, "max_retries": 3, "timeout_s": 10, "progress": False} | kw
     return write_reasons(train, LABELS, DESCRIPTIONS, base_url=server.base_url, model="teacher-1",
                          out_jsonl=out, **kw)  # fmt: skip
 
@@ -142,7 +139,7 @@ def test_retries_bounded_concurrency_images_and_gold_label(server, train, tmp_pa
     shas = _shas(train)
     assert df["id"].tolist() == ["r0", "r1", "r2", "r3"]
     assert df["reason"].tolist() == [f"Evidence for {s[:8]}." for s in shas]  # whitespace collapsed
-    assert all(server.attempts[s] == 3 for s in shas)  # 500, 429, then 200
+    assert all(server.attempts[s] == 3 for s in shas)  # 500, 429, then 200: the openai client's retries
     assert Counter(server.statuses) == {500: 4, 429: 4, 200: 4}
     assert 2 <= server.max_in_flight <= 2  # concurrent, and never above concurrency=2
     for s, path, label in zip(shas, train["image"], train["label"], strict=True):
@@ -230,7 +227,7 @@ def test_reasons_for_competition_writes_a_train_csv_with_reasons(server, tmp_pat
     )
     (data / "test.csv").write_text("id,image\nt0,img/0.png\n")
     stats = reasons_for_competition(DataConfig(dir=str(data)), base_url=server.base_url, model="teacher-1",
-                                    progress=False, retry_base_s=0.01)  # fmt: skip
+                                    progress=False)  # fmt: skip
     assert stats["asked"] == 3 and Path(stats["out_jsonl"]) == data / "reasons.jsonl"
     comp = load_competition(DataConfig(dir=str(data), train_csv="train_with_reasons.csv"))
     assert comp.train["reason"].str.startswith("Evidence for").all()

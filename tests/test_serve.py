@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from vlmexp.config import load_config
-from vlmexp.engine.openai_backend import make_client, predict_openai, to_openai_messages
+from vlmexp.engine.openai_backend import predict_openai, to_openai_messages
+from vlmexp.openai_client import make_client
 from vlmexp.tables import prob_columns, probs
 
 LABELS = {"a": "first kind", "b": "second kind", "c": "third kind", "d": "fourth kind"}

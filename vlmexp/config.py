@@ -147,6 +147,9 @@ class PredictConfig:
     backend: str = choice("local", "openai")  # openai: predict through an OpenAI-compatible server
     base_url: str = ""  # server URL for backend=openai, e.g. http://127.0.0.1:8000/v1
     server_model: str = ""  # model name on that server (empty: the server's only model)
+    # backend=openai: fold k's model on that server, {run} = run folder name, e.g. "{run}/fold{k}" (exp serve)
+    # or "fold{k}" (vllm serve --enable-lora --lora-modules fold0=runs/X/folds/fold0/adapter ...)
+    model_per_fold: str = ""
     tta: str = choice("none", "scales", "crops")  # test-time views, probs averaged (engine/tta.py); no flips
     concurrency: int = ranged(4, ge=1)  # requests in flight for backend=openai; vLLM takes far more, e.g. 64
 
@@ -495,6 +498,22 @@ def validate(cfg: Config) -> None:
         )
     if cfg.predict.backend == "openai" and not cfg.predict.base_url:
         raise ConfigError("predict.backend=openai needs predict.base_url=http://HOST:PORT/v1")
+    if cfg.predict.backend == "openai":
+        _check_model_per_fold(cfg.predict.model_per_fold)
+
+
+def _check_model_per_fold(template: str) -> None:
+    from vlmexp.engine.openai_backend import OOF_REFUSAL  # the one wording, beside the code that uses it
+
+    if "{k}" not in template:
+        raise ConfigError(OOF_REFUSAL)
+    try:
+        template.format(run="run", k=0)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"predict.model_per_fold={template!r}: {type(e).__name__} {e}; its only placeholders are "
+            "{run} (the run folder's name) and {k} (the fold), e.g. '{run}/fold{k}'"
+        ) from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -10,19 +10,17 @@ have no gold label and are refused: a reason written from a guessed label would 
 
 Every finished reason is appended to `out_jsonl` at once (flushed and fsynced), keyed by the image
 bytes' sha256 and the sha256 of the prompt text + model, so an interrupted run asks only for what
-is missing, and a changed prompt, label or model asks again. The API key is read from the
-environment and never written to the JSONL, logs or error messages.
+is missing, and a changed prompt, label or model asks again. The client, its retries, the API key
+(from the environment) and the redaction that keeps the key out of the JSONL, logs and error
+messages are `vlmexp.openai_client`'s, shared with `predict.backend=openai`.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
-import mimetypes
 import os
-import random
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -32,6 +30,7 @@ import pandas as pd
 
 from vlmexp.config import DataConfig
 from vlmexp.ocr.cache import file_hash
+from vlmexp.openai_client import ServerError, chat, data_url, make_client, redact
 from vlmexp.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ DEFAULT_PROMPT = (
     "The correct label is {label} ({description}). In one or two sentences, explain what visible "
     "evidence in the image supports it (text, layout, objects, colours), without naming the label."
 )
-RETRY_CAP_S = 30.0  # the longest single wait between retries
 _FATAL = {401, 403, 404}  # wrong key, no access, wrong model or URL: every other row would fail too
 
 
@@ -88,12 +86,6 @@ def _image_cell_paths(cell: str) -> list[str]:
     return image_paths(cell)
 
 
-def _data_url(path: str) -> str:
-    """The file's own bytes as a data URL: the teacher sees exactly the competition image."""
-    mime = mimetypes.guess_type(path)[0] or "image/png"
-    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
 def read_cache(path: Path) -> dict[str, dict]:
     """{key: entry} of a reasons JSONL; a line cut short by a kill mid-write is skipped."""
     out: dict[str, dict] = {}
@@ -131,78 +123,38 @@ class _Appender:
 
 
 class _Teacher:
-    """One chat request per row; retried with exponential backoff + jitter on 429, 5xx, lost connections."""
+    """One chat request per row; the openai client retries 429, 5xx and lost connections itself."""
 
-    def __init__(self, client, model, *, max_retries, retry_base_s, max_tokens, temperature, secret):
-        self.client, self.model, self.max_retries = client, model, max_retries
-        self.retry_base_s, self.max_tokens, self.temperature = retry_base_s, max_tokens, temperature
-        self.secret = secret
-        self.rng = random.Random()
+    def __init__(self, client, model, *, max_tokens, temperature):
+        self.client, self.model = client, model
+        self.max_tokens, self.temperature = max_tokens, temperature
         self.lock = threading.Lock()
         # Set on a fatal reply, so rows already queued in the pool return without asking.
         self.stop = threading.Event()
-        self.fatal = ""  # the first fatal reply, e.g. "row r0: AuthenticationError (HTTP 401): ..."
-
-    def redact(self, text: str) -> str:
-        return text.replace(self.secret, "***") if self.secret else text
-
-    def _delay(self, attempt: int, err: Exception) -> float:
-        response = getattr(err, "response", None)
-        after = response.headers.get("retry-after") if response is not None else None
-        try:
-            wait_s = float(after)  # the server's own "come back in N s" wins over our guess
-        except (TypeError, ValueError):
-            wait_s = self.retry_base_s * 2**attempt
-        with self.lock:
-            jitter = self.rng.uniform(0, wait_s)  # 8 threads hit by one 429 must not return together
-        return min(RETRY_CAP_S, wait_s / 2 + jitter / 2)  # "equal jitter": between wait/2 and wait
+        self.fatal = ""  # the first fatal reply, e.g. "row r0: http://.../v1 refused ...: (HTTP 401) ..."
 
     def __call__(self, row_id: str, prompt: str, paths: list[str]) -> str:
-        import openai
-
         if self.stop.is_set():
             raise _FatalReply("not asked: an earlier request got a fatal reply")
         content = [{"type": "text", "text": prompt}]
-        content += [{"type": "image_url", "image_url": {"url": _data_url(p)}} for p in paths]
+        content += [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in paths]
         kwargs = {"model": self.model, "messages": [{"role": "user", "content": content}]}
         kwargs |= {"max_tokens": self.max_tokens}
         if self.temperature is not None:
             kwargs["temperature"] = self.temperature
-        for attempt in range(self.max_retries + 1):
-            try:
-                reply = self.client.chat.completions.create(**kwargs)
-                choices = getattr(reply, "choices", None) or []
-                text = " ".join((choices[0].message.content or "").split()) if choices else ""
-                if not text:  # one line: a reason lands in a csv cell and in a prompt
-                    raise ReasonsError(f"the teacher returned an empty reply: {str(reply)[:200]}")
-                return text
-            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
-                if attempt == self.max_retries:
-                    raise ReasonsError(
-                        self.redact(f"gave up after {attempt + 1} tries: {_describe(e)}")
-                    ) from None
-                delay = self._delay(attempt, e)
-                log.info(
-                    "teacher: %s; retry %d/%d in %.2f s",
-                    self.redact(_describe(e)),
-                    attempt + 1,
-                    self.max_retries,
-                    delay,
-                )
-                time.sleep(delay)
-            except openai.APIStatusError as e:
-                if e.status_code in _FATAL:
-                    with self.lock:
-                        self.fatal = self.fatal or f"row {row_id}: {self.redact(_describe(e))}"
-                    self.stop.set()
-                    raise _FatalReply(self.fatal) from None
-                raise ReasonsError(self.redact(_describe(e))) from None
-        raise AssertionError("unreachable")
-
-
-def _describe(err: Exception) -> str:
-    status = getattr(err, "status_code", None)
-    return f"{type(err).__name__}" + (f" (HTTP {status})" if status else "") + f": {err}"
+        try:
+            reply = chat(self.client, **kwargs)
+        except ServerError as e:  # already redacted, and already retried where retrying helps
+            if e.status in _FATAL:
+                with self.lock:
+                    self.fatal = self.fatal or f"row {row_id}: {e}"
+                self.stop.set()
+                raise _FatalReply(self.fatal) from None
+            raise ReasonsError(str(e)) from None
+        text = " ".join((reply.choices[0].message.content or "").split())
+        if not text:  # one line: a reason lands in a csv cell and in a prompt
+            raise ReasonsError(redact(f"the teacher returned an empty reply: {str(reply)[:200]}"))
+        return text
 
 
 def write_reasons(
@@ -218,7 +170,6 @@ def write_reasons(
     max_retries: int = 5,
     prompt: str | None = None,
     progress: bool = True,
-    retry_base_s: float = 1.0,
     timeout_s: float = 120.0,
     max_tokens: int = 200,
     temperature: float | None = None,
@@ -226,10 +177,10 @@ def write_reasons(
     """DataFrame(id, reason) for every train row, asking the teacher only for rows not in `out_jsonl`.
 
     `prompt` may use {label}, {description} and {classes}; it must use {label}. Rows that still fail
-    after `max_retries` retries raise ReasonsError at the end, after every other row is saved.
+    after the openai client's `max_retries` retries (429, 5xx, lost connections) raise ReasonsError
+    at the end, after every other row is saved.
     `df.attrs["stats"]` holds {"rows", "cached", "asked", "seconds"}.
     """
-    import openai
     from rich.console import Console
     from rich.progress import Progress
 
@@ -239,20 +190,8 @@ def write_reasons(
         raise ReasonsError("the reasons prompt must contain {label}: the teacher explains the gold label")
     start = time.perf_counter()
     out_jsonl = Path(out_jsonl)
-    secret = os.environ.get(api_key_env, "")
-    if not secret:
-        log.info("$%s is not set: sending the placeholder key 'EMPTY' (fine for local servers)", api_key_env)
-    # Our own retries (max_retries=0 here): the backoff is testable and logged, and the key is redacted.
-    client = openai.OpenAI(base_url=base_url, api_key=secret or "EMPTY", max_retries=0, timeout=timeout_s)
-    teacher = _Teacher(
-        client,
-        model,
-        max_retries=max_retries,
-        retry_base_s=retry_base_s,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        secret=secret,
-    )
+    client = make_client(base_url, api_key_env=api_key_env, timeout=timeout_s, max_retries=max_retries)
+    teacher = _Teacher(client, model, max_tokens=max_tokens, temperature=temperature)
 
     cache = read_cache(out_jsonl)
     rows: list[dict] = []
@@ -313,6 +252,7 @@ def write_reasons(
                     bar.advance(task)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        client.close()
         if appender:
             appender.close()
     if failures:

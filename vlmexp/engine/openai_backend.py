@@ -10,22 +10,29 @@ labels (guided choice). vLLM spells this `guided_choice` up to v0.11 and `struct
 from v0.10.2 on (the old field was removed in v0.12); each version ignores, with a warning, the
 field it does not know, so both are sent. A server that refuses them outright (400, e.g. OpenAI's
 own API: "Unrecognized request argument") is asked again without, and the answer is parsed.
+
+In a run (`exp run predict.backend=openai`) fold k's out-of-fold rows and its test rows go to fold k's
+own model, named by `predict.model_per_fold` ("{run}/fold{k}", the names `exp serve RUN` gives, or
+"fold{k}" for `vllm serve BASE --enable-lora --lora-modules fold0=runs/X/folds/fold0/adapter ...`);
+one model for every fold would have seen each fold's validation rows in training. A fold model the
+server lacks is loaded from the fold's adapter through vLLM's runtime LoRA API.
+The client (key, retries, redaction, data URLs) is `vlmexp.openai_client`'s.
 """
 
 from __future__ import annotations
 
-import base64
-import io
+import contextlib
 import logging
-import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from vlmexp.config import Config
+from vlmexp.openai_client import ServerError, chat, data_url, load_lora_adapter, make_client, model_ids
 from vlmexp.prompts.render import parse_answer
 from vlmexp.tables import prob_columns
 
@@ -35,24 +42,23 @@ log = logging.getLogger(__name__)
 # {"cat": 0.91, "dog": 0.09}, so that soft fold voting gets real probabilities, not one-hot ones.
 PROBS_FIELD = "vlmexp_probs"
 REQUEST_TIMEOUT_S = 120.0
-
-
-def make_client(base_url: str, timeout: float = REQUEST_TIMEOUT_S):
-    import openai
-
-    if not base_url:
-        raise ValueError("predict.backend=openai needs predict.base_url, e.g. http://127.0.0.1:8000/v1")
-    # Local servers (vllm serve, exp serve) accept any key; a hosted one reads OPENAI_API_KEY.
-    return openai.OpenAI(
-        base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=timeout, max_retries=2
-    )
+OOF_REFUSAL = (
+    "predict.backend=openai needs one model per fold: with one model at predict.base_url every fold's "
+    "out-of-fold rows would be predicted by a model that trained on them, and the CV would not be "
+    "out-of-fold. Set predict.model_per_fold to a name with {k}, e.g. "
+    "\"predict.model_per_fold='{run}/fold{k}'\" (quoted so, in a shell: the names `exp serve RUN` gives; "
+    "{run} is the run's folder name) or fold{k} for "
+    "`vllm serve BASE --enable-lora --lora-modules fold0=runs/X/folds/fold0/adapter fold1=...`; "
+    "a vLLM started with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True gets each fold's adapter loaded as it is "
+    "trained"
+)
 
 
 def server_model(client, name: str = "") -> str:
-    """`name` if given, else the server's only model (`vllm serve` and `exp serve` host one)."""
+    """`name` if given, else the server's only model (`vllm serve` of one model hosts one)."""
     if name:
         return name
-    ids = [m.id for m in client.models.list().data]
+    ids = model_ids(client)
     if len(ids) != 1:
         raise ValueError(
             f"predict.server_model is empty and the server at {client.base_url} hosts {len(ids)} models "
@@ -61,11 +67,39 @@ def server_model(client, name: str = "") -> str:
     return ids[0]
 
 
-def image_data_url(img: Image.Image) -> str:
-    """A PIL image as "data:image/png;base64,...": PNG is lossless, so the server sees our pixels."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+def fold_model_name(cfg: Config, run_name: str, k: int) -> str:
+    """Fold k's model name on the server: predict.model_per_fold filled in, e.g. "{run}/fold{k}" ->
+    "demo-1a2b3c4d/fold3" (what `exp serve` calls it) or "fold{k}" -> "fold3" (a vLLM --lora-modules name)."""
+    template = cfg.predict.model_per_fold
+    if "{k}" not in template:
+        raise ValueError(OOF_REFUSAL)
+    return template.format(run=run_name, k=k)
+
+
+def ensure_fold_model(client, name: str, adapter_dir: Path | None) -> None:
+    """Make sure the server hosts fold k's model `name`: listed already (`exp serve RUN`, or
+    `vllm serve --lora-modules`), else loaded now from the fold's adapter through vLLM's runtime API."""
+    ids = model_ids(client)
+    if name in ids:
+        return
+    if adapter_dir is None or not (Path(adapter_dir) / "adapter_config.json").exists():
+        raise ServerError(
+            f"the server at {client.base_url} has no model {name!r} (it hosts {', '.join(ids) or 'none'}) "
+            f"and there is no LoRA adapter to load in {adapter_dir}. Serve each fold under its own name: "
+            "exp serve RUN (names <run>/fold<k>), or vllm serve --lora-modules NAME=ADAPTER_DIR ..."
+        )
+    try:
+        load_lora_adapter(client, name, Path(adapter_dir))
+    except ServerError as e:
+        raise ServerError(
+            f"the server at {client.base_url} has no model {name!r} and loading fold adapter {adapter_dir} "
+            f"failed: {e}. Fix: start vLLM with --enable-lora --max-lora-rank R and the environment "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or give every fold at start: vllm serve BASE "
+            "--enable-lora --lora-modules fold0=runs/X/folds/fold0/adapter fold1=... with "
+            "predict.model_per_fold='fold{k}'",
+            status=e.status,
+        ) from None
+    log.info("loaded fold adapter %s on %s as model %r", adapter_dir, client.base_url, name)
 
 
 def to_openai_messages(sample: dict) -> list[dict]:
@@ -90,7 +124,7 @@ def to_openai_messages(sample: dict) -> list[dict]:
                     raise ValueError(
                         f"sample {sample.get('id')!r}: more image slots than its {len(images)} images"
                     )
-                parts.append({"type": "image_url", "image_url": {"url": image_data_url(images[used])}})
+                parts.append({"type": "image_url", "image_url": {"url": data_url(images[used])}})
                 used += 1
             elif part.get("type") == "text":
                 parts.append({"type": "text", "text": part["text"]})
@@ -124,8 +158,6 @@ class _Asker:
         self._lock = threading.Lock()
 
     def __call__(self, sample: dict) -> tuple[str, dict | None]:
-        import openai
-
         marker = _marker(sample)
         kwargs = {
             "model": self.model,
@@ -136,7 +168,9 @@ class _Asker:
         if marker == "" and self.guided:
             try:
                 return self._send(kwargs, extra_body=choice_body(self.labels))
-            except openai.BadRequestError as e:
+            except ServerError as e:
+                if e.status != 400:
+                    raise
                 # Ask again without; if that fails too, the request was bad for another reason: raise that.
                 answer = self._send(kwargs, extra_body=None)
                 with self._lock:
@@ -147,7 +181,7 @@ class _Asker:
         return self._send(kwargs, extra_body=None)
 
     def _send(self, kwargs: dict, extra_body: dict | None) -> tuple[str, dict | None]:
-        reply = self.client.chat.completions.create(**kwargs, extra_body=extra_body)
+        reply = chat(self.client, **kwargs, extra_body=extra_body)
         text = reply.choices[0].message.content or ""
         return text, (reply.model_extra or {}).get(PROBS_FIELD)
 
@@ -179,25 +213,27 @@ def predict_openai(
     samples: list[dict],
     labels: list[str],
     *,
+    model: str = "",
     concurrency: int = 4,
     progress: bool = True,
     client=None,
 ) -> pd.DataFrame:
-    """Like `engine.predict.predict`, through the server at `cfg.predict.base_url`.
+    """Like `engine.predict.predict`, through the server at `cfg.predict.base_url`, asking `model`
+    (default: predict.server_model, else the server's only model).
 
     Probabilities: the server's own (`exp serve`), else 1.0 on the parsed label; a parse failure
     gives pred NaN and zeros, and is counted and logged.
     """
     from rich.progress import track
 
-    client = client or make_client(cfg.predict.base_url)
-    model = server_model(client, cfg.predict.server_model)
-    ask = _Asker(client, model, labels, max_tokens=cfg.predict.max_new_tokens)
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        answers = pool.map(ask, samples)  # map keeps the samples' order
-        answers = list(
-            track(answers, total=len(samples), description=f"predict via {model}", disable=not progress)
-        )
+    with _client(cfg, client) as client:
+        model = model or server_model(client, cfg.predict.server_model)
+        ask = _Asker(client, model, labels, max_tokens=cfg.predict.max_new_tokens)
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            answers = pool.map(ask, samples)  # map keeps the samples' order
+            answers = list(
+                track(answers, total=len(samples), description=f"predict via {model}", disable=not progress)
+            )
     table = pd.DataFrame(
         [_row(s, text, probs, labels) for s, (text, probs) in zip(samples, answers, strict=True)],
         columns=["id", "pred", *prob_columns(labels), "raw"],
@@ -212,3 +248,35 @@ def predict_openai(
             table.loc[table["pred"].isna(), "raw"].iloc[0][:120],
         )
     return table
+
+
+def predict_fold_openai(
+    cfg: Config,
+    samples: list[dict],
+    labels: list[str],
+    *,
+    run_name: str,
+    k: int,
+    adapter_dir: Path | None = None,
+    concurrency: int = 4,
+    progress: bool = True,
+    client=None,
+) -> pd.DataFrame:
+    """Fold k's rows (its out-of-fold rows, or the test set) predicted by fold k's own model on the
+    server, named by predict.model_per_fold; loaded from `adapter_dir` first if the server lacks it."""
+    name = fold_model_name(cfg, run_name, k)
+    with _client(cfg, client) as client:
+        ensure_fold_model(client, name, adapter_dir)
+        return predict_openai(
+            cfg, samples, labels, model=name, concurrency=concurrency, progress=progress, client=client
+        )
+
+
+@contextlib.contextmanager
+def _client(cfg: Config, client=None) -> Iterator:
+    """The caller's client as it is, or a new one for predict.base_url that is closed afterwards."""
+    if client is not None:
+        yield client
+        return
+    with make_client(cfg.predict.base_url, timeout=REQUEST_TIMEOUT_S) as own:
+        yield own
