@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pandas as pd
@@ -125,3 +126,48 @@ def test_report_refuses_unfinished_run(tmp_path):
     (unfinished / "config.yaml").write_text("prompt: cot\n")
     with pytest.raises(ReportError, match="half has no cv.json.*not finished"):
         write_report([base, unfinished], None, tmp_path / "rep")
+
+
+def test_settings_that_do_not_change_results_are_not_differences(tmp_path):
+    y, pa, _ = _preds(3, 30, 0.5, 0.5)
+    folds = np.arange(30) % 3
+    base = _fake_run(tmp_path, "base", pa, y, folds, {"prompt": "baseline", "gpus": 1})
+    other = _fake_run(
+        tmp_path,
+        "other",
+        pa,
+        y,
+        folds,
+        {"prompt": "baseline", "gpus": 2, "leaderboard": "x.csv", "speed": {"compile": True}},
+    )
+    md = write_report([base, other], None, tmp_path / "rep").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| `other`"))
+    assert "(same config)" in row, row
+
+
+def test_cjk_labels_without_a_font_are_numbered_with_a_legend_and_a_warning(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from vlmexp import plots
+
+    monkeypatch.setattr(plots, "find_font", lambda chars: None)
+    labels = ["优惠券", "退款页面", "b"]
+    y = np.array(["优惠券", "退款页面", "b"] * 10, dtype=object)
+    folds = np.arange(30) % 3
+    monkeypatch.setattr(sys.modules[__name__], "LABELS", labels)  # _fake_run's probability columns
+    base = _fake_run(tmp_path, "base", y, y, folds, {"prompt": "baseline"})
+    seen = []
+    real = plots.plot_confusion
+    monkeypatch.setattr(plots, "plot_confusion", lambda *a: seen.append(a[3]) or real(*a))
+    with caplog.at_level(logging.WARNING):
+        md = write_report([base], None, tmp_path / "rep").read_text()
+    assert seen == [["0", "1", "2"]]
+    assert "- 0 = 优惠券" in md and "- 1 = 退款页面" in md
+    assert "fonts-noto-cjk" in caplog.text and "fonts-wqy-microhei" in caplog.text
+
+
+def test_latin_labels_are_drawn_as_they_are(tmp_path, caplog):
+    from vlmexp import plots
+
+    assert plots.tick_names(["cat", "dog"]) == (["cat", "dog"], {})
+    assert caplog.text == ""

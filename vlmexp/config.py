@@ -540,6 +540,11 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(_as_written(cfg)))
 
 
+def changes_results(key: str) -> bool:
+    """Whether a dotted key can change a run's results: False for `runs_dir`, `speed.compile`, ..."""
+    return key not in _UNHASHED and key.split(".")[0] not in _UNHASHED
+
+
 def config_hash(cfg: Config) -> str:
     """Stable 8-hex hash of everything that changes results (not name/runs_dir/experiment)."""
     d = {k: v for k, v in to_dict(cfg).items() if k not in _UNHASHED}

@@ -7,9 +7,7 @@ differ. Because every run on a dataset uses the same stored folds, per-fold delt
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +16,11 @@ import pandas as pd
 from omegaconf import OmegaConf
 from scipy.stats import binomtest, chi2
 
-from vlmexp import metrics
+from vlmexp import metrics, plots
+from vlmexp.config import changes_results
 from vlmexp.tables import PROB_PREFIX, read_json, read_table, write_text
 
 METRICS = ("accuracy", "macro_f1")
-# Keys that name or place a run without changing what it computes.
-_IGNORED_KEYS = {"name", "runs_dir", "experiment"}
 
 
 class ReportError(ValueError):
@@ -137,11 +134,12 @@ class Run:
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
+    """Dotted keys of the settings that change results; `runs_dir`, `speed.*`, ... are not differences."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
-        elif k not in _IGNORED_KEYS:
+        elif changes_results(prefix + k):
             out[prefix + k] = v
     return out
 
@@ -251,67 +249,24 @@ def write_report(run_dirs: list[Path], baseline: Path | None, out: Path) -> Path
     if fold_lines:
         lines += ["", "## Per-fold delta vs baseline (fold 0, 1, ...)", "", *fold_lines]
     lines += ["", "## Plots", ""]
+    ticks, legend = plots.tick_names(base.labels)
+    if legend:
+        lines += ["Classes are numbered in the plots (no installed font draws their names):", ""]
+        lines += [f"- {i} = {label}" for i, label in legend.items()] + [""]
     for run in runs:
-        png = _plot_confusion(run, fig_dir)
+        png = fig_dir / f"confusion-{run.name}.png"
+        plots.plot_confusion(run.name, run.oof, base.labels, ticks, png)
         lines.append(f"![confusion {run.name}]({png.name})")
         if run is not base:
-            png = _plot_f1_change(run, base, fig_dir)
+            f1 = [
+                metrics.per_class_report(r.oof["label"], r.oof["pred"], base.labels)["f1"].to_numpy()
+                for r in (run, base)
+            ]
+            png = plots.plot_f1_change(
+                f"{run.name} - {base.name}: per-class F1",
+                f1[0] - f1[1],
+                ticks,
+                fig_dir / f"f1-change-{run.name}.png",
+            )
             lines.append(f"![per-class F1 change {run.name}]({png.name})")
     return write_text("\n".join(lines) + "\n", md_path)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
-    # CJK labels (e.g. 优惠券) render as boxes in DejaVu Sans. A CJK font, when installed
-    # (fonts-wqy-microhei or fonts-noto-cjk), goes first: it has Latin glyphs too, and matplotlib's
-    # per-glyph fallback did not reach a .ttc font listed after DejaVu here. Missing names are skipped.
-    plt.rcParams["font.sans-serif"] = ["WenQuanYi Micro Hei", "Noto Sans CJK SC", "DejaVu Sans"]
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-
-    return plt
-
-
-def _plot_confusion(run: Run, fig_dir: Path) -> Path:
-    plt = _plt()
-    cm = metrics.confusion(run.oof["label"], run.oof["pred"], run.labels)
-    size = 2 + 0.5 * len(cm.columns)
-    fig, ax = plt.subplots(figsize=(size, size))
-    m = cm.to_numpy()
-    ax.imshow(m, cmap="Blues")
-    ax.set_xticks(range(len(cm.columns)), list(cm.columns), rotation=90)
-    ax.set_yticks(range(len(cm.index)), list(cm.index))
-    for (i, j), v in np.ndenumerate(m):
-        color = "white" if v > m.max() / 2 else "black"  # legible on dark cells
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color=color)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{run.name}: OOF confusion")
-    return _save(fig, fig_dir / f"confusion-{run.name}.png")
-
-
-def _plot_f1_change(run: Run, base: Run, fig_dir: Path) -> Path:
-    plt = _plt()
-    f_run = metrics.per_class_report(run.oof["label"], run.oof["pred"], base.labels)["f1"].to_numpy()
-    f_base = metrics.per_class_report(base.oof["label"], base.oof["pred"], base.labels)["f1"].to_numpy()
-    change = f_run - f_base
-    fig, ax = plt.subplots(figsize=(2 + 0.5 * len(change), 4))
-    ax.bar(range(len(change)), change, color=["tab:green" if d >= 0 else "tab:red" for d in change])
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(change)), base.labels, rotation=90)
-    ax.set_ylabel("F1 change vs baseline")
-    ax.set_title(f"{run.name} - {base.name}: per-class F1")
-    return _save(fig, fig_dir / f"f1-change-{run.name}.png")
-
-
-def _save(fig, path: Path) -> Path:
-    with warnings.catch_warnings():
-        # CJK labels without a CJK font draw as boxes and warn per glyph; the plot is still usable.
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    _plt().close(fig)
-    return path
