@@ -359,6 +359,26 @@ def serve(
     serve_run(_run_path(run_name_, runs_dir), host=host, port=port, fold=fold)
 
 
+@app.command()
+@user_errors
+def ensemble(
+    runs: list[Path] = typer.Argument(..., help="finished runs (names or folders) on the same data"),
+    name: str = typer.Option("", "--name", help="the new run folder's name; default ens-<hash of the runs>"),
+    calibrate: str = typer.Option("none", "--calibrate", help="none, or bias: class offsets fitted on OOF"),
+    force: bool = typer.Option(False, "--force", help="replace an existing ensemble folder"),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+) -> None:
+    """Vote finished runs together: mean test probabilities, CV from their OOF tables, a submission."""
+    _setup_logging()
+    from vlmexp.kfold.combine import default_name, ensemble_runs
+    from vlmexp.rundir import RunDir, find_run
+
+    members = [find_run(r, runs_dir) for r in runs]
+    out = RunDir(runs_dir / (name or default_name(members, calibrate)))
+    ensemble_runs(members, out, calibrate=calibrate, force=force)
+    _print_cv(out.root)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """GPU benchmark on a real-shaped random-weight model vs the tutorial recipe.
