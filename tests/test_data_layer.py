@@ -283,3 +283,12 @@ def test_cli_data_check_lists_run_files_and_submit_names_data_limit(comp, tmp_pa
 
 def cfg_label(comp: Path) -> str:
     return next(iter(json.loads((comp / "labels.json").read_text())))
+
+
+def test_suspect_labels_keep_digit_and_na_labels(tmp_path):
+    sus = pd.DataFrame(
+        {"id": ["a", "b"], "label": ["1", "None"], "suggested": ["2", "NA"], "confidence": [0.95, 0.9]}
+    )
+    write_table(sus, tmp_path / "suspect_labels.csv")
+    back = read_table(tmp_path / "suspect_labels.csv")
+    assert list(back["suggested"]) == ["2", "NA"] and list(back["label"]) == ["1", "None"]

@@ -72,9 +72,8 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
 def read_table(path: str | Path) -> pd.DataFrame:
     """A table as written: ids and labels stay strings ("007" stays "007", a label "None" or "NA" stays
     that label); only an empty cell is missing (NaN), e.g. a `pred` the model never gave."""
-    return pd.read_csv(
-        path, dtype={"id": str, "label": str, "pred": str}, keep_default_na=False, na_values=[""]
-    )
+    text = {col: str for col in ("id", "label", "pred", "suggested")}  # suggested: suspect_labels.csv
+    return pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
