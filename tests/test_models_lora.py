@@ -10,9 +10,12 @@ from transformers import AutoModelForImageTextToText
 from vlmexp.config import LoraConfig, load_config
 from vlmexp.models import tiny
 from vlmexp.models.load import load_model, load_processor
-from vlmexp.models.lora import apply_lora, classify, select_target_modules
+from vlmexp.models.lora import apply_lora, classify, select_target_modules, select_target_parameters
 
-# The real module layout of each family, written out by hand so the test does not trust classify().
+# The real module layout of each family, written out by hand so the test does not trust classify():
+# (language layers, vision block 0, vision attention leaves, vision mlp leaves).
+_QWEN3_VISION = ("model.visual.blocks.0", ["attn.qkv", "attn.proj"], ["mlp.linear_fc1", "mlp.linear_fc2"])
+_GEMMA_VISION_ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
 LAYOUT = {
     "qwen2_vl": (
         "model.language_model.layers",
@@ -38,6 +41,31 @@ LAYOUT = {
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"],
         ["mlp.fc1", "mlp.fc2"],
     ),
+    "qwen3_vl": ("model.language_model.layers", *_QWEN3_VISION),
+    "qwen3_vl_moe": ("model.language_model.layers", *_QWEN3_VISION),
+    "qwen3_5": ("model.language_model.layers", *_QWEN3_VISION),
+    "gemma3": (
+        "model.language_model.layers",
+        "model.vision_tower.encoder.layers.0",
+        [*_GEMMA_VISION_ATTN, "self_attn.out_proj"],
+        ["mlp.fc1", "mlp.fc2"],
+    ),
+    # Gemma 4 wraps each vision Linear in a clippable module: the Linear is `<name>.linear`
+    "gemma4": (
+        "model.language_model.layers",
+        "model.vision_tower.encoder.layers.0",
+        [f"{x}.linear" for x in [*_GEMMA_VISION_ATTN, "self_attn.o_proj"]],
+        [f"mlp.{p}_proj.linear" for p in ("gate", "up", "down")],
+    ),
+}
+VISION_BLOCKS = {"qwen3_vl": 2, "qwen3_vl_moe": 2, "qwen3_5": 2}  # two blocks: deepstack after block 0
+# Qwen3.5's layer 0 is a gated-delta-net layer: its projections stand where attention does
+LINEAR_ATTN = [f"linear_attn.in_proj_{x}" for x in ("qkv", "z", "b", "a")] + ["linear_attn.out_proj"]
+# Qwen3-VL-MoE's experts are fused 3D parameters: LoRA reaches them as target_parameters
+EXPERTS = {
+    "qwen3_vl_moe": {
+        f"model.language_model.layers.{i}.mlp.experts.{w}_proj" for i in (0, 1) for w in ("gate_up", "down")
+    }
 }
 
 
@@ -45,11 +73,16 @@ def expected(family: str) -> dict[tuple[str, str], set[str]]:
     lang, vis, vis_attn, vis_mlp = LAYOUT[family]
     lang_attn = {f"{lang}.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo"}
     lang_mlp = {f"{lang}.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up", "down")}
+    if family == "qwen3_5":
+        lang_attn = {f"{lang}.1.self_attn.{p}_proj" for p in "qkvo"} | {f"{lang}.0.{x}" for x in LINEAR_ATTN}
+    if family in EXPERTS:
+        lang_mlp = set()
+    blocks = [f"{vis[:-1]}{b}" for b in range(VISION_BLOCKS.get(family, 1))]
     return {
         ("language", "attention"): lang_attn,
         ("language", "mlp"): lang_mlp,
-        ("vision", "attention"): {f"{vis}.{x}" for x in vis_attn},
-        ("vision", "mlp"): {f"{vis}.{x}" for x in vis_mlp},
+        ("vision", "attention"): {f"{b}.{x}" for b in blocks for x in vis_attn},
+        ("vision", "mlp"): {f"{b}.{x}" for b in blocks for x in vis_mlp},
     }
 
 
@@ -74,7 +107,8 @@ def _lora_modules(peft_model) -> set[str]:
     out = set()
     for name, _ in peft_model.named_parameters():
         if ".lora_A." in name or ".lora_B." in name:
-            out.add(name.split(".lora_")[0].removeprefix(prefix))
+            # peft stacks one wrapper per targeted parameter: experts.base_layer.lora_A is still experts
+            out.add(name.split(".lora_")[0].removeprefix(prefix).replace(".base_layer", ""))
     return out
 
 
@@ -98,7 +132,10 @@ def test_switch_selection(family, combo, models):
     if not sw["mlp"]:
         assert not any(".mlp." in n for n in chosen)
     # projectors/mergers and lm_head are never picked by a switch
-    assert not any(x in n for n in chosen for x in ("merger", "projector", "connector", "lm_head"))
+    never = ("merger", "projector", "connector", "embed_vision", "lm_head")
+    assert not any(x in n for n in chosen for x in never)
+    experts = EXPERTS.get(family, set()) if sw["language"] and sw["mlp"] else set()
+    assert set(select_target_parameters(models[family], LoraConfig(**sw))) == experts
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -108,7 +145,9 @@ def test_apply_lora_puts_adapters_exactly_there(family, combo, tiny_models):
     model = AutoModelForImageTextToText.from_pretrained(tiny_models(family))
     cfg = load_config([f"lora.{k}={str(v).lower()}" for k, v in sw.items()] + ["lora.r=4"])
     peft_model = apply_lora(model, cfg)
-    assert _lora_modules(peft_model) == _want(family, sw)
+    experts = EXPERTS.get(family, set()) if sw["language"] and sw["mlp"] else set()
+    assert _lora_modules(peft_model) == _want(family, sw) | {n.rsplit(".", 1)[0] for n in experts}
+    assert set(peft_model.peft_config["default"].target_parameters or ()) == experts
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
 
@@ -150,6 +189,8 @@ def test_empty_selection_is_an_error(models):
         ("model.layers.0.mlp.down_proj", ("language", "mlp")),
         ("visual.blocks.0.attn.proj", ("vision", "attention")),
         ("model.multi_modal_projector.mm_input_projection", ("projector", "other")),
+        ("model.embed_vision.embedding_projection", ("projector", "other")),
+        ("model.language_model.layers.0.linear_attn.in_proj_qkv", ("language", "attention")),
         ("lm_head", ("other", "other")),
     ],
 )
