@@ -29,6 +29,7 @@ from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
 from vlmexp.engine.samples import build_samples
 from vlmexp.engine.train import train_fold
+from vlmexp.engine.tta import predict_tta
 from vlmexp.kfold.calibrate import calibrate_run
 from vlmexp.kfold.calibrate import summary as calibration_summary
 from vlmexp.kfold.ensemble import apply_suspects, disagreements, reconcile, suspect_labels, vote
@@ -424,6 +425,14 @@ def _predict(
     cfg: Config, model, processor, samples: list[dict], labels: list[str], caches=None
 ) -> pd.DataFrame:
     """Local scoring or generation, or an OpenAI-compatible server (backend=openai, e.g. `vllm serve`)."""
+    if cfg.predict.tta != "none":
+        # Each view of the images goes through this same function without TTA; probabilities averaged.
+        plain = dataclasses.replace(cfg, predict=dataclasses.replace(cfg.predict, tta="none"))
+
+        def one_view(view_samples: list[dict]) -> pd.DataFrame:
+            return _predict(plain, model, processor, view_samples, labels, caches)
+
+        return predict_tta(samples, labels, cfg.predict.tta, one_view)
     if cfg.predict.backend == "openai":
         from vlmexp.engine.openai_backend import predict_openai
 
