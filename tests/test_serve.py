@@ -122,7 +122,8 @@ def test_served_ensemble_equals_local_fold_vote(run, server):
     cfg, _, labels, samples, tables = run
     local = vote(tables, labels, how=cfg.ensemble.vote)
     with make_client(server.url, timeout=TIMEOUT_S) as client:
-        served = predict_openai(openai_cfg(cfg, server.url), samples, labels, progress=False, client=client)
+        served = predict_openai(openai_cfg(cfg, server.url), samples, labels, model="tiny", progress=False,
+                                client=client)  # fmt: skip
     assert list(served.columns) == ["id", "pred", *prob_columns(labels), "raw"]
     assert served["id"].tolist() == local["id"].tolist()
     assert served["pred"].tolist() == local["pred"].tolist()
@@ -139,9 +140,36 @@ def test_served_single_fold_equals_local_fold(run):
     assert served["pred"].tolist() == tables[1]["pred"].tolist()
 
 
-def test_models_lists_the_run(server):
+def test_models_lists_the_ensemble_and_every_fold(server):
     status, body = http(server.url + "/models")
-    assert status == 200 and [m["id"] for m in body["data"]] == ["tiny"]
+    assert status == 200 and [m["id"] for m in body["data"]] == ["tiny", "tiny/fold0", "tiny/fold1"]
+
+
+def test_each_fold_predicted_through_its_served_name_equals_local_fold_prediction(run, server):
+    """Issue 10, item 8: with predict.backend=openai every fold's rows went to the one model at base_url,
+    so the CV was not out-of-fold. Fold k now asks fold k's model, "{run}/fold{k}" on `exp serve`."""
+    from vlmexp.engine.openai_backend import predict_fold_openai
+
+    cfg, _, labels, samples, tables = run
+    cfg = dataclasses.replace(cfg, predict=dataclasses.replace(cfg.predict, model_per_fold="{run}/fold{k}"))
+    with make_client(server.url, timeout=TIMEOUT_S) as client:
+        for k in range(2):
+            served = predict_fold_openai(openai_cfg(cfg, server.url), samples, labels, run_name="tiny", k=k,
+                                         progress=False, client=client)  # fmt: skip
+            assert served["pred"].tolist() == tables[k]["pred"].tolist()
+            np.testing.assert_allclose(probs(served, labels), probs(tables[k], labels), atol=1e-5)
+
+
+def test_backend_openai_without_a_model_per_fold_is_refused(comp_dir):
+    from vlmexp.config import ConfigError
+
+    base = [f"data.dir={comp_dir}", "predict.backend=openai", "predict.base_url=http://127.0.0.1:8000/v1"]
+    with pytest.raises(ConfigError, match="would not be out-of-fold.*model_per_fold"):
+        load_config(base)
+    with pytest.raises(ConfigError, match="needs one model per fold"):
+        load_config([*base, "predict.model_per_fold=one-model"])  # no {k}: every fold the same model
+    with pytest.raises(ConfigError, match="only placeholders are"):
+        load_config([*base, "predict.model_per_fold=fold{k}-{name}"])
 
 
 def test_guided_choice_restricts_the_answer(run, server):

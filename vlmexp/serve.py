@@ -1,10 +1,12 @@
 """`exp serve RUN`: a finished run as an OpenAI-compatible chat-completions server on 127.0.0.1.
 
-`GET /v1/models` lists the run as one model (its folder name, or `<name>/fold<k>` for one fold);
-`POST /v1/chat/completions` takes OpenAI chat messages with base64 data-URL images, turns them
-back into an engine sample and answers with the label that local prediction would give: the
-run's scoring (or generation) per `predict.mode`, over one fold's adapter or the fold ensemble
-voted as the run votes (`ensemble.vote`; the test-time reconcile step is not applied). The
+`GET /v1/models` lists the fold ensemble under the run's folder name and each fold under
+`<name>/fold<k>` (with `--fold K`, that fold only). `POST /v1/chat/completions` takes OpenAI chat
+messages with base64 data-URL images, turns them back into an engine sample and answers with the
+label that local prediction would give: the run's scoring (or generation) per `predict.mode`, over
+the named fold's adapter or the fold ensemble voted as the run votes (`ensemble.vote`; the
+test-time reconcile step is not applied). The per-fold names are what an honest out-of-fold
+prediction through a server needs: `predict.model_per_fold='{run}/fold{k}'`. The
 answer's class probabilities ride along under `vlmexp_probs`; `guided_choice` (vLLM <= 0.11) and
 `structured_outputs.choice` (vLLM >= 0.10.2) restrict the answer to those labels.
 
@@ -23,6 +25,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -34,15 +37,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from vlmexp.config import Config, load_config_file
 from vlmexp.engine.openai_backend import PROBS_FIELD
 from vlmexp.prompts.render import Rendered, load_template
+from vlmexp.rundir import RunDir
 from vlmexp.tables import PROB_PREFIX, probs
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 2**20  # a request holds a few base64 images; 64 MiB is far beyond that
+# Decoded pixels per request, all its images together: 40 MP is twenty 1920x1080 screenshots. A PNG of
+# 12000 x 12000 flat pixels is only 594 KB on the wire but 144 MP (432 MB as RGB, 36 s to process).
+MAX_PIXELS = 40_000_000
+# Connections the kernel queues while the accept loop is busy; the standard library's 5 dropped
+# connections with 32 concurrent clients.
+LISTEN_BACKLOG = 256
 
 
 class RequestError(ValueError):
@@ -62,7 +73,8 @@ def load_run_config(run_dir: Path) -> Config:
 
 def run_labels(run_dir: Path, cfg: Config) -> list[str]:
     """Class order from the run's own prediction tables, else from the competition's labels.json."""
-    for table in [Path(run_dir) / "test_probs.csv", *sorted(Path(run_dir).glob("folds/fold*/oof.csv"))]:
+    run = RunDir(Path(run_dir))
+    for table in [run.path("test_probs.csv"), *(run.fold_dir(k) / "oof.csv" for k in range(cfg.folds))]:
         if table.exists():
             cols = pd.read_csv(table, nrows=0).columns
             labels = [c[len(PROB_PREFIX) :] for c in cols if c.startswith(PROB_PREFIX)]
@@ -74,19 +86,26 @@ def run_labels(run_dir: Path, cfg: Config) -> list[str]:
 
 
 class RunPredictor:
-    """A run's fold models (one, or all for the ensemble) behind `answer(sample, choices)`."""
+    """A run's fold models behind `answer(sample, choices, model)`: the fold ensemble under the run's
+    name and each fold under `<run>/fold<k>` (one base model, each fold a named LoRA adapter), or
+    with `fold=K` that one fold only."""
 
     def __init__(self, run_dir: Path, fold: int | None = None):
         from vlmexp.models.load import load_processor
 
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(Path(run_dir))
+        self.run_dir = self.run.root
         self.cfg = load_run_config(self.run_dir)
         self.labels = run_labels(self.run_dir, self.cfg)
         self.marker = self._marker()
         self.folds = self._folds(fold)
-        self.name = self.run_dir.name + (f"/fold{fold}" if fold is not None else "")
+        # model name -> the folds that answer, e.g. {"demo-1a2b": [0, 1], "demo-1a2b/fold0": [0], ...}
+        self.models = {f"{self.run_dir.name}/fold{k}": [k] for k in self.folds}
+        if fold is None:
+            self.models = {self.run_dir.name: list(self.folds)} | self.models
+        self.name = next(iter(self.models))  # the ensemble, or the one fold
         self.processor = load_processor(self.cfg)
-        self._models = self._load()
+        self._models = dict(zip(self.folds, self._load(), strict=True))
         self._lock = threading.Lock()  # one model call at a time: torch modules are not re-entrant
 
     def _marker(self) -> str:
@@ -95,11 +114,11 @@ class RunPredictor:
         return load_template(self.cfg.prompt, str(saved) if saved.is_dir() else self.cfg.prompts.dir).marker
 
     def _folds(self, fold: int | None) -> list[int]:
-        done = [k for k in range(self.cfg.folds) if (self.run_dir / f"folds/fold{k}/done.json").exists()]
+        done = self.run.done_folds(self.cfg.folds)
         if fold is not None:
             if fold not in done:
                 raise FileNotFoundError(
-                    f"{self.run_dir}: fold {fold} is not finished (no folds/fold{fold}/done.json); "
+                    f"{self.run_dir}: fold {fold} is not finished (no {self.run.fold_dir(fold)}/done.json); "
                     f"finished folds: {done or 'none'}"
                 )
             return [fold]
@@ -111,10 +130,10 @@ class RunPredictor:
         return done
 
     def _load(self) -> list[tuple[object, str | None]]:
-        """[(model, adapter name)]: LoRA folds share one base model, each fold a named adapter."""
+        """[(model, adapter name)] per fold: LoRA folds share one base model, each fold a named adapter."""
         from vlmexp.models.load import load_for_inference
 
-        dirs = [self.run_dir / f"folds/fold{k}/adapter" for k in self.folds]
+        dirs = [self.run.adapter_dir(k) for k in self.folds]
         if all((d / "adapter_config.json").exists() for d in dirs):
             model = load_for_inference(self.cfg, dirs[0])
             for k, d in zip(self.folds[1:], dirs[1:], strict=True):
@@ -130,14 +149,17 @@ class RunPredictor:
             full.append((load_for_inference(cfg, None), None))
         return full
 
-    def answer(self, sample: dict, choices: list[str] | None = None) -> tuple[str, dict[str, float]]:
-        """(message content, {label: probability}) for one sample; the label is restricted to `choices`."""
+    def answer(
+        self, sample: dict, choices: list[str] | None = None, model_name: str = ""
+    ) -> tuple[str, dict[str, float]]:
+        """(message content, {label: probability}) for one sample from the model named `model_name`
+        (default: the ensemble, or the one fold); the label is restricted to `choices`."""
         from vlmexp.engine.predict import predict
         from vlmexp.kfold.ensemble import vote
 
         tables = []
         with self._lock:
-            for model, adapter in self._models:
+            for model, adapter in (self._models[k] for k in self.models[model_name or self.name]):
                 if adapter is not None:
                     model.set_adapter(adapter)
                 tables.append(predict(self.cfg, model, self.processor, [sample], self.labels, progress=False))
@@ -166,8 +188,10 @@ class RunPredictor:
 # -- OpenAI request -> engine sample ----------------------------------------------------------------
 
 
-def decode_image(url: str, cfg: Config):
-    """A data URL ("data:image/png;base64,...") -> RGB PIL image, resized as the run's samples are."""
+def decode_image(url: str, cfg: Config, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, int]:
+    """A data URL ("data:image/png;base64,...") -> (RGB PIL image resized as the run's samples are,
+    pixels decoded). The size in the image's header is checked against `max_pixels` before any pixel
+    is decoded."""
     from vlmexp.data import DataError, open_image
     from vlmexp.engine.samples import resize_image
 
@@ -181,17 +205,38 @@ def decode_image(url: str, cfg: Config):
     if ";base64" not in header:
         raise RequestError(f"image data URL {header!r} is not base64-encoded", param="messages")
     try:
-        return resize_image(open_image(io.BytesIO(base64.b64decode(payload, validate=True))), cfg)
-    except (binascii.Error, DataError) as e:
+        data = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            width, height = im.size
+    except Image.DecompressionBombError as e:  # PIL's own limit (2 x 89 MP) struck first
+        raise RequestError(
+            f"image in {header!r}: {e}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE, param="messages"
+        ) from None
+    except (binascii.Error, OSError, ValueError) as e:
+        raise RequestError(f"cannot decode the image in {header!r}: {e}", param="messages") from None
+    if width * height > max_pixels:
+        raise RequestError(
+            f"image in {header!r} is {width}x{height} = {width * height / 1e6:.1f} MP, over the "
+            f"{max_pixels / 1e6:g} MP left of this server's cap on decoded pixels per request "
+            "(exp serve --max-pixels). Send it downscaled: the run resizes images itself",
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            param="messages",
+        )
+    try:
+        return resize_image(open_image(io.BytesIO(data)), cfg), width * height
+    except DataError as e:
         raise RequestError(f"cannot decode the image in {header!r}: {e}", param="messages") from None
 
 
-def request_sample(body: dict, cfg: Config, marker: str = "") -> dict:
-    """OpenAI chat messages -> {id, images, messages (HF chat), rendered}, as `build_samples` makes."""
+def request_sample(body: dict, cfg: Config, marker: str = "", max_pixels: int = MAX_PIXELS) -> dict:
+    """OpenAI chat messages -> {id, images, messages (HF chat), rendered}, as `build_samples` makes.
+
+    `max_pixels` bounds the decoded pixels of all the request's images together."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list of chat messages", param="messages")
     hf, images, texts = [], [], {"system": [], "user": []}
+    decoded = 0  # pixels of the request's images so far
     for i, m in enumerate(messages):
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
         if role not in ("system", "user", "assistant"):
@@ -212,7 +257,9 @@ def request_sample(body: dict, cfg: Config, marker: str = "") -> dict:
             elif kind == "image_url":
                 ref = part.get("image_url")
                 url = ref.get("url", "") if isinstance(ref, dict) else str(ref or "")
-                images.append(decode_image(url, cfg))
+                img, pixels = decode_image(url, cfg, max_pixels - decoded)
+                images.append(img)
+                decoded += pixels
                 out.append({"type": "image"})
             else:
                 raise RequestError(f"messages[{i}]: unsupported content part {kind!r}", param="messages")
@@ -248,12 +295,12 @@ def requested_choices(body: dict, labels: list[str]) -> list[str] | None:
     return [str(c) for c in choices]
 
 
-def completion(body: dict, predictor: RunPredictor) -> dict:
+def completion(body: dict, predictor: RunPredictor, max_pixels: int = MAX_PIXELS) -> dict:
     model = body.get("model")
-    if model != predictor.name:
+    if model not in predictor.models:
         # OpenAI and vLLM answer an unknown model with 404 model_not_found; so do we.
         raise RequestError(
-            f"model {model!r} does not exist; this server hosts {predictor.name!r}",
+            f"model {model!r} does not exist; this server hosts {', '.join(map(repr, predictor.models))}",
             HTTPStatus.NOT_FOUND,
             param="model",
         )
@@ -262,12 +309,13 @@ def completion(body: dict, predictor: RunPredictor) -> dict:
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported: the answer is deterministic", param="n")
     choices = requested_choices(body, predictor.labels)
-    content, p = predictor.answer(request_sample(body, predictor.cfg, predictor.marker), choices)
+    sample = request_sample(body, predictor.cfg, predictor.marker, max_pixels)
+    content, p = predictor.answer(sample, choices, model)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": predictor.name,
+        "model": model,
         "choices": [
             {
                 "index": 0,
@@ -301,8 +349,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.rstrip("/") == "/v1/models":
-            card = {"id": self.server.predictor.name, "object": "model", "created": 0, "owned_by": "vlmexp"}
-            self._json(HTTPStatus.OK, {"object": "list", "data": [card]})
+            cards = [
+                {"id": name, "object": "model", "created": 0, "owned_by": "vlmexp"}
+                for name in self.server.predictor.models
+            ]
+            self._json(HTTPStatus.OK, {"object": "list", "data": cards})
         elif self.path == "/health":
             self._json(HTTPStatus.OK, {"status": "ok"})
         else:
@@ -315,7 +366,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(
                     f"no route POST {self.path}; try /v1/chat/completions", HTTPStatus.NOT_FOUND
                 )
-            self._json(HTTPStatus.OK, completion(body, self.server.predictor))
+            self._json(HTTPStatus.OK, completion(body, self.server.predictor, self.server.max_pixels))
         except RequestError as e:
             self._error(e)
         except Exception as e:  # a bug or a model failure: say so, keep serving
@@ -323,7 +374,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(RequestError(f"{type(e).__name__}: {e}", HTTPStatus.INTERNAL_SERVER_ERROR))
 
     def _body(self) -> dict:
-        size = int(self.headers.get("Content-Length") or 0)
+        size = self._content_length()
         if size > MAX_BODY_BYTES:
             self.close_connection = True  # the body stays unread, so this connection cannot be reused
             raise RequestError(
@@ -336,6 +387,23 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise RequestError("the body must be a JSON object with 'model' and 'messages'")
         return body
+
+    def _content_length(self) -> int:
+        """The body's size in bytes from one plain Content-Length; anything else ends the connection.
+
+        A negative value once read as "up to EOF", past the size cap: "-1" with a 300 MiB body.
+        """
+        values = self.headers.get_all("Content-Length") or []
+        if not values or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise RequestError(
+                "a POST needs a Content-Length header (chunked bodies are not accepted)",
+                HTTPStatus.LENGTH_REQUIRED,
+            )
+        if len(set(values)) != 1 or not re.fullmatch(r"[0-9]{1,12}", values[0].strip()):
+            self.close_connection = True
+            raise RequestError(f"Content-Length {', '.join(values)!r} is not one byte count (0, 1, 2, ...)")
+        return int(values[0])
 
     def _error(self, e: RequestError) -> None:
         kind = "invalid_request_error" if e.status < 500 else "server_error"
@@ -363,10 +431,11 @@ class _Server(ThreadingHTTPServer):
     # connection (an idle keep-alive client would otherwise block its thread in recv), then joins.
     daemon_threads = False
     block_on_close = True
+    request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address: tuple[str, int], predictor: RunPredictor):
+    def __init__(self, address: tuple[str, int], predictor: RunPredictor, max_pixels: int = MAX_PIXELS):
         super().__init__(address, _Handler)
-        self.predictor = predictor
+        self.predictor, self.max_pixels = predictor, max_pixels
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
 
@@ -392,14 +461,24 @@ class _Server(ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
 
-def make_server(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None) -> _Server:
+def make_server(
+    run_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    fold: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> _Server:
     """The server, bound but not yet serving (port 0 picks a free one); run it with serve_forever()."""
+    if max_pixels < 1:
+        raise ValueError(
+            f"max_pixels={max_pixels}: give the most decoded pixels a request may hold, e.g. 40000000"
+        )
     predictor = RunPredictor(Path(run_dir), fold)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "serving on %s: anyone who can reach it can use the model; there is no authentication", host
         )
-    return _Server((host, port), predictor)
+    return _Server((host, port), predictor, max_pixels)
 
 
 @contextlib.contextmanager
@@ -415,10 +494,17 @@ def running(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
         thread.join()
 
 
-def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None) -> None:
+def serve(
+    run_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    fold: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> None:
     """Serve until Ctrl-C: `exp serve runs/baseline-1a2b3c4d --port 8000`."""
-    server = make_server(run_dir, host, port, fold)
-    log.info("serving %s as model %r at %s (Ctrl-C stops)", run_dir, server.predictor.name, server.url)
+    server = make_server(run_dir, host, port, fold, max_pixels)
+    names = ", ".join(server.predictor.models)
+    log.info("serving %s as models %s at %s (Ctrl-C stops)", run_dir, names, server.url)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
