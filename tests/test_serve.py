@@ -160,6 +160,21 @@ def test_each_fold_predicted_through_its_served_name_equals_local_fold_predictio
             np.testing.assert_allclose(probs(served, labels), probs(tables[k], labels), atol=1e-5)
 
 
+def test_the_recipe_asks_each_fold_its_own_served_model(run, server):
+    """recipe._predict, as run_fold calls it for fold k's OOF rows, with backend=openai and exp serve."""
+    from vlmexp.recipe import _predict
+    from vlmexp.rundir import RunDir
+
+    cfg, root, labels, samples, tables = run
+    cfg = openai_cfg(cfg, server.url)
+    cfg = dataclasses.replace(cfg, predict=dataclasses.replace(cfg.predict, model_per_fold="{run}/fold{k}"))
+    for k in range(2):
+        got = _predict(cfg, None, None, samples, labels, fold=(RunDir(root), k))
+        assert got["pred"].tolist() == tables[k]["pred"].tolist()
+    with pytest.raises(ValueError, match="one fold's rows at a time"):
+        _predict(cfg, None, None, samples, labels)
+
+
 def test_backend_openai_without_a_model_per_fold_is_refused(comp_dir):
     from vlmexp.config import ConfigError
 

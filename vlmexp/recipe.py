@@ -233,11 +233,12 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
     with phase("load_model"):
         model = load_for_inference(cfg, result.adapter_dir) if cfg.predict.backend == "local" else None
     with phase("predict_oof"):
-        oof = _predict(cfg, model, exp.processor, exp.samples(val_split, False), labels, exp.caches)
+        val_samples = exp.samples(val_split, False)
+        oof = _predict(cfg, model, exp.processor, val_samples, labels, exp.caches, (exp.run, k))
     oof.insert(1, "label", val_split["label"].to_numpy())
     oof.insert(2, "fold", k)
     with phase("predict_test"):
-        test_k = _predict(cfg, model, exp.processor, exp.test_samples, labels, exp.caches)
+        test_k = _predict(cfg, model, exp.processor, exp.test_samples, labels, exp.caches, (exp.run, k))
     del model
     _free_memory()
 
@@ -422,21 +423,33 @@ def finalize(exp: Experiment, started: float) -> RunDir:
 
 
 def _predict(
-    cfg: Config, model, processor, samples: list[dict], labels: list[str], caches=None
+    cfg: Config,
+    model,
+    processor,
+    samples: list[dict],
+    labels: list[str],
+    caches=None,
+    fold: tuple[RunDir, int] | None = None,
 ) -> pd.DataFrame:
-    """Local scoring or generation, or an OpenAI-compatible server (backend=openai, e.g. `vllm serve`)."""
+    """Local scoring or generation, or an OpenAI-compatible server (backend=openai, e.g. `vllm serve`)
+    asking fold k's own model (`fold`=(run, k)) for fold k's out-of-fold and test rows."""
     if cfg.predict.tta != "none":
         # Each view of the images goes through this same function without TTA; probabilities averaged.
         plain = dataclasses.replace(cfg, predict=dataclasses.replace(cfg.predict, tta="none"))
 
         def one_view(view_samples: list[dict]) -> pd.DataFrame:
-            return _predict(plain, model, processor, view_samples, labels, caches)
+            return _predict(plain, model, processor, view_samples, labels, caches, fold)
 
         return predict_tta(samples, labels, cfg.predict.tta, one_view)
     if cfg.predict.backend == "openai":
-        from vlmexp.engine.openai_backend import predict_openai
+        from vlmexp.engine.openai_backend import predict_fold_openai
 
-        return predict_openai(cfg, samples, labels, concurrency=cfg.predict.concurrency, progress=False)
+        if fold is None:  # one model for every fold's rows would make the CV in-fold
+            raise ValueError("predict.backend=openai predicts one fold's rows at a time: pass fold=(run, k)")
+        run, k = fold
+        return predict_fold_openai(cfg, samples, labels, run_name=run.root.name, k=k,
+                                   adapter_dir=run.adapter_dir(k), concurrency=cfg.predict.concurrency,
+                                   progress=False)  # fmt: skip
     return predict(cfg, model, processor, samples, labels, progress=False, caches=caches)
 
 
