@@ -292,3 +292,33 @@ def test_suspect_labels_keep_digit_and_na_labels(tmp_path):
     write_table(sus, tmp_path / "suspect_labels.csv")
     back = read_table(tmp_path / "suspect_labels.csv")
     assert list(back["suggested"]) == ["2", "NA"] and list(back["label"]) == ["1", "None"]
+
+
+@pytest.mark.slow
+def test_na_looking_labels_through_a_tiny_run(na_comp, tmp_path):
+    from vlmexp.recipe import run_experiment
+    from vlmexp.tables import read_json
+
+    cfg = load_config(
+        [
+            f"data.dir={na_comp}",
+            f"runs_dir={tmp_path / 'runs'}",
+            f"model.cache_dir={tmp_path / 'tiny'}",
+            f"leaderboard={tmp_path / 'leaderboard.csv'}",
+            "data.answers_csv=answers.csv",
+            "folds=2",
+            "train.epochs=1",
+            "train.eval=false",
+            "train.batch_size=8",
+            "predict.batch_size=16",
+        ]
+    )
+    run = run_experiment(cfg).root
+    oof = read_table(run / "oof.csv")
+    assert sorted(oof["label"]) == sorted(NA_LABELS * 2)  # no label read back as missing
+    assert oof["pred"].isin(NA_LABELS).all()
+    cv = read_json(run / "cv.json")
+    assert cv["accuracy"] == pytest.approx((oof["label"] == oof["pred"]).mean())
+    sub = read(run / "submission.csv")
+    assert list(sub["id"]) == ["NA", "null"] and sub["label"].isin(NA_LABELS).all()
+    assert read_json(run / "test_score.json")["test_rows"] == 2
