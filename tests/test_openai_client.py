@@ -29,6 +29,7 @@ class Fake:
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, json body)
         self.reply = lambda auth: (200, "application/json", "{}")
         self.models = ["m"]
+        self.models_reply: tuple[int, str, str] | None = None  # instead of the model list, if set
 
 
 @pytest.fixture
@@ -41,6 +42,8 @@ def fake():
         def do_GET(self):  # noqa: N802
             with state.lock:
                 state.requests.append(("GET", self.path, {}))
+            if state.models_reply:
+                return self._send(*state.models_reply)
             cards = [{"id": m, "object": "model", "created": 0, "owned_by": "x"} for m in state.models]
             self._send(200, "application/json", json.dumps({"object": "list", "data": cards}))
 
@@ -107,6 +110,15 @@ def test_an_echoed_key_never_reaches_errors_or_logs(fake, monkeypatch, caplog):
     assert FAKE_KEY not in text and "sk-proj" not in text
 
 
+def test_library_log_records_are_redacted(monkeypatch, caplog):
+    monkeypatch.setenv("MY_KEY", FAKE_KEY)
+    caplog.set_level(logging.DEBUG)
+    make_client("http://127.0.0.1:9/v1", api_key_env="MY_KEY").close()  # installs the filters, learns the key
+    logging.getLogger("httpx").debug("headers: %s", {"authorization": f"Bearer {FAKE_KEY}"})
+    logging.getLogger("openai._base_client").debug("echo %s", FAKE_KEY)
+    assert FAKE_KEY not in caplog.text and caplog.text.count("***") == 2
+
+
 def test_a_secret_shaped_text_is_redacted_even_for_another_key():
     assert redact("Authorization: Bearer abc.def-123 and sk-live-XYZ987 api_key=hunter22") == (
         "Authorization: Bearer *** and *** api_key=***"
@@ -129,6 +141,15 @@ def test_a_reply_that_is_not_openai_json_names_the_server_and_what_came(fake, re
     assert fake.url in message and "not an OpenAI chat completion" in message
     assert reply[2][:25] in message  # what came back, its first characters
     assert "sk-abcdef123" not in message
+
+
+def test_a_model_list_that_is_not_openai_json_is_named(fake):
+    from vlmexp.engine.openai_backend import server_model
+
+    fake.models_reply = (200, "text/html", "<html>login page</html>")
+    with make_client(fake.url, max_retries=0) as client, pytest.raises(ServerError) as err:
+        server_model(client, "")
+    assert "not an OpenAI model list" in str(err.value) and "<html>login page" in str(err.value)
 
 
 def test_a_fold_model_the_server_lacks_is_loaded_from_the_fold_adapter(fake, tmp_path):
