@@ -11,13 +11,15 @@ import itertools
 import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
-from vlmexp.config import ConfigError, load_config, run_name, to_yaml
+from vlmexp.config import Config, ConfigError, load_config, run_name, to_yaml
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="K-fold SFT of VLMs for image classification."
@@ -29,6 +31,21 @@ app.add_typer(prompts_app, name="prompts")
 console = Console(stderr=True)
 
 OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. prompt=label_desc folds=5 train.lr=1e-4")
+
+
+# Deprecation notices the libraries print in every run about their own internals, not about what
+# the user asked for; filtered by exact message, so any other warning still shows.
+KNOWN_WARNINGS = [
+    # transformers 5.x deprecates the property that peft (PeftModel.__init__) and trl still read.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+]
+
+
+@app.callback()
+def _start() -> None:
+    """K-fold SFT of VLMs for image classification."""
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -48,20 +65,50 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from vlmexp.data import DataError
-        from vlmexp.ocr.reader import OcrError
-        from vlmexp.prompts.render import PromptError
-        from vlmexp.reasons import ReasonsError
-        from vlmexp.submit import SubmissionError
-
-        fixable = (ConfigError, DataError, SubmissionError, PromptError, OcrError, ReasonsError)
         try:
             return fn(*args, **kwargs)
-        except (*fixable, FileNotFoundError, FileExistsError) as e:
-            console.print(f"[bold red]error:[/] {e}")
+        except Exception as e:
+            if not isinstance(e, _fixable()):
+                raise
+            # Escaped: a message may quote a value like lora.modules_to_save=[lm_head]; not wrapped, so a
+            # long path in it stays one piece to copy.
+            console.print("[bold red]error:[/]", escape(str(e)), soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _fixable() -> tuple[type[Exception], ...]:
+    from vlmexp.data import DataError
+    from vlmexp.ocr.reader import OcrError
+    from vlmexp.prompts.render import PromptError
+    from vlmexp.reasons import ReasonsError
+    from vlmexp.submit import SubmissionError
+
+    fixable = (ConfigError, DataError, SubmissionError, PromptError, OcrError, ReasonsError)
+    # Only a command that imported the report module can raise its error; `exp config` need not load scipy.
+    report = sys.modules.get("vlmexp.report")
+    return (*fixable, *((report.ReportError,) if report else ()), FileNotFoundError, FileExistsError)
+
+
+def _split_args(items: list[str] | None) -> tuple[list[str], list[str]]:
+    """`exp report runs/A B runs_dir=elsewhere` -> (["runs/A", "B"], ["runs_dir=elsewhere"])."""
+    names, overrides = [], []
+    for item in items or []:
+        (overrides if "=" in item else names).append(item)
+    return names, overrides
+
+
+def _settings(overrides: list[str], **aliases: object) -> Config:
+    """A command's config from key=value arguments, as `exp run` reads them; the old flags
+    (--runs-dir, --path) still work and mean runs_dir=..., leaderboard=..."""
+    return load_config([*overrides, *(f"{k}={v}" for k, v in aliases.items() if v is not None)])
+
+
+def _find(name: str, cfg: Config, finished: bool = True) -> Path:
+    from vlmexp.rundir import find_run
+
+    return find_run(name, cfg.runs_dir, finished=finished).root
 
 
 @app.command()
@@ -146,81 +193,86 @@ def sweep(
 @app.command()
 @user_errors
 def report(
-    runs: list[Path] = typer.Argument(..., help="run folders (or names under runs/)"),
-    baseline: Path = typer.Option(None, "--baseline", help="run to compare against; default the first"),
-    out: Path = typer.Option(None, "--out", help="report folder; default runs/_reports/<runs>"),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+    runs: list[str] = typer.Argument(..., help="run folders or names, plus key=value such as runs_dir=DIR"),
+    baseline: str = typer.Option(None, "--baseline", help="run to compare against; default the first"),
+    out: Path = typer.Option(None, "--out", help="report folder; default <runs_dir>/_reports/<runs>"),
+    runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
 ) -> None:
     """Ablation report: CV deltas, paired bootstrap CI, McNemar, plots."""
+    _setup_logging()
     from vlmexp.report import write_report
 
-    dirs = [_run_path(r, runs_dir) for r in runs]
-    base = _run_path(baseline, runs_dir) if baseline else None
-    out = out or runs_dir / "_reports" / "-vs-".join(d.name for d in dirs)[:120]
+    names, overrides = _split_args(runs)
+    cfg = _settings(overrides, runs_dir=runs_dir)
+    dirs = [_find(r, cfg) for r in names]
+    base = _find(baseline, cfg) if baseline else None
+    out = out or Path(cfg.runs_dir) / "_reports" / "-vs-".join(d.name for d in dirs)[:120]
     console.print(f"report: {write_report(dirs, baseline=base, out=out)}")
-
-
-def _run_path(name: Path, runs_dir: Path) -> Path:
-    for p in (name, runs_dir / name):
-        if p.is_dir():
-            return p
-    raise FileNotFoundError(f"no run folder '{name}' (looked in . and {runs_dir}/); see `exp leaderboard`")
 
 
 @app.command(name="leaderboard")
 @user_errors
 def leaderboard_cmd(
-    path: Path = typer.Option(Path("experiments/leaderboard.csv"), "--path"),
+    overrides: list[str] = typer.Argument(None, help="key=value, e.g. leaderboard=x.csv data.dir=data/"),
+    data: str = typer.Option(None, "--data", help="show this competition; default the configured data.dir"),
+    all_: bool = typer.Option(False, "--all", help="every competition on the leaderboard"),
+    path: Path = typer.Option(None, "--path", hidden=True, help="same as leaderboard=CSV"),
     md: Path = typer.Option(None, "--md", help="Markdown copy; default beside the CSV"),
     top: int = typer.Option(30, "--top"),
 ) -> None:
-    """Print the leaderboard sorted by CV score and write it as Markdown."""
+    """Print one competition's leaderboard sorted by CV score and write it as Markdown."""
     from vlmexp import leaderboard
 
+    cfg = _settings(overrides or [], leaderboard=path)
+    path = Path(cfg.leaderboard)
     if not path.exists():
         raise FileNotFoundError(f"no leaderboard at {path}: finish a run first (exp run ...)")
+    shown = None if all_ else (data or cfg.data.dir)
     md = md or path.with_suffix(".md")
-    leaderboard.write_markdown(path, md)
+    leaderboard.write_markdown(path, md, data=shown)
     df = leaderboard.load(path)
-    typer.echo(leaderboard.to_markdown(df, top=top))
+    typer.echo(leaderboard.to_markdown(df, top=top, data=shown))
+    if shown is not None:
+        console.print(f"competition: {shown} (--data DIR for another, --all for every one)")
     console.print(f"written: {md}")
 
 
 @app.command()
 @user_errors
 def submit(
-    run_name_: Path = typer.Argument(..., metavar="RUN", help="finished run folder or name"),
+    run_name_: list[str] = typer.Argument(
+        ..., metavar="RUN [key=value...]", help="finished run folder or name; runs_dir=DIR, data.dir=DIR"
+    ),
     sample: Path = typer.Option(None, "--sample", help="sample_submission.csv: its columns and row order"),
     out: Path = typer.Option(None, "--out", help="default <run>/submission.csv"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+    runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
 ) -> None:
     """Write the submission CSV of a finished run, validated against the test set."""
     from vlmexp.data import load_competition
-    from vlmexp.submit import SubmissionError, make_submission
+    from vlmexp.rundir import RunDir
+    from vlmexp.submit import make_submission
 
-    root = _run_path(run_name_, runs_dir)
-    cfg = _run_config(root)
+    names, overrides = _split_args(run_name_)
+    root = _find(_one(names, "run"), _settings(overrides, runs_dir=runs_dir))
+    cfg = RunDir(root).config(overrides)  # e.g. data.dir=... when the run was made from another folder
     comp = load_competition(cfg.data)
-    try:
-        path = make_submission(
-            root,
-            comp.test["id"].tolist(),
-            comp.labels,
-            sample=sample,
-            out=out,
-            force=force,
-            id_col=cfg.data.id_col,
-        )
-    except SubmissionError as e:
-        if not cfg.data.limit:
-            raise
-        raise SubmissionError(
-            f"{e}\nThe run used data.limit={cfg.data.limit}: it predicted only the first {cfg.data.limit} "
-            "test rows. For a quick run that can be submitted, cut only the training rows: "
-            f"data.train_limit={cfg.data.limit}"
-        ) from None
+    path = make_submission(
+        root,
+        comp.test["id"].tolist(),
+        comp.labels,
+        sample=sample,
+        out=out,
+        force=force,
+        id_col=cfg.data.id_col,
+    )
     console.print(f"submission: {path}")
+
+
+def _one(names: list[str], what: str) -> str:
+    if len(names) != 1:
+        raise ConfigError(f"give exactly one {what} (got {names or 'none'}); settings go as key=value")
+    return names[0]
 
 
 @app.command()
@@ -262,37 +314,49 @@ def export(
     fold: int = typer.Option(0, "--fold", help="which fold's adapter of a run"),
     out: Path = typer.Option(None, "--out", help="default <run>/export/fold<k>"),
     force: bool = typer.Option(False, "--force", help="replace an existing export"),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+    runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
+    average_folds: bool = typer.Option(
+        False, "--average-folds", help="one model, the folds' LoRA updates averaged: <run>/export/averaged"
+    ),
 ) -> None:
     """Merge a LoRA adapter into its base model and save a standalone folder (`vllm serve` can load it).
 
     The merged model's logits are checked against base + adapter before the folder is kept.
     """
     _setup_logging()
-    from vlmexp.models.export import export_merged
+    from vlmexp.rundir import RunNotFound, find_run
 
-    run_root = next((p for p in (source, runs_dir / source) if (p / "config.yaml").exists()), None)
-    if run_root is not None:
-        cfg = _run_config(run_root, overrides)
-        adapter = run_root / "folds" / f"fold{fold}" / "adapter"
-        out = out or run_root / "export" / f"fold{fold}"
+    overrides = overrides or []
+    try:
+        run = find_run(source, _settings(overrides, runs_dir=runs_dir).runs_dir, finished=False)
+    except RunNotFound:
+        run = None
+    if run is not None and average_folds:
+        from vlmexp.models.average import average_adapters
+
+        cfg = run.config(overrides)
+        # One adapter whose update is the mean of the folds' (rank K*r), then merged like a fold's.
+        folds = [run.adapter_dir(k) for k in range(cfg.folds)]
+        adapter = average_adapters(folds, run.path("export") / "averaged_adapter", force=force)
+        out = out or run.path("export") / "averaged"
+    elif run is not None:
+        cfg = run.config(overrides)
+        adapter = run.adapter_dir(fold)
+        out = out or run.path("export") / f"fold{fold}"
+    elif average_folds:
+        raise FileNotFoundError(f"--average-folds needs a run (name or folder); {source} is not one")
     else:
         if out is None:
             raise FileNotFoundError(f"{source} is not a run folder; for an adapter folder give --out DIR too")
         cfg, adapter = load_config(overrides), source
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"no LoRA adapter in {adapter} (adapter_config.json missing)")
+    from vlmexp.models.export import export_merged  # torch and transformers: after the checks above
+
     result = export_merged(cfg, adapter, out, force=force)
     console.print(
         f"exported to {result['out_dir']}; max |logit diff| vs base+adapter {result['max_abs_diff']:.2e}"
     )
-
-
-def _run_config(root: Path, overrides: list[str] | None = None):
-    """The Config a run folder was made with (its config.yaml), plus optional key=value overrides."""
-    from vlmexp.config import load_config_file
-
-    return load_config_file(root / "config.yaml", overrides)
 
 
 @app.command()
@@ -346,35 +410,46 @@ def reasons(
 @app.command()
 @user_errors
 def serve(
-    run_name_: Path = typer.Argument(..., metavar="RUN", help="finished run folder or name"),
+    run_name_: list[str] = typer.Argument(
+        ..., metavar="RUN [key=value...]", help="run folder or name; runs_dir=DIR"
+    ),
     fold: int = typer.Option(None, "--fold", help="serve one fold's model instead of the fold ensemble"),
     port: int = typer.Option(8000, "--port"),
     host: str = typer.Option("127.0.0.1", "--host", help="bind address; loopback by default"),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+    runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
+    max_pixels: int = typer.Option(
+        40_000_000, "--max-pixels", min=1, help="most decoded image pixels per request (413 above)"
+    ),
 ) -> None:
-    """Serve a finished run as an OpenAI-compatible chat-completions API."""
+    """Serve a finished run as an OpenAI-compatible chat-completions API: the fold ensemble under the
+    run's name and each fold as <name>/fold<k> (predict.model_per_fold='{run}/fold{k}' asks those)."""
     _setup_logging()
     from vlmexp.serve import serve as serve_run
 
-    serve_run(_run_path(run_name_, runs_dir), host=host, port=port, fold=fold)
+    names, overrides = _split_args(run_name_)
+    # One finished fold of a run still training can be served (--fold K); serve checks the folds.
+    root = _find(_one(names, "run"), _settings(overrides, runs_dir=runs_dir), finished=False)
+    serve_run(root, host=host, port=port, fold=fold, max_pixels=max_pixels)
 
 
 @app.command()
 @user_errors
 def ensemble(
-    runs: list[Path] = typer.Argument(..., help="finished runs (names or folders) on the same data"),
+    runs: list[str] = typer.Argument(..., help="finished runs (names or folders), runs_dir=DIR"),
     name: str = typer.Option("", "--name", help="the new run folder's name; default ens-<hash of the runs>"),
     calibrate: str = typer.Option("none", "--calibrate", help="none, or bias: class offsets fitted on OOF"),
     force: bool = typer.Option(False, "--force", help="replace an existing ensemble folder"),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+    runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
 ) -> None:
     """Vote finished runs together: mean test probabilities, CV from their OOF tables, a submission."""
     _setup_logging()
     from vlmexp.kfold.combine import default_name, ensemble_runs
     from vlmexp.rundir import RunDir, find_run
 
-    members = [find_run(r, runs_dir) for r in runs]
-    out = RunDir(runs_dir / (name or default_name(members, calibrate)))
+    names, overrides = _split_args(runs)
+    cfg = _settings(overrides, runs_dir=runs_dir)
+    members = [find_run(r, cfg.runs_dir) for r in names]
+    out = RunDir(Path(cfg.runs_dir) / (name or default_name(members, calibrate)))
     ensemble_runs(members, out, calibrate=calibrate, force=force)
     _print_cv(out.root)
 
@@ -420,13 +495,26 @@ def prompts_show(
     comp = load_competition(cfg.data)
     tpl = load_template(cfg.prompt, cfg.prompts.dir)
     rows = comp.train.to_dict("records")
-    rendered = [render_sample(tpl, labels=comp.labels, descriptions=comp.descriptions, row=r) for r in rows]
+    if not 0 <= row < len(rows):
+        raise ConfigError(
+            f"--row {row}: {cfg.data.train_csv} has {len(rows)} rows; give one of 0..{len(rows) - 1}"
+        )
+    names = {"labels": comp.labels, "descriptions": comp.descriptions}
+    rendered = [render_sample(tpl, **names, row=r) for r in rows]
     r = rendered[row]
+    if cfg.ocr.enabled:
+        from vlmexp.ocr import ocr_text_for
+
+        # The text this row's prompt gets in a run (read once, then cached for every run).
+        cell = str(rows[row]["image"])
+        text = ocr_text_for([cell], cfg.ocr, progress=False)[cell]
+        r = render_sample(tpl, **names, row=rows[row], ocr_text=text)
     for part in ("system", "user", "answer"):
         console.rule(part)
         typer.echo(getattr(r, part))
     console.rule("checks")
-    typer.echo(f"prompt length: {prompt_stats(rendered)}")
+    without = " (without OCR text: only the row shown was read)" if cfg.ocr.enabled else ""
+    typer.echo(f"prompt length{without}: {prompt_stats(rendered)}")
     typer.echo(
         f"over the {cfg.prompts.budget}-char budget: {len(long_prompts(rendered, cfg.prompts.budget))} rows"
     )

@@ -81,7 +81,13 @@ def make_submission(
         raise SubmissionError(f"{probs_path} repeats ids: {_some(preds['id'][preds['id'].duplicated()])}")
     pred_of = preds.set_index("id")["pred"]
     if sample is not None:
-        frame = pd.read_csv(sample, dtype=str, keep_default_na=False)
+        try:
+            frame = pd.read_csv(sample, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise SubmissionError(
+                f"sample {sample} is empty; give the competition's sample_submission.csv (a header "
+                "and one row per test id), or leave --sample out for <id>,label in test.csv order"
+            ) from None
         if frame.shape[1] != 2:
             raise SubmissionError(f"sample {sample} has {frame.shape[1]} columns; expected 2 (id, label)")
         sid, slabel = frame.columns
