@@ -91,10 +91,12 @@ def _finished_run(name: str, runs_dir: Path, table: str, key: str, out: CheckRes
     if not name:
         out.add(key, None, f"{key} is empty but this run needs it", f"set {key}=<a finished run>")
         return
-    for folder in (Path(name), runs_dir / name):
-        if (folder / "cv.json").is_file():
-            if not (folder / table).is_file():
-                out.add(key, None, f"run {folder} has no {table}", "rerun it to completion, or pick another")
-            return
-    msg = f"no finished run '{name}' (looked for {name}/cv.json and {runs_dir / name}/cv.json)"
-    out.add(key, None, msg, "finish that run first, or give its folder path (see `exp leaderboard`)")
+    from vlmexp.rundir import RunNotFound, find_run
+
+    try:
+        folder = find_run(name, runs_dir).root
+    except RunNotFound as e:
+        out.add(key, None, str(e), "finish that run first, or give its folder path (see `exp leaderboard`)")
+        return
+    if not (folder / table).is_file():
+        out.add(key, None, f"run {folder} has no {table}", "rerun it to completion, or pick another")

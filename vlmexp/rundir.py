@@ -235,7 +235,7 @@ def find_run(name_or_path: str | Path, runs_dir: str | Path = "runs", *, finishe
     tried = [Path(name_or_path), Path(runs_dir) / name_or_path]
     for p in tried:
         run = RunDir(p)
-        if run.config_path.exists():
+        if run.config_path.exists() or run.finished:
             if finished and not run.finished:
                 raise RunNotFound(
                     f"run {p} has not finished (no cv.json); resume it with the same `exp run ...` "
