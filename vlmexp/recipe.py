@@ -409,6 +409,8 @@ def finalize(exp: Experiment, started: float) -> RunDir:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "submission": str(sub),
         "data": cfg.data.dir,
+        # data.competition_fingerprint's digest: the same folder name with other contents tells apart.
+        "data_fingerprint": (exp.prov.get("data_fingerprint") or {}).get("digest", ""),
     }
     if "calibrated" in cv:
         row["cv_calibrated"] = round(cv["calibrated"]["mean"], 4)
