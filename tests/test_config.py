@@ -208,8 +208,10 @@ def test_environment_values_never_reach_names_files_or_the_leaderboard(tmp_path,
     # A saved config.yaml resolves again when loaded, and hashes the same.
     again = load_config_file(run.root / "config.yaml")
     assert again.predict.server_model == SECRET and config_hash(again) == config_hash(cfg)
-    with pytest.raises(ConfigError, match="name cannot come from the environment|cannot come from the env"):
+    with pytest.raises(ConfigError, match=r"name=\$.*cannot come from the environment"):
         load_config([f"name={written}"])
+    with pytest.raises(ConfigError, match=r"experiment=\$.*cannot come from the environment"):
+        load_config([f"experiment={written}"], experiments_dir=tmp_path)
     monkeypatch.delenv("H2_TEST_KEY")
     with pytest.raises(ConfigError, match="predict.server_model"):
         load_config([f"predict.server_model={written}"])

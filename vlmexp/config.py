@@ -335,6 +335,7 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
     _check_keys(overrides, "argument")
     cfg: DictConfig = OmegaConf.structured(Config)
     cli = _merge(OmegaConf.structured(Config), _dotlist(overrides), "argument")
+    _refuse_env_names(_env_values(OmegaConf.to_container(cli, resolve=False)), "argument")
     experiment = cli.experiment
     if experiment:
         path = experiment_path(experiment, experiments_dir)
@@ -405,16 +406,20 @@ def _env_values(raw: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _to_config(cfg: DictConfig, source: str) -> Config:
-    """The validated Config of a merged DictConfig; environment values resolved, and kept as written in
-    `Config.interpolations` for everything printed (names, config.yaml, overrides.json, the leaderboard)."""
-    written = _env_values(OmegaConf.to_container(cfg, resolve=False))
+def _refuse_env_names(written: dict[str, Any], source: str) -> None:
     for key in _NAMING:
         if key in written:
             raise ConfigError(
                 f"{source}: '{key}={written[key]}': {key} becomes part of the run folder name and the "
                 f"leaderboard, so it cannot come from the environment; write it out, e.g. {key}=my-run"
             )
+
+
+def _to_config(cfg: DictConfig, source: str) -> Config:
+    """The validated Config of a merged DictConfig; environment values resolved, and kept as written in
+    `Config.interpolations` for everything printed (names, config.yaml, overrides.json, the leaderboard)."""
+    written = _env_values(OmegaConf.to_container(cfg, resolve=False))
+    _refuse_env_names(written, source)
     try:
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
