@@ -136,6 +136,11 @@ class TrainConfig:
     mix_ratio: float = ranged(0.0, ge=0)  # mixed samples per competition sample, e.g. 0.1
     max_length: int = ranged(2048, ge=1)  # truncate longer samples (tokens)
     logging_steps: int = ranged(5, ge=1)  # log loss every N optimizer steps
+    save_every: int = ranged(0, ge=0)  # checkpoint every N optimizer steps (0: every epoch); reruns resume there
+    # where the trainer logs, one run per fold named <run>-fold<k> (tensorboard: runs/<run>/tb/fold<k>)
+    report_to: str = choice("tensorboard", "wandb", "mlflow", "trackio", "none")
+    # any other SFTConfig/TrainingArguments field, e.g. train.args.neftune_noise_alpha=5 (engine/train_args.py)
+    args: dict[str, Any] = field(default_factory=dict)
     gpus_per_fold: int = ranged(1, ge=1)  # > 1: one fold sharded over this many GPUs (FSDP), e.g. 4 for 72B
 
 
@@ -255,6 +260,8 @@ _UNHASHED = {
     "launcher",
     "ray",
     "data.answers_csv",
+    "train.save_every",  # checkpoints and trackers watch a run; they do not change it
+    "train.report_to",
 }
 
 
@@ -304,7 +311,7 @@ def _check_keys(dotlist: list[str], source: str) -> None:
         if "=" not in item:
             raise ConfigError(f"{source}: '{item}' is not key=value; write e.g. prompt=label_desc")
         key = item.split("=", 1)[0].lstrip("+")
-        if key not in valid:
+        if key not in valid and not key.startswith("train.args."):  # trainer options: checked in validate
             raise ConfigError(f"{source}: unknown key '{key}'; did you mean '{nearest_key(key)}'?")
 
 
@@ -503,6 +510,10 @@ def validate(cfg: Config) -> None:
         )
     if cfg.predict.backend == "openai" and not cfg.predict.base_url:
         raise ConfigError("predict.backend=openai needs predict.base_url=http://HOST:PORT/v1")
+    if cfg.train.args:
+        from vlmexp.engine.train_args import check_trainer_args  # imports trl: only when args are given
+
+        check_trainer_args(cfg.train.args)
     if cfg.predict.backend == "openai":
         _check_model_per_fold(cfg.predict.model_per_fold)
 

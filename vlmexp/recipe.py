@@ -28,7 +28,7 @@ from vlmexp.data import Competition, competition_fingerprint, preflight, read_an
 from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
 from vlmexp.engine.samples import build_samples
-from vlmexp.engine.train import train_fold
+from vlmexp.engine.train import FoldOutputs, train_fold
 from vlmexp.engine.tta import predict_tta
 from vlmexp.kfold.calibrate import calibrate_run
 from vlmexp.kfold.calibrate import summary as calibration_summary
@@ -223,7 +223,7 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
         exp.samples(train_split, True),
         exp.samples(val_split, False),
         labels,
-        fdir,
+        FoldOutputs.for_fold(exp.run, k),
         on_log=progress.on_log if progress else None,
         caches=exp.caches,
     )

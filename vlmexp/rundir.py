@@ -89,6 +89,18 @@ class RunDir:
         """Fold k's LoRA adapter (or whole model for model.finetune=full), as engine/train.py saves it."""
         return self.fold_dir(k) / "adapter"
 
+    def checkpoint_dir(self, k: int) -> Path:
+        """Fold k's trainer checkpoints (the last and the best), from which a killed fold resumes."""
+        return self.fold_dir(k) / "checkpoints"
+
+    def train_log_path(self, k: int) -> Path:
+        """Fold k's log.jsonl: one JSON line per trainer log (step, epoch, loss, lr, eval metrics)."""
+        return self.fold_dir(k) / "log.jsonl"
+
+    def tensorboard_dir(self, k: int) -> Path:
+        """Fold k's TensorBoard events, all folds of a run under one folder: `tensorboard --logdir runs`."""
+        return self.root / "tb" / f"fold{k}"
+
     def fold_task_path(self, k: int) -> Path:
         """Which process runs fold k ({"host", "pid", "started_at"}), written as the fold starts."""
         return self.fold_dir(k) / "task.json"
@@ -101,6 +113,9 @@ class RunDir:
 
     def mark_fold_done(self, k: int, info: dict) -> None:
         write_json(info, self.fold_dir(k) / "done.json")
+        # A finished fold resumes no more: its best weights are in adapter/ (checkpoints hold the
+        # optimizer state too, e.g. 3x a LoRA adapter's size, or 3x the model's for finetune=full).
+        shutil.rmtree(self.checkpoint_dir(k), ignore_errors=True)
 
     @property
     def config_path(self) -> Path:

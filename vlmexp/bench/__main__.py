@@ -1,5 +1,6 @@
-"""`python -m vlmexp.bench train|predict|qlora SHAPE [options]`: the bench without the `exp` CLI
-(used by scripts/device_bench.sh on the GPU machine, where the project is not pip-installed)."""
+"""`python -m vlmexp.bench train|predict|qlora SHAPE [options]` and `python -m vlmexp.bench run
+--model SHAPE|tiny:FAMILY [--folds 5] [--epochs 2] [--set key=value ...]`: the bench without the `exp`
+CLI (used by scripts/device_bench.sh on the GPU machine, where the project is not pip-installed)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m vlmexp.bench")
-    p.add_argument("kind", choices=["train", "predict", "qlora"])
-    p.add_argument("shape", help="qwen2.5-vl-3b, qwen2-vl-7b or tiny")
+    p.add_argument("kind", choices=["train", "predict", "qlora", "run"])
+    p.add_argument("shape", nargs="?", help="qwen2.5-vl-3b, qwen2-vl-7b or tiny (run: or tiny:qwen2_vl)")
+    p.add_argument("--model", help="run: a bench shape or tiny:<family> (same as SHAPE)")
+    p.add_argument("--folds", type=int, default=5, help="run: K")
+    p.add_argument("--epochs", type=float, default=2.0, help="run: train.epochs")
+    p.add_argument("--train-rows", type=int, default=400, help="run: demo training images")
+    p.add_argument("--test-rows", type=int, default=200, help="run: demo test images")
+    p.add_argument("--set", nargs="*", default=[], help="run: config overrides, e.g. speed.compile=true")
+    p.add_argument("--steady-steps", type=int, default=8, help="run: step-bench steps (0: skip)")
+    p.add_argument("--reference-folds", type=int, help="run: tutorial folds actually run (default K)")
     p.add_argument("--resolution", type=int)
     p.add_argument("--tokens", type=int)
     p.add_argument("--batch-size", type=int)
@@ -27,11 +36,32 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--predict-batch-sizes", default="")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    shape = a.model or a.shape
+    if not shape:
+        p.error("give a SHAPE (or --model for run), e.g. qwen2.5-vl-3b")
+    if a.kind == "run":
+        from vlmexp.bench.whole_run import bench_run, summary
+
+        result = bench_run(
+            shape,
+            folds=a.folds,
+            epochs=a.epochs,
+            train_rows=a.train_rows,
+            test_rows=a.test_rows,
+            resolution=a.resolution or 448,
+            overrides=tuple(a.set) + ((f"train.batch_size={a.batch_size}",) if a.batch_size else ()),
+            steady_steps=a.steady_steps,
+            reference=not a.no_reference,
+            reference_folds=a.reference_folds,
+            out=a.out,
+        )
+        print(json.dumps(summary(result), indent=1))
+        return result
     if a.kind == "qlora":
         from vlmexp.bench.run import qlora_memory
         from vlmexp.tables import write_json
 
-        result = qlora_memory(a.shape, batch_size=a.batch_size or 1, steps=a.steps)
+        result = qlora_memory(shape, batch_size=a.batch_size or 1, steps=a.steps)
         if a.out:
             write_json(result, a.out)
     else:
@@ -39,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         result = run_bench(
             a.kind,
-            a.shape,
+            shape,
             resolution=a.resolution,
             tokens=a.tokens,
             batch_size=a.batch_size,

@@ -1,18 +1,21 @@
-"""Trainer callbacks: real validation accuracy/macro-F1 with best-checkpoint keeping, and log relay.
+"""Trainer callbacks: when to validate (real accuracy/macro-F1), log relay, and the fold's log.jsonl.
 
-Token accuracy says little about classification, so `EvalCallback` runs the same `predict` the
-fold's OOF predictions use on the validation samples, every `train.eval_every` epochs, and keeps
-a copy of the trainable weights of the best epoch by `cfg.metric`.
+Token accuracy says little about classification, so `EvalCallback` asks the trainer to evaluate every
+`train.eval_every` epochs (and at the end of a fractional last epoch) and computes the metrics with the
+same `predict` the fold's OOF predictions use. The trainer logs them through its own `log`, so every
+tracker (TensorBoard, wandb, ...) and `log.jsonl` sees them, and every evaluation is checkpointed: the
+trainer's best-checkpoint bookkeeping (`metric_for_best_model`) then keeps the best epoch on disk.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 from vlmexp.config import Config
@@ -22,11 +25,11 @@ from vlmexp.timing import phase
 
 log = logging.getLogger(__name__)
 
+_EPS = 1e-6  # state.epoch is a float sum, e.g. 0.9999999 after one epoch of 3 steps
+
 
 class EvalCallback(TrainerCallback):
-    def __init__(
-        self, cfg: Config, processor, val_samples: list[dict], labels: list[str], on_log=None, caches=None
-    ):
+    def __init__(self, cfg: Config, processor, val_samples: list[dict], labels: list[str], caches=None):
         unlabelled = [s["id"] for s in val_samples if s.get("label") not in labels]
         if unlabelled:
             raise ValueError(
@@ -40,27 +43,34 @@ class EvalCallback(TrainerCallback):
         self.val_samples = val_samples
         self.labels = labels
         self.caches = caches  # encode.RunCaches: validation prompts are encoded once, not every epoch
-        # not `self.on_log`: that name is the TrainerCallback hook itself
-        self.sink = on_log
         self.every = cfg.train.eval_every
-        self.next_at = self.every
         self.last_epoch = 0.0
-        self.best_metric: float | None = None
-        self.best_epoch: float | None = None
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.next_at = self.every
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        # state.epoch is fractional (e.g. 0.5 after half an epoch), so eval_every=0.5 works too.
-        if state.epoch is not None and state.epoch >= self.next_at - 1e-6:
-            self.evaluate(model, state)
-            while self.next_at <= state.epoch + 1e-6:
-                self.next_at += self.every
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A fold resumed from a checkpoint has already evaluated what its log_history holds, e.g.
+        # epochs 1 and 2 of 3: the next evaluation is at epoch 3, not 1.
+        done = [e["epoch"] for e in state.log_history if "eval_macro_f1" in e]
+        self.last_epoch = max(done, default=0.0)
+        self.next_at = self.every * (math.floor(self.last_epoch / self.every + _EPS) + 1)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.epoch is not None and state.epoch > self.last_epoch + 1e-6:  # e.g. epochs=2.5, eval_every=1
-            self.evaluate(model, state)
+    def on_step_end(self, args, state, control, **kwargs):
+        # state.epoch is fractional (e.g. 0.5 after half an epoch), so eval_every=0.5 works too; the
+        # last step evaluates as well when the run ends between two, e.g. epochs=2.5 with eval_every=1.
+        epoch = state.epoch or 0.0
+        last_step = state.global_step >= state.max_steps and epoch > self.last_epoch + _EPS
+        if epoch >= self.next_at - _EPS or last_step:
+            control.should_evaluate = True
 
-    def evaluate(self, model, state) -> dict:
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.last_epoch = float(state.epoch)
+        while self.next_at <= self.last_epoch + _EPS:
+            self.next_at += self.every
+        # Every evaluation gets a checkpoint at its step, so whichever turns out best is on disk.
+        control.should_save = True
+
+    def metrics(self, model) -> dict[str, float]:
+        """{"eval_accuracy", "eval_macro_f1", "eval_unparsed", "eval_seconds"} on the validation samples."""
         t0 = time.time()
         was_training = model.training
         with phase("validation"):
@@ -76,29 +86,29 @@ class EvalCallback(TrainerCallback):
         if was_training:
             model.train()
         gold = [s["label"] for s in self.val_samples]
-        metrics = score(gold, table["pred"], self.labels)
-        epoch = round(float(state.epoch), 4)
-        entry = {
-            "epoch": epoch,
-            "step": state.global_step,
-            "eval_accuracy": metrics["accuracy"],
-            "eval_macro_f1": metrics["macro_f1"],
-            "eval_unparsed": metrics["unparsed"],
+        m = score(gold, table["pred"], self.labels)
+        log.info("val accuracy %.4f, macro-F1 %.4f", m["accuracy"], m["macro_f1"])
+        return {
+            "eval_accuracy": m["accuracy"],
+            "eval_macro_f1": m["macro_f1"],
+            "eval_unparsed": m["unparsed"],
             "eval_seconds": round(time.time() - t0, 2),
         }
-        value = metrics[self.cfg.metric]
-        if self.best_metric is None or value > self.best_metric:
-            self.best_metric, self.best_epoch = value, epoch
-            self.best_state = trainable_state(model)
-        entry["eval_best"] = self.best_metric
-        state.log_history.append(entry)
-        self.last_epoch = float(state.epoch)
-        log.info(
-            "epoch %.2f: val accuracy %.4f, macro-F1 %.4f", epoch, metrics["accuracy"], metrics["macro_f1"]
-        )
-        if self.sink is not None:
-            self.sink({**entry, "max_steps": state.max_steps})
-        return entry
+
+
+class SkipRepeatedSave(TrainerCallback):
+    """An evaluation at an epoch's last step has just saved checkpoint-N; the epoch end would write the
+    same folder again (and a kill in the middle of that would spoil a finished checkpoint)."""
+
+    def __init__(self):
+        self.saved_at = -1
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved_at = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save and self.saved_at == state.global_step:
+            control.should_save = False
 
 
 class LogRelay(TrainerCallback):
@@ -109,21 +119,52 @@ class LogRelay(TrainerCallback):
         self.sink = on_log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        entry = {"step": state.global_step, "max_steps": state.max_steps, **(logs or {})}
-        if "learning_rate" in entry:
-            entry["lr"] = entry["learning_rate"]
-        if "epoch" not in entry and state.epoch is not None:
-            entry["epoch"] = state.epoch
-        self.sink({k: v for k, v in entry.items() if not (isinstance(v, float) and math.isnan(v))})
+        self.sink({"max_steps": state.max_steps, **log_entry(state, logs)})
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """CPU copy of the parameters being trained (the LoRA weights; every weight for finetune=full)."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+class JsonlLog(TrainerCallback):
+    """`folds/fold{k}/log.jsonl`: one JSON line per trainer log, e.g.
+    {"step": 12, "epoch": 0.6, "loss": 1.93, "lr": 1.8e-4, "grad_norm": 0.8} or
+    {"step": 15, "epoch": 1.0, "eval_accuracy": 0.75, "eval_macro_f1": 0.71, ...}.
+
+    A fold resumed from checkpoint-N keeps the lines up to step N and drops the ones the killed
+    process wrote after it (they are logged again), so the file reads like an uninterrupted run's."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [e for e in _read_jsonl(self.path) if e.get("step", 0) <= state.global_step]
+        # The end-of-training summary (train_runtime, ...) is logged again by every train() call.
+        kept = [e for e in kept if "train_runtime" not in e]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(log_entry(state, logs)) + "\n")
 
 
-def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].device))
+def log_entry(state, logs: dict | None) -> dict:
+    """A trainer log with its step and epoch, `learning_rate` renamed `lr`, NaNs dropped."""
+    entry = {"step": state.global_step, **(logs or {})}
+    if "learning_rate" in entry:
+        entry["lr"] = entry.pop("learning_rate")
+    if "epoch" not in entry and state.epoch is not None:
+        entry["epoch"] = state.epoch
+    return {k: v for k, v in entry.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a log.jsonl; a line cut by a kill -9 is dropped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,4 +1,4 @@
-"""One fold's supervised fine-tuning with trl's `SFTTrainer`.
+"""One fold's supervised fine-tuning with trl's `SFTTrainer`, checkpointed so a killed fold resumes.
 
 Data goes to trl as prompt-completion rows, {"prompt", "completion", "images"}, built from the
 model's own chat template (`samples.to_prompt_completion`): the prompt is the chat up to the
@@ -8,8 +8,12 @@ other route, messages + assistant_only_loss, needs a template trl recognises or 
 {% generation %} markers, and includes whatever the template puts after the end-of-turn token.)
 The completion is tokenised on its own, exactly as `predict` scores it.
 
-Validation accuracy/macro-F1 come from `predict` on the fold's validation samples (EvalCallback);
-the best epoch's weights are put back into the model and saved to `out_dir/adapter`.
+Validation accuracy/macro-F1 come from `predict` on the fold's validation samples (EvalCallback),
+logged through the trainer to every tracker (train.report_to) and to the fold's log.jsonl. The fold
+checkpoints every epoch (or train.save_every steps) and after every evaluation, keeping the last and
+the best; a rerun after kill -9 resumes from the last (weights, optimizer, scheduler, RNG, data
+order: the trainer's own resume_from_checkpoint), and the best checkpoint is loaded at the end and
+saved as the fold's adapter.
 """
 
 from __future__ import annotations
@@ -19,20 +23,28 @@ import logging
 import math
 import os
 import random
+import shutil
+import sys
 import time
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import PrinterCallback
-from trl import SFTConfig, SFTTrainer
+from transformers import PrinterCallback, Trainer
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import SFTTrainer
 
 from vlmexp.config import Config
 from vlmexp.engine import fast
-from vlmexp.engine.callbacks import EvalCallback, LogRelay, load_trainable_state
+from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeatedSave
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.samples import load_images, to_prompt_completion
+from vlmexp.engine.train_args import sft_config
+from vlmexp.rundir import RunDir
 from vlmexp.timing import phase
 
 log = logging.getLogger(__name__)
@@ -45,6 +57,36 @@ class TrainResult:
     best_metric: float | None = None  # best validation cfg.metric; None when eval is off
     best_epoch: float | None = None  # epoch whose weights were saved
     train_seconds: float = 0.0
+    resumed_from: str | None = None  # the checkpoint a rerun continued from, e.g. ".../checkpoint-6"
+
+
+@dataclass(frozen=True)
+class FoldOutputs:
+    """Where one fold's training writes: a run's fold (`for_fold`, the layout RunDir declares) or a bare
+    folder (`under`, for tests and notebooks)."""
+
+    adapter: Path  # the best (or last) weights + processor
+    checkpoints: Path  # trainer checkpoints: the last and the best
+    log: Path  # log.jsonl, one line per trainer log
+    tensorboard: Path  # TensorBoard event files
+    name: str  # the tracker run, e.g. "demo-1a2b3c4d-fold0"
+    group: str  # the tracker group: the run, e.g. "demo-1a2b3c4d"
+
+    @classmethod
+    def for_fold(cls, run: RunDir, k: int) -> FoldOutputs:
+        return cls(
+            adapter=run.adapter_dir(k),
+            checkpoints=run.checkpoint_dir(k),
+            log=run.train_log_path(k),
+            tensorboard=run.tensorboard_dir(k),
+            name=f"{run.root.name}-fold{k}",
+            group=run.root.name,
+        )
+
+    @classmethod
+    def under(cls, out_dir: Path) -> FoldOutputs:
+        d = Path(out_dir)
+        return cls(d / "adapter", d / "checkpoints", d / "log.jsonl", d / "tb", d.name, d.parent.name)
 
 
 def train_fold(
@@ -54,54 +96,135 @@ def train_fold(
     train_samples: list[dict],
     val_samples: list[dict],
     labels: list[str],
-    out_dir: Path,
+    out: Path | FoldOutputs,
     on_log=None,
     caches: RunCaches | None = None,
 ) -> TrainResult:
-    """Fine-tune `model` (already LoRA-wrapped for finetune=lora) and save it to out_dir/adapter.
-    `caches` carries the run's encoded rows and vision features across folds (recipe: one per run)."""
+    """Fine-tune `model` (already LoRA-wrapped for finetune=lora) and save it to `out.adapter`; resume
+    from `out.checkpoints` when an earlier process left one there. `out`: a FoldOutputs, or a folder to
+    lay one out under. `caches` carries the run's encoded rows and vision features across folds."""
     if not train_samples:
         raise ValueError("train_fold got no training samples")
-    out_dir = Path(out_dir)
+    out = out if isinstance(out, FoldOutputs) else FoldOutputs.under(out)
     caches = caches if caches is not None else RunCaches.for_run(cfg, processor)
     examples = training_dataset(cfg, processor, train_samples)
-    callbacks = []
     evaluator = None
     if cfg.train.eval and val_samples:
-        evaluator = EvalCallback(cfg, processor, val_samples, labels, on_log=on_log, caches=caches)
-        callbacks.append(evaluator)
+        evaluator = EvalCallback(cfg, processor, val_samples, labels, caches=caches)
     elif cfg.train.eval:
         log.warning("train.eval is on but the fold has no validation samples: keeping the final weights")
-    if on_log is not None:
-        callbacks.append(LogRelay(on_log))
-    trainer = build_trainer(cfg, model, processor, examples, out_dir / "trainer", callbacks, caches=caches)
+    callbacks = [evaluator, SkipRepeatedSave(), JsonlLog(out.log), LogRelay(on_log) if on_log else None]
+    trainer = build_trainer(
+        cfg,
+        model,
+        processor,
+        examples,
+        out.checkpoints,
+        [c for c in callbacks if c is not None],
+        caches=caches,
+        evaluator=evaluator,
+        run_name=out.name,
+        group=out.group,
+    )
     if on_log is not None:
         # the caller draws its own progress from on_log; the trainer's printed dicts would garble it
         trainer.remove_callback(PrinterCallback)
+    resume = last_checkpoint(out.checkpoints)
+    if resume is not None:
+        log.info("resuming fold training from %s", resume)
+    _point_tensorboard(trainer, out.tensorboard, resume)
     t0 = time.time()
-    with phase("train_steps"):
-        trainer.train()
+    with phase("train_steps"), _tracker_env(cfg, out):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - t0
 
     best_metric = best_epoch = None
-    if evaluator is not None and evaluator.best_state is not None:
-        load_trainable_state(model, evaluator.best_state)
-        best_metric, best_epoch = evaluator.best_metric, evaluator.best_epoch
+    state = trainer.state
+    if evaluator is not None and state.best_model_checkpoint:
+        # Found by its folder name: the run folder may have moved since the checkpoint was written.
+        state.best_model_checkpoint = str(out.checkpoints / Path(state.best_model_checkpoint).name)
+        trainer._load_best_model()  # the trainer's own loader: adapter, full model, FSDP or DeepSpeed
+        best_metric = state.best_metric
+        best_epoch = next(
+            e["epoch"]
+            for e in state.log_history
+            if "eval_macro_f1" in e and e["step"] == state.best_global_step
+        )
         log.info("best epoch %.2f: val %s %.4f", best_epoch, cfg.metric, best_metric)
     else:
-        best_epoch = float(trainer.state.epoch or cfg.train.epochs)
-    adapter_dir = out_dir / "adapter"
+        best_epoch = float(state.epoch or cfg.train.epochs)
     with phase("save"):
-        model.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
+        model.save_pretrained(out.adapter)
+        processor.save_pretrained(out.adapter)
     model.eval()
     return TrainResult(
-        adapter_dir=adapter_dir,
-        log_history=list(trainer.state.log_history),
+        adapter_dir=out.adapter,
+        log_history=list(state.log_history),
         best_metric=best_metric,
         best_epoch=best_epoch,
         train_seconds=round(seconds, 2),
+        resumed_from=str(resume) if resume else None,
     )
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in `folder`, e.g. checkpoint-12; None when there is none.
+
+    A kill -9 while the trainer writes checkpoint-N leaves it without (or with half) its
+    trainer_state.json, which the trainer writes after the weights, optimizer and RNG: such a folder is
+    removed, and the fold resumes from the one before it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        (p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.rsplit("-", 1)[1].isdigit()),
+        key=lambda p: int(p.name.rsplit("-", 1)[1]),
+    )
+    for ckpt in reversed(found):
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+            return ckpt
+        except (OSError, json.JSONDecodeError):
+            log.warning("removing %s: written only in part (killed while saving)", ckpt)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def _point_tensorboard(trainer: Trainer, log_dir: Path, resume: Path | None) -> None:
+    """TensorBoard events of the fold go to `log_dir`, e.g. runs/demo-1a2b3c4d/tb/fold0, so that
+    `tensorboard --logdir runs` lists every run's folds. A resumed fold hides the events the killed
+    process wrote after its checkpoint (they are logged again)."""
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback):
+            cb.logging_dir = str(log_dir)
+            if resume is not None and trainer.is_world_process_zero():
+                from torch.utils.tensorboard import SummaryWriter
+
+                step = int(resume.name.rsplit("-", 1)[1])
+                cb.tb_writer = SummaryWriter(log_dir=str(log_dir), purge_step=step + 1)
+
+
+@contextmanager
+def _tracker_env(cfg: Config, out: FoldOutputs) -> Iterator[None]:
+    """The fold's tracker run joins its run's group: wandb through WANDB_RUN_GROUP, mlflow through
+    MLFLOW_TAGS (tensorboard by folder, trackio by project: sft_config). Set for this fold only, and
+    never over the user's own value. wandb's run is finished after the fold, so the next fold starts
+    its own instead of logging into this one."""
+    env = {}
+    if cfg.train.report_to == "wandb":
+        env = {"WANDB_RUN_GROUP": out.group, "WANDB_PROJECT": "vlmexp"}
+    elif cfg.train.report_to == "mlflow":
+        env = {"MLFLOW_TAGS": json.dumps({"vlmexp.run": out.group, "vlmexp.fold_run": out.name})}
+    mine = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(mine)
+    try:
+        yield
+    finally:
+        for k in mine:
+            os.environ.pop(k, None)
+        wandb = sys.modules.get("wandb")  # imported by the trainer's WandbCallback, if it ran
+        if cfg.train.report_to == "wandb" and wandb is not None and wandb.run is not None:
+            wandb.finish()
 
 
 def training_dataset(cfg: Config, processor, train_samples: list[dict]) -> list[dict]:
@@ -117,10 +240,12 @@ def training_dataset(cfg: Config, processor, train_samples: list[dict]) -> list[
 
 
 class _SFTTrainer(SFTTrainer):
-    """trl's SFTTrainer, with cached vision features standing in for pixel_values (frozen tower)."""
+    """trl's SFTTrainer, with cached vision features standing in for pixel_values (frozen tower), and
+    validation by real accuracy/macro-F1 (EvalCallback) instead of an eval loss."""
 
     vision_cache: fast.VisionFeatureCache | None = None
     encoder: Encoder | None = None
+    evaluator: EvalCallback | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keys, index = inputs.pop("image_keys", None), inputs.pop("pixel_index", ())
@@ -132,6 +257,20 @@ class _SFTTrainer(SFTTrainer):
                 self.encoder.forget_pixels(k for k in keys if k in self.vision_cache)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.evaluator is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = self.evaluator.metrics(self.model)
+        value = metrics[f"eval_{self.args.metric_for_best_model}"]
+        metrics["eval_best"] = max(
+            value, self.state.best_metric if self.state.best_metric is not None else value
+        )
+        # transformers' own log, not trl's: trl's would fold the training-step averages it has gathered
+        # since the last loss log (entropy, token accuracy) into this entry.
+        Trainer.log(self, metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
 
 def build_trainer(
     cfg: Config,
@@ -142,12 +281,18 @@ def build_trainer(
     callbacks=(),
     vision_patch: bool = True,
     caches: RunCaches | None = None,
+    *,
+    evaluator: EvalCallback | None = None,
+    run_name: str | None = None,
+    group: str = "",
 ) -> SFTTrainer:
     """trl's SFTTrainer with the project's settings and speed levers (measured in docs/performance.md):
     rows encoded once and padded per batch (speed.encode_once), a frozen vision tower's features once
     per image (speed.vision_cache), gradient checkpointing only when activations would not fit
     (train.gradient_checkpointing=auto), the batched vision window attention on CUDA (`vision_patch=False`
-    keeps the stock loop, for the bench), and trl 1.16's own answer-only LM head."""
+    keeps the stock loop, for the bench), and trl 1.16's own answer-only LM head.
+    `run_name`/`group`: a fold's tracker run, which also turns on checkpoints (sft_config);
+    `evaluator`: the fold's EvalCallback (also in `callbacks`), which the trainer's `evaluate` asks."""
     caches = caches if caches is not None else RunCaches.for_run(cfg, processor)
     caches.bind(model)
     cuda = _on_cuda(model)
@@ -158,9 +303,12 @@ def build_trainer(
     if cfg.speed.compile and cuda:
         fast.compile_blocks(model)
     vision = caches.vision_for(model)
+    args = sft_config(
+        cfg, output_dir, model, shape=shape, run_name=run_name, group=group, evaluating=evaluator is not None
+    )
     trainer = _SFTTrainer(
         model=model,
-        args=sft_config(cfg, output_dir, model, shape=shape),
+        args=args,
         # Rows are indices into `examples`; the collator builds the tensors.
         train_dataset=Dataset.from_dict({"row": list(range(len(examples)))}),
         data_collator=RowCollator(
@@ -174,7 +322,7 @@ def build_trainer(
         processing_class=processor,
         callbacks=list(callbacks),
     )
-    trainer.vision_cache, trainer.encoder = vision, caches.encoder
+    trainer.vision_cache, trainer.encoder, trainer.evaluator = vision, caches.encoder, evaluator
     return trainer
 
 
@@ -200,69 +348,6 @@ def _probe_shape(cfg: Config, processor, examples: list[dict], n: int = 32) -> t
         elif image_token is not None:  # LLaVA, SmolVLM: one placeholder per (merged) patch
             patches = max(patches, int((enc["input_ids"] == image_token).sum()))
     return min(tokens, cfg.train.max_length), patches
-
-
-# transformers renamed gradient_checkpointing to activation_checkpointing (the old name warns; gone in v6).
-_SFT_FIELDS = {f.name for f in fields(SFTConfig)}
-_CHECKPOINTING = (
-    "activation_checkpointing" if "activation_checkpointing" in _SFT_FIELDS else "gradient_checkpointing"
-)
-
-
-def sft_config(cfg: Config, output_dir: Path, model, shape: tuple[int, int] | None = None) -> SFTConfig:
-    """TrainConfig -> SFTConfig; CPU-safe (trl's defaults, bf16 and checkpointing, fail there).
-    `shape`: (tokens, vision patches) per sample, for train.gradient_checkpointing=auto on a GPU;
-    without it the estimate assumes train.max_length tokens."""
-    t = cfg.train
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        raise ValueError(f"train.warmup_ratio={t.warmup_ratio} is a share of the steps in [0, 1), e.g. 0.05")
-    cuda = torch.cuda.is_available()
-    bf16 = {"on": True, "off": False, "auto": cuda and torch.cuda.is_bf16_supported()}[t.bf16]
-    # Checkpointing cuts activation memory but costs 1.75x time (3B, batch 8: 19.1 vs 33.6 samples/s):
-    # auto turns it on only when the estimated step would not fit in the GPU's free memory.
-    tokens, patches = shape or (t.max_length, 0)
-    checkpointing, why = fast.gradient_checkpointing_needed(
-        t.gradient_checkpointing, model, t.batch_size, tokens, patches
-    )
-    log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
-    args = SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,  # transformers 5 reads a float in [0, 1) as a share of the steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        bf16=bf16 and cuda,
-        tf32=t.tf32 if cuda else None,
-        **{_CHECKPOINTING: checkpointing and cuda},
-        use_cpu=not cuda,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        max_length=t.max_length,
-        logging_steps=t.logging_steps,
-        completion_only_loss=True,
-        # The dataset holds row indices only; RowCollator builds the tensors, so trl prepares nothing.
-        dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False,
-        # Validation runs through EvalCallback (real accuracy), and the best weights are kept in memory.
-        eval_strategy="no",
-        save_strategy="no",
-        report_to=[],
-        push_to_hub=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    if cuda and torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
-        # One process trains one fold on one GPU (folds go parallel through `gpus=N`, one process per
-        # GPU); with 2 GPUs visible trl refuses to start ("does not support nn.DataParallel"), as seen
-        # on 2 H200s with gpus=1. Resolve the devices first, then pin the count, as HF examples do.
-        _ = args.n_gpu
-        args._n_gpu = 1
-    return args
 
 
 class RowCollator:
