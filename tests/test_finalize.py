@@ -39,7 +39,7 @@ def _experiment(tmp_path: Path, preds: list[str], name: str = "r"):
         ]
     )
     run = RunDir.for_config(cfg)
-    prov = run.start(cfg, {})
+    prov = {**run.start(cfg, {}), "data_fingerprint": {"digest": "3f9a1c2b7d4e"}}
     ids = [f"t{i}" for i in range(12)]
     test = pd.DataFrame({"id": ["x0", "x1"]})
     for k in range(2):
@@ -105,7 +105,7 @@ def test_one_class_run_is_flagged_in_log_cv_json_and_leaderboard(tmp_path, caplo
     row = leaderboard.load(tmp_path / "lb.csv").iloc[0]
     assert row["flag"] == "one_class near_majority"
     assert row["majority_macro_f1"] == pytest.approx(round(cv["majority_macro_f1"], 4))
-    assert row["data"] == str(tmp_path / "comp")
+    assert row["data"] == str(tmp_path / "comp") and row["data_fingerprint"] == "3f9a1c2b7d4e"
 
 
 def test_good_run_is_not_flagged(tmp_path, caplog):

@@ -137,14 +137,20 @@ def run(
 
 
 def _print_cv(root: Path) -> None:
-    from vlmexp.tables import read_json
+    from vlmexp.rundir import RunDir
 
-    cv = read_json(root / "cv.json")
+    cv = RunDir(root).cv()
     folds = " ".join(f"{s:.4f}" for s in cv["folds"])
     console.print(
-        f"[bold green]{root.name}[/]: CV {cv['metric']} {cv['mean']:.4f} ± {cv['std']:.4f} "
-        f"(folds {folds}; accuracy {cv['accuracy']:.4f}) -> {root}/submission.csv"
+        f"[bold green]{escape(root.name)}[/]: CV {cv['metric']} {cv['mean']:.4f} ± {cv['std']:.4f} "
+        f"(folds {folds}; accuracy {cv['accuracy']:.4f}) -> {escape(str(root))}/submission.csv"
     )
+    if cv.get("flag"):  # sanity.run_flags: e.g. "one_class near_majority"; the log said what helps
+        majority = cv.get(f"majority_{cv['metric']}", float("nan"))
+        console.print(
+            f"[bold yellow]flagged: {cv['flag']}[/] (majority-class baseline {majority:.4f}); "
+            "see the warning above for what usually helps"
+        )
 
 
 def expand_grid(overrides: list[str]) -> list[list[str]]:
