@@ -10,6 +10,12 @@
 # levers24: a compiled batch-24 row alone; gputests: the CUDA-only tests of tests/test_engine_encode.py.
 # equal: reference and project only, 16 steps, for the loss-curve comparison.
 # parallel (on nvidia-h200-x2): `exp run folds=2` with gpus=2 against gpus=1, wall time of each.
+# Whole runs (`exp bench run`, one part per device call: each stays under the 10-minute limit):
+# run: `exp run folds=5 train.epochs=2` on the demo with the random-weight 3B saved locally, wall time by
+# phase, plus the step bench's steady state on the same rows; run-levers: the same run with
+# speed.compile=true train.batch_size=auto speed.vision_compile=true; run-ref: the tutorial recipe
+# (trl defaults, generate) on fold 0 of the same split, scaled to 5 folds; vision: the vision tower
+# alone (32 images of 448 px), plain / MLP padded / padded + blocks compiled, images/s and max difference.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/bench_out}
@@ -52,6 +58,12 @@ for part in $parts; do
         --rows project-compile-b32:compile=true,batch_size=32); limit=200 ;;
     levers24) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --modules language --no-reference --only-rows
         --rows project-compile-b24:compile=true,batch_size=24); limit=170 ;;
+    run) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project,steady); limit=570 ;;
+    run-levers) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project
+        --set speed.compile=true train.batch_size=auto speed.vision_compile=true); limit=570 ;;
+    run-ref) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts reference --reference-folds 1)
+        limit=500 ;;
+    vision) cmd=(vision qwen2.5-vl-3b --images 32); limit=300 ;;
     gputests) echo "== gputests"; timeout 100 python3 -m pytest -q -m gpu tests/test_engine_encode.py 2>&1 | tail -5
         continue ;;
     predict32) cmd=(predict qwen2.5-vl-3b --images 160 --batch-size 32); limit=200 ;;

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", nargs="*", default=[], help="run: config overrides, e.g. speed.compile=true")
     p.add_argument("--steady-steps", type=int, default=8, help="run: step-bench steps (0: skip)")
     p.add_argument("--reference-folds", type=int, help="run: tutorial folds actually run (default K)")
+    p.add_argument("--parts", default="project,steady,reference", help="run: which of the three to run")
     p.add_argument("--resolution", type=int)
     p.add_argument("--tokens", type=int)
     p.add_argument("--batch-size", type=int)
@@ -50,9 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
             test_rows=a.test_rows,
             resolution=a.resolution or 448,
             overrides=tuple(a.set) + ((f"train.batch_size={a.batch_size}",) if a.batch_size else ()),
-            steady_steps=a.steady_steps,
-            reference=not a.no_reference,
+            steady_steps=a.steady_steps if "steady" in a.parts else 0,
+            reference="reference" in a.parts and not a.no_reference,
             reference_folds=a.reference_folds,
+            project="project" in a.parts,
             out=a.out,
         )
         print(json.dumps(summary(result), indent=1))

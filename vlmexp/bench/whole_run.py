@@ -42,6 +42,7 @@ def bench_run(
     steady_steps: int = 8,
     reference: bool = True,
     reference_folds: int | None = None,
+    project: bool = True,
     workdir: Path | None = None,
     out: Path | None = None,
 ) -> dict:
@@ -85,18 +86,22 @@ def bench_run(
         if out is not None:
             write_json(result, out)
 
-    result["project"] = project_run(cfg)
-    save()
+    if project:
+        result["project"] = project_run(cfg)
+        save()
     if steady_steps > 0:
-        result["steady_state"] = steady_state(cfg, result["project"]["batch_size"], steady_steps)
-        steady = result["steady_state"]["samples_per_s_cached"]
-        result["ratios"]["run_vs_steady_state"] = result["project"]["samples_per_s"] / steady
+        batch = result["project"]["batch_size"] if project else cfg.train.batch_size
+        result["steady_state"] = steady_state(cfg, batch, steady_steps)
+        if project:
+            steady = result["steady_state"]["samples_per_s_cached"]
+            result["ratios"]["run_vs_steady_state"] = result["project"]["samples_per_s"] / steady
         save()
     if reference:
-        result["reference"] = tutorial_kfold(cfg, result["project"]["run_dir"], reference_folds)
-        result["ratios"]["reference_wall_over_run_wall"] = (
-            result["reference"]["wall_s_k_folds"] / result["project"]["wall_s"]
-        )
+        result["reference"] = tutorial_kfold(cfg, reference_folds)
+        if project:
+            result["ratios"]["reference_wall_over_run_wall"] = (
+                result["reference"]["wall_s_k_folds"] / result["project"]["wall_s"]
+            )
         save()
     return result
 
@@ -201,18 +206,21 @@ def steady_state(cfg, batch_size: int, steps: int, warmup: int = 2) -> dict:
     return {k: row[k] for k in keep if k in row}
 
 
-def tutorial_kfold(cfg, run_dir: str, n_folds: int | None = None) -> dict:
-    """The tutorial recipe on the run's own fold split (its oof.csv), fold by fold, phases recorded."""
+def tutorial_kfold(cfg, n_folds: int | None = None) -> dict:
+    """The tutorial recipe on the run's fold split (the same stored assignment `exp run` uses), fold by
+    fold, phases recorded."""
+    from vlmexp.kfold.folds import assign_folds
     from vlmexp.metrics import score
 
-    oof = read_table(Path(run_dir) / "oof.csv")
     comp, samples = _competition_samples(cfg)
+    store = Path(cfg.runs_dir) / "_folds"
+    fold_of = assign_folds(comp.train, cfg.folds, cfg.fold_seed, store_dir=store)
     n = min(n_folds or cfg.folds, cfg.folds)
     test_samples = samples(comp.test, False)
     scores = []
     with timing.recording() as timer:
         for k in range(n):
-            val_ids = set(oof.loc[oof["fold"] == k, "id"])
+            val_ids = set(fold_of[fold_of == k].index)
             train_df = comp.train[~comp.train["id"].isin(val_ids)]
             val_df = comp.train[comp.train["id"].isin(val_ids)]
             preds = _tutorial_fold(
