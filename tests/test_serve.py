@@ -228,7 +228,7 @@ def test_bad_requests_get_openai_errors(run, server):
 
 
 def test_to_openai_messages_round_trips_to_the_same_sample(run):
-    from vlmexp.serve import request_sample
+    from vlmexp.serve_request import request_sample
 
     cfg, _, _, samples, _ = run
     s = samples[3]

@@ -18,11 +18,8 @@ binds 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import re
@@ -37,38 +34,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from vlmexp.config import Config, load_config_file
+from vlmexp.config import Config
 from vlmexp.engine.openai_backend import PROBS_FIELD
-from vlmexp.prompts.render import Rendered, load_template
+from vlmexp.prompts.render import load_template
 from vlmexp.rundir import RunDir
+from vlmexp.serve_request import MAX_PIXELS, RequestError, request_sample, requested_choices
 from vlmexp.tables import PROB_PREFIX, probs
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 2**20  # a request holds a few base64 images; 64 MiB is far beyond that
-# Decoded pixels per request, all its images together: 40 MP is twenty 1920x1080 screenshots. A PNG of
-# 12000 x 12000 flat pixels is only 594 KB on the wire but 144 MP (432 MB as RGB, 36 s to process).
-MAX_PIXELS = 40_000_000
 # Connections the kernel queues while the accept loop is busy; the standard library's 5 dropped
 # connections with 32 concurrent clients.
 LISTEN_BACKLOG = 256
 
 
-class RequestError(ValueError):
-    """A request the client must fix; becomes an OpenAI-style error JSON with `status`."""
-
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
-
-
 def load_run_config(run_dir: Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml; is this a run folder (runs/<name>)?")
-    return load_config_file(path)
+    run = RunDir(Path(run_dir))
+    if not run.config_path.exists():
+        raise FileNotFoundError(f"{run_dir}: no {run.config_path.name}; is this a run folder (runs/<name>)?")
+    return run.config()
 
 
 def run_labels(run_dir: Path, cfg: Config) -> list[str]:
@@ -183,116 +169,6 @@ class RunPredictor:
         cut = raw.find(self.marker.rstrip())
         reason = (raw[:cut] if cut >= 0 else raw).rstrip()
         return f"{reason}\n{self.marker}{label}" if reason else f"{self.marker}{label}"
-
-
-# -- OpenAI request -> engine sample ----------------------------------------------------------------
-
-
-def decode_image(url: str, cfg: Config, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, int]:
-    """A data URL ("data:image/png;base64,...") -> (RGB PIL image resized as the run's samples are,
-    pixels decoded). The size in the image's header is checked against `max_pixels` before any pixel
-    is decoded."""
-    from vlmexp.data import DataError, open_image
-    from vlmexp.engine.samples import resize_image
-
-    if not url.startswith("data:"):
-        raise RequestError(
-            f"image_url {url[:60]!r}: only base64 data URLs are accepted (data:image/png;base64,...); "
-            "this server fetches nothing from the network",
-            param="messages",
-        )
-    header, _, payload = url.partition(",")
-    if ";base64" not in header:
-        raise RequestError(f"image data URL {header!r} is not base64-encoded", param="messages")
-    try:
-        data = base64.b64decode(payload, validate=True)
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            width, height = im.size
-    except Image.DecompressionBombError as e:  # PIL's own limit (2 x 89 MP) struck first
-        raise RequestError(
-            f"image in {header!r}: {e}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE, param="messages"
-        ) from None
-    except (binascii.Error, OSError, ValueError) as e:
-        raise RequestError(f"cannot decode the image in {header!r}: {e}", param="messages") from None
-    if width * height > max_pixels:
-        raise RequestError(
-            f"image in {header!r} is {width}x{height} = {width * height / 1e6:.1f} MP, over the "
-            f"{max_pixels / 1e6:g} MP left of this server's cap on decoded pixels per request "
-            "(exp serve --max-pixels). Send it downscaled: the run resizes images itself",
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            param="messages",
-        )
-    try:
-        return resize_image(open_image(io.BytesIO(data)), cfg), width * height
-    except DataError as e:
-        raise RequestError(f"cannot decode the image in {header!r}: {e}", param="messages") from None
-
-
-def request_sample(body: dict, cfg: Config, marker: str = "", max_pixels: int = MAX_PIXELS) -> dict:
-    """OpenAI chat messages -> {id, images, messages (HF chat), rendered}, as `build_samples` makes.
-
-    `max_pixels` bounds the decoded pixels of all the request's images together."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list of chat messages", param="messages")
-    hf, images, texts = [], [], {"system": [], "user": []}
-    decoded = 0  # pixels of the request's images so far
-    for i, m in enumerate(messages):
-        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
-        if role not in ("system", "user", "assistant"):
-            raise RequestError(
-                f"messages[{i}]: role {role!r}; use system, user or assistant", param="messages"
-            )
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if not isinstance(parts, list):
-            raise RequestError(
-                f"messages[{i}]: content must be a string or a list of parts", param="messages"
-            )
-        out = []
-        for part in parts:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                out.append({"type": "text", "text": str(part.get("text", ""))})
-                texts.setdefault(role, []).append(str(part.get("text", "")))
-            elif kind == "image_url":
-                ref = part.get("image_url")
-                url = ref.get("url", "") if isinstance(ref, dict) else str(ref or "")
-                img, pixels = decode_image(url, cfg, max_pixels - decoded)
-                images.append(img)
-                decoded += pixels
-                out.append({"type": "image"})
-            else:
-                raise RequestError(f"messages[{i}]: unsupported content part {kind!r}", param="messages")
-        hf.append({"role": role, "content": out})
-    if hf[-1]["role"] != "user":
-        raise RequestError("the last message must be the user's (the image to classify)", param="messages")
-    if not images:
-        raise RequestError(
-            "the request has no image: add an image_url part with a data URL", param="messages"
-        )
-    rendered = Rendered(
-        system="\n".join(texts["system"]), user="\n".join(texts["user"]), answer="", marker=marker
-    )
-    return {"id": "request", "images": images, "messages": hf, "rendered": rendered}
-
-
-def requested_choices(body: dict, labels: list[str]) -> list[str] | None:
-    """The guided choice of a request (either vLLM spelling), checked against the run's labels."""
-    structured = body.get("structured_outputs") or {}
-    choices = body.get("guided_choice") or (
-        structured.get("choice") if isinstance(structured, dict) else None
-    )
-    if choices is None:
-        return None
-    if not isinstance(choices, list) or not choices:
-        raise RequestError("guided choice must be a non-empty list of labels", param="guided_choice")
-    unknown = [c for c in choices if c not in labels]
-    if unknown:
-        raise RequestError(
-            f"guided choice {unknown[:5]} are not labels of this run; its labels: {', '.join(labels)}",
-            param="guided_choice",
-        )
-    return [str(c) for c in choices]
 
 
 def completion(body: dict, predictor: RunPredictor, max_pixels: int = MAX_PIXELS) -> dict:
