@@ -125,3 +125,15 @@ def test_run_with_calibrate_bias_reports_both_cvs(tmp_path):
     assert len(read_table(exp.run.path("oof_calibrated.csv"))) == len(GOLD)
     lb = pd.read_csv(exp.cfg.leaderboard)
     assert lb.loc[0, "cv_calibrated"] == pytest.approx(round(cv["calibrated"]["mean"], 4))
+
+
+def test_agree_is_recounted_for_a_calibrated_pred():
+    table = pd.DataFrame(
+        {"id": ["t1"], "pred": ["common"], "p:common": [0.45], "p:other": [0.15], "p:rare": [0.40]}
+    )
+    table["agree"], table["votes"] = 1.0, "common:3"
+    out = calibrate.apply_bias(table, LABELS, np.array([0.0, 0.0, 0.5]))
+    assert out.loc[0, "pred"] == "rare" and out.loc[0, "agree"] == 0.0
+    table["votes"] = "common:2|rare:1"
+    out = calibrate.apply_bias(table, LABELS, np.array([0.0, 0.0, 0.5]))
+    assert out.loc[0, "agree"] == pytest.approx(1 / 3)

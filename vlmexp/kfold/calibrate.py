@@ -83,7 +83,18 @@ def apply_bias(table: pd.DataFrame, labels: list[str], b: np.ndarray) -> pd.Data
     pred = np.array(labels, dtype=object)[np.argmax(s, axis=1)]
     out["pred"] = np.where(empty, table["pred"].to_numpy(dtype=object), pred)
     out[prob_columns(labels)] = np.where(empty[:, None], p, q)
+    if "votes" in out.columns and "agree" in out.columns:
+        # A fold ensemble's agree is the share of folds voting pred: recount it for the new pred, else
+        # pseudo-labelling would read "all 5 folds agree" on a label that no fold voted.
+        out["agree"] = [_share(v, x) for v, x in zip(out["votes"], out["pred"], strict=True)]
     return out
+
+
+def _share(votes: str, pred) -> float:
+    """'refund:3|payment:2', 'payment' -> 0.4."""
+    counts = dict(part.rsplit(":", 1) for part in str(votes).split("|") if ":" in part)
+    total = sum(int(n) for n in counts.values())
+    return int(counts.get(str(pred), 0)) / total if total else 0.0
 
 
 @dataclass
