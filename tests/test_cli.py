@@ -147,3 +147,8 @@ def test_commands_that_take_a_run_accept_runs_dir_as_a_key(tmp_path, command):
     result = runner.invoke(app, [command, "missing-run", f"runs_dir={tmp_path / 'xx'}"])
     assert result.exit_code == 2, result.output
     assert "missing-run" in result.output and "Traceback" not in result.output
+
+
+def test_config_refuses_a_run_name_that_is_not_one_folder(tmp_path):
+    result = runner.invoke(app, ["config", "name=..", f"runs_dir={tmp_path}"])
+    assert result.exit_code == 2 and "not one plain folder name" in result.output

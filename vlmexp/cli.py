@@ -115,7 +115,7 @@ def _find(name: str, cfg: Config, finished: bool = True) -> Path:
 @user_errors
 def config(overrides: list[str] = OVERRIDES) -> None:
     """Print the resolved config (defaults < experiments/<experiment>.yaml < key=value)."""
-    cfg = load_config(overrides)
+    cfg = _run_config(overrides)
     typer.echo(f"# run name: {run_name(cfg)}")
     typer.echo(to_yaml(cfg))
 
@@ -131,9 +131,18 @@ def run(
     _setup_logging(verbose)
     from vlmexp.recipe import run_experiment
 
-    cfg = load_config(overrides)
+    cfg = _run_config(overrides)
     run_dir = run_experiment(cfg, force=force)
     _print_cv(run_dir.root)
+
+
+def _run_config(overrides: list[str] | None) -> Config:
+    """The config of a run to make; its name must be one plain folder (`name=..` is refused here)."""
+    from vlmexp.rundir import check_run_name
+
+    cfg = load_config(overrides)
+    check_run_name(run_name(cfg))
+    return cfg
 
 
 def _print_cv(root: Path) -> None:
@@ -179,7 +188,7 @@ def sweep(
     from vlmexp.report import write_report
 
     grid = expand_grid(overrides)
-    configs = [load_config(o) for o in grid]  # every point validated before any training starts
+    configs = [_run_config(o) for o in grid]  # every point validated before any training starts
     runs = []
     if any(cfg.launcher == "ray" for cfg in configs):
         # Every unfinished fold of every point goes to the cluster at once (launch/ray_tasks.py).
