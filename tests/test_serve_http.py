@@ -154,3 +154,16 @@ def test_64_concurrent_clients_are_all_served(server):
         hold.release()
         statuses = [f.exception() or f.result() for f in futures]
     assert statuses == [200] * n, [s for s in statuses if s != 200][:3]
+
+
+def test_a_refused_body_still_gets_its_answer_not_a_reset(server):
+    """The 413 goes out before the body is read; closing with the body unread would reset the connection
+    while the client is still sending, and it would never see the answer that says what to fix."""
+    head = post("/v1/chat/completions", f"Content-Length: {MAX_BODY_BYTES + 1}\n")
+    with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        sock.sendall(b"x" * 4 * 2**20)  # a client in the middle of a large upload
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 413") and b"exceeds" in data

@@ -48,6 +48,8 @@ MAX_BODY_BYTES = 64 * 2**20  # a request holds a few base64 images; 64 MiB is fa
 # Connections the kernel queues while the accept loop is busy; the standard library's 5 dropped
 # connections with 32 concurrent clients.
 LISTEN_BACKLOG = 256
+# A refused request's unread body: read and dropped up to 8 MiB (a slow client: 2 s between pieces).
+DRAIN_BYTES, DRAIN_TIMEOUT_S = 8 * 2**20, 2.0
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -245,6 +247,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.OK, completion(body, self.server.predictor, self.server.max_pixels))
         except RequestError as e:
             self._error(e)
+            if self.close_connection:  # the body was refused unread
+                self._drain()
         except Exception as e:  # a bug or a model failure: say so, keep serving
             log.exception("request failed")
             self._error(RequestError(f"{type(e).__name__}: {e}", HTTPStatus.INTERNAL_SERVER_ERROR))
@@ -280,6 +284,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(f"Content-Length {', '.join(values)!r} is not one byte count (0, 1, 2, ...)")
         return int(values[0])
+
+    def _drain(self) -> None:
+        """Send our answer's end, then read and drop what the client still sends (bounded) before the
+        connection closes: closing with unread input sends a TCP reset, and the client would see
+        "connection reset by peer" instead of the 411/413 that says what to fix."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(DRAIN_TIMEOUT_S)
+            left = DRAIN_BYTES
+            while left > 0 and (chunk := self.connection.recv(min(2**16, left))):
+                left -= len(chunk)
+        except OSError:  # timed out, or the client is gone
+            pass
 
     def _error(self, e: RequestError) -> None:
         kind = "invalid_request_error" if e.status < 500 else "server_error"
