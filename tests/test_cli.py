@@ -152,3 +152,13 @@ def test_commands_that_take_a_run_accept_runs_dir_as_a_key(tmp_path, command):
 def test_config_refuses_a_run_name_that_is_not_one_folder(tmp_path):
     result = runner.invoke(app, ["config", "name=..", f"runs_dir={tmp_path}"])
     assert result.exit_code == 2 and "not one plain folder name" in result.output
+
+
+def test_bitsandbytes_missing_kernels_notice_is_not_logged_but_its_errors_are():
+    import logging
+
+    from vlmexp.cli import _setup_logging
+
+    _setup_logging()
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert not bnb.isEnabledFor(logging.WARNING) and bnb.isEnabledFor(logging.ERROR)

@@ -58,6 +58,9 @@ def _setup_logging(verbose: bool = False) -> None:
     # transformers/trl chatter would bury our progress display; warnings still show.
     for noisy in ("transformers", "trl", "peft", "accelerate", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns on every CPU import that an optional faster 4-bit kernel (the `kernels`
+    # package) is missing, whether or not the run quantises; 4-bit still works without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def user_errors(fn):
