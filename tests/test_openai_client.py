@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -51,9 +52,12 @@ def fake():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with state.lock:
                 state.requests.append(("POST", self.path, body))
-            if self.path.endswith("/load_lora_adapter"):
+            if self.path == "/v1/load_lora_adapter":
                 state.models.append(body["lora_name"])
                 return self._send(200, "text/plain", "Success: LoRA adapter added successfully.")
+            if self.path == "/v1/unload_lora_adapter":
+                state.models.remove(body["lora_name"])
+                return self._send(200, "text/plain", "Success: LoRA adapter removed successfully.")
             self._send(*state.reply(self.headers.get("Authorization", "")))
 
         def _send(self, status, ctype, text):
@@ -164,7 +168,13 @@ def test_a_fold_model_the_server_lacks_is_loaded_from_the_fold_adapter(fake, tmp
     assert {body["model"] for body in _posts(fake)} == {"f1"}
     predict_fold_openai(_cfg(fake.url), _samples(), LABELS, run_name="r", k=1, adapter_dir=adapter,
                         progress=False)  # fmt: skip
-    assert len(_posts(fake, "/v1/load_lora_adapter")) == 1  # listed now: not loaded twice
+    assert len(_posts(fake, "/v1/load_lora_adapter")) == 1  # the test rows after the OOF rows: loaded once
+    time.sleep(0.01)
+    (adapter / "adapter_model.safetensors").write_bytes(b"retrained")  # the fold again, e.g. --force
+    predict_fold_openai(_cfg(fake.url), _samples(), LABELS, run_name="r", k=1, adapter_dir=adapter,
+                        progress=False)  # fmt: skip
+    assert _posts(fake, "/v1/unload_lora_adapter") == [{"lora_name": "f1"}]  # the old one under that name
+    assert len(_posts(fake, "/v1/load_lora_adapter")) == 2
 
 
 def test_a_server_that_cannot_load_adapters_gets_a_fix_in_the_error(fake, tmp_path):

@@ -186,6 +186,16 @@ def load_lora_adapter(client, name: str, adapter_dir: Path) -> None:
     _raw(client, "POST /load_lora_adapter", lambda: client.post("/load_lora_adapter", body=body, cast_to=str))
 
 
+def unload_lora_adapter(client, name: str) -> None:
+    """vLLM's runtime LoRA unloading (POST /v1/unload_lora_adapter): frees `name` for a new adapter."""
+    body = {"lora_name": name}
+    _raw(
+        client,
+        "POST /unload_lora_adapter",
+        lambda: client.post("/unload_lora_adapter", body=body, cast_to=str),
+    )
+
+
 def data_url(image: str | Path | Image.Image) -> str:
     """A file's own bytes, or a PIL image as PNG, as "data:image/png;base64,..."."""
     if isinstance(image, Image.Image):

@@ -32,7 +32,15 @@ import numpy as np
 import pandas as pd
 
 from vlmexp.config import Config
-from vlmexp.openai_client import ServerError, chat, data_url, load_lora_adapter, make_client, model_ids
+from vlmexp.openai_client import (
+    ServerError,
+    chat,
+    data_url,
+    load_lora_adapter,
+    make_client,
+    model_ids,
+    unload_lora_adapter,
+)
 from vlmexp.prompts.render import parse_answer
 from vlmexp.tables import prob_columns
 
@@ -76,18 +84,55 @@ def fold_model_name(cfg: Config, run_name: str, k: int) -> str:
     return template.format(run=run_name, k=k)
 
 
+# (server URL, model name) -> the adapter this process loaded under that name, as (path, weights mtime):
+# the OOF rows and the test rows of one fold load it once, a retrained fold (--force) loads it again.
+_LOADED: dict[tuple[str, str], tuple[str, int]] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def _adapter_stamp(adapter_dir: Path) -> tuple[str, int]:
+    weights = [p for p in Path(adapter_dir).glob("adapter_model.*")] or [
+        Path(adapter_dir) / "adapter_config.json"
+    ]
+    return str(Path(adapter_dir).resolve()), max(p.stat().st_mtime_ns for p in weights)
+
+
 def ensure_fold_model(client, name: str, adapter_dir: Path | None) -> None:
-    """Make sure the server hosts fold k's model `name`: listed already (`exp serve RUN`, or
-    `vllm serve --lora-modules`), else loaded now from the fold's adapter through vLLM's runtime API."""
+    """Make sure the server answers as model `name` with this fold's adapter in `adapter_dir`.
+
+    Through vLLM's runtime LoRA API the adapter is loaded (or, under a name already taken, e.g. by the
+    fold before a --force rerun, replaced). A server without that API (`exp serve RUN`, `vllm serve
+    --lora-modules ...`) is trusted to host the fold under that name, as it was started.
+    """
     ids = model_ids(client)
-    if name in ids:
-        return
+    key = (str(client.base_url), name)
     if adapter_dir is None or not (Path(adapter_dir) / "adapter_config.json").exists():
+        if name in ids:
+            return
         raise ServerError(
             f"the server at {client.base_url} has no model {name!r} (it hosts {', '.join(ids) or 'none'}) "
             f"and there is no LoRA adapter to load in {adapter_dir}. Serve each fold under its own name: "
             "exp serve RUN (names <run>/fold<k>), or vllm serve --lora-modules NAME=ADAPTER_DIR ..."
         )
+    stamp = _adapter_stamp(adapter_dir)
+    with _LOADED_LOCK:
+        if name in ids and _LOADED.get(key) == stamp:
+            return
+    if name in ids:
+        try:
+            unload_lora_adapter(client, name)
+        except ServerError as e:
+            if e.status not in (404, 405):
+                raise
+            log.info(
+                "%s has no runtime LoRA API: using its own model %r for %s",
+                client.base_url,
+                name,
+                adapter_dir,
+            )
+            with _LOADED_LOCK:
+                _LOADED[key] = stamp
+            return
     try:
         load_lora_adapter(client, name, Path(adapter_dir))
     except ServerError as e:
@@ -99,6 +144,8 @@ def ensure_fold_model(client, name: str, adapter_dir: Path | None) -> None:
             "predict.model_per_fold='fold{k}'",
             status=e.status,
         ) from None
+    with _LOADED_LOCK:
+        _LOADED[key] = stamp
     log.info("loaded fold adapter %s on %s as model %r", adapter_dir, client.base_url, name)
 
 
