@@ -183,3 +183,19 @@ def test_a_server_that_cannot_load_adapters_gets_a_fix_in_the_error(fake, tmp_pa
         predict_fold_openai(_cfg(fake.url), _samples(), LABELS, run_name="r", k=0,
                             adapter_dir=tmp_path / "missing", progress=False)  # fmt: skip
     assert _posts(fake) == []  # nothing was predicted by a wrong model
+
+
+def test_the_cli_shows_a_server_error_as_one_line_not_a_traceback(capsys):
+    import typer
+
+    from vlmexp.cli import user_errors
+
+    @user_errors
+    def command():
+        raise ServerError("http://127.0.0.1:9/v1/: the reply began '<html>Bearer sk-abcdef123'")
+
+    with pytest.raises(typer.Exit) as exit_:
+        command()
+    out = capsys.readouterr().err
+    assert exit_.value.exit_code == 2 and "error:" in out and "<html>Bearer ***" in out
+    assert "Traceback" not in out and "sk-abcdef123" not in out

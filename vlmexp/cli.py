@@ -84,11 +84,12 @@ def user_errors(fn):
 def _fixable() -> tuple[type[Exception], ...]:
     from vlmexp.data import DataError
     from vlmexp.ocr.reader import OcrError
+    from vlmexp.openai_client import ServerError
     from vlmexp.prompts.render import PromptError
     from vlmexp.reasons import ReasonsError
     from vlmexp.submit import SubmissionError
 
-    fixable = (ConfigError, DataError, SubmissionError, PromptError, OcrError, ReasonsError)
+    fixable = (ConfigError, DataError, SubmissionError, PromptError, OcrError, ReasonsError, ServerError)
     # Only a command that imported the report module can raise its error; `exp config` need not load scipy.
     report = sys.modules.get("vlmexp.report")
     return (*fixable, *((report.ReportError,) if report else ()), FileNotFoundError, FileExistsError)
