@@ -91,7 +91,7 @@ def api_key(env: str = DEFAULT_KEY_ENV) -> str:
     if not key:
         log.info("$%s is unset: sending the key %r (fine for local servers)", env, PLACEHOLDER_KEY)
         return PLACEHOLDER_KEY
-    if len(key) >= 6:  # a 1-3 character "key" of a local server would turn every such substring into ***
+    if len(key) >= 6:  # a local server's short key, e.g. "abc", would turn every "abc" in a message into ***
         with _secrets_lock:
             _secrets.add(key)
     return key
