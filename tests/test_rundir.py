@@ -98,3 +98,15 @@ def test_failed_resume_keeps_a_folder_with_results(tmp_path):
     with pytest.raises((DataError, FileNotFoundError)):
         run_once(cfg)
     assert run.fold_done(0)
+
+
+def test_a_fold_checkpoint_counts_as_a_result(tmp_path):
+    cfg = _cfg(tmp_path, "name=ckpt")
+    run = RunDir.for_config(cfg)
+    run.start(cfg, {})
+    (run.fold_dir(0) / "class_counts.json").parent.mkdir(parents=True)
+    (run.fold_dir(0) / "class_counts.json").write_text("{}")
+    assert not run.holds_results()
+    (run.fold_dir(0) / "checkpoints" / "last").mkdir(parents=True)
+    (run.fold_dir(0) / "checkpoints" / "last" / "optimizer.pt").write_bytes(b"x")
+    assert run.holds_results() and not run.discard_if_empty() and run.root.exists()

@@ -154,8 +154,12 @@ class RunDir:
         return read_json(self.cv_path)
 
     def holds_results(self) -> bool:
-        """Whether anything computed is inside: a finished fold or the run's cv.json."""
-        return self.finished or any((self.root / "folds").glob("fold*/done.json"))
+        """Whether anything computed is inside: cv.json, or any file a fold wrote beyond the bookkeeping
+        of its start (a finished fold, a trainer checkpoint a resume starts from, a training log)."""
+        startup = {"class_counts.json", "task.json"}
+        return self.finished or any(
+            p.is_file() and p.name not in startup for p in (self.root / "folds").rglob("*")
+        )
 
     # -- start / resume -----------------------------------------------------
     def start(
