@@ -17,11 +17,12 @@ from vlmexp.engine.encode import Encoder, RunCaches, image_key, rope_index_fn
 from vlmexp.engine.predict import _encode, predict
 from vlmexp.engine.samples import build_samples, split_turn
 from vlmexp.engine.train import build_trainer, train_fold, training_dataset
+from vlmexp.models import tiny
 from vlmexp.models.load import load_model, load_processor
 from vlmexp.prompts.render import load_template
 from vlmexp.tables import prob_columns
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "smolvlm", "llava"]
+FAMILIES = tiny.FAMILIES
 LABELS = ["red", "green", "label_a", "label_b"]
 
 

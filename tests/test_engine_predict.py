@@ -15,10 +15,11 @@ from vlmexp.config import Config
 from vlmexp.engine import predict as predict_mod
 from vlmexp.engine.predict import _cut_at_marker, _encode, predict
 from vlmexp.engine.samples import build_samples, split_turn
+from vlmexp.models import tiny
 from vlmexp.prompts.render import load_template
 from vlmexp.tables import prob_columns
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "smolvlm", "llava"]
+FAMILIES = tiny.FAMILIES
 # Labels of different token lengths that share first tokens (label_a / label_b), and a CJK one.
 LABELS = ["red", "label_a", "label_b", "退款页面"]
 

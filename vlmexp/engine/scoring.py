@@ -9,8 +9,12 @@ that KV cache, in one of two layouts:
   stays (B, L): nothing is copied. At batch 32 x 25 labels x 570 tokens the other layout copies the
   3B model's cache 25 times (~17 GB across 36 layers) and concatenates onto it again: on an H200 that
   was about half of prediction's GPU time (docs/performance.md).
-- `repeat` (any other attention, e.g. flash_attention_2, which takes no 4D mask): the cache repeated
-  n times and the B*n candidates as a batch of their own.
+- `repeat` (any other attention, e.g. flash_attention_2, which takes no 4D mask; and any model with
+  layers that are not full attention): the cache repeated n times and the B*n candidates as a batch of
+  their own. Side by side in one sequence, candidates would leak into each other through a recurrent
+  layer (Qwen3.5's gated delta net reads its input in order, whatever the mask says), and a sliding
+  window layer (Gemma 3/4) keeps only its window of the prompt in the cache (16 of 197 tokens in the
+  tiny Gemma 3), which a mask over the whole prompt does not fit.
 
 Both equal scoring prompt + candidate from scratch (tests/test_engine_predict.py).
 """
@@ -38,7 +42,7 @@ def score_candidates(
         raise ValueError("every row needs the same number of candidates, each of at least one token")
     attn = _attn_implementation(model)
     if layout == "auto":
-        layout = "tree" if attn in ("sdpa", "eager") else "repeat"
+        layout = "tree" if attn in ("sdpa", "eager") and _all_full_attention(model) else "repeat"
     if layout not in ("tree", "repeat"):
         raise ValueError(f"layout={layout!r}: choose tree, repeat or auto")
     positions, next_pos = _positions(model, ctx)
@@ -112,7 +116,7 @@ def _repeat(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, att
         targets[i, : len(s) - 1] = torch.tensor(s[1:])
         mask[i, : len(s) - 1] = 1
     inp, targets, mask = inp.to(device), targets.to(device), mask.to(device)
-    cache.batch_repeat_interleave(n)
+    _repeat_cache(cache, n)
     pos = next_pos.repeat_interleave(n).unsqueeze(-1) + torch.arange(width, device=device)  # (B*n, width)
     if positions.dim() == 3:
         pos = pos.unsqueeze(0).expand(positions.shape[0], -1, -1)
@@ -127,11 +131,35 @@ def _repeat(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, att
     return picked.sum(-1).view(len(candidates), n)
 
 
+def _repeat_cache(cache, n: int) -> None:
+    """`cache.batch_repeat_interleave(n)`, also for recurrent layers, whose cache class lacks it in
+    transformers 5.24 (Qwen3.5's LinearAttentionLayer: conv and recurrent states per layer, e.g.
+    (B, 4096, 4) and (B, 32, 128, 128) in the 9B), which are repeated here the same way."""
+    for layer in cache.layers:
+        if hasattr(layer, "batch_repeat_interleave"):
+            layer.batch_repeat_interleave(n)
+            continue
+        for name in ("conv_states", "recurrent_states"):
+            states = getattr(layer, name)
+            keys = states.keys() if isinstance(states, dict) else range(len(states))
+            for i in list(keys):
+                if isinstance(states[i], torch.Tensor):
+                    states[i] = states[i].repeat_interleave(n, dim=0)
+
+
 def _cache_arg(model, cache) -> dict:
     """The KV cache under the name this transformers takes: `cache` from 5.24 (`past_key_values` still
     works there but warns at every call), `past_key_values` before."""
     forward = getattr(model, "get_base_model", lambda: model)().forward
     return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
+
+
+def _all_full_attention(model) -> bool:
+    """Whether every decoder layer is plain full attention, e.g. not Gemma 3's
+    ["sliding_attention", ..., "full_attention"] nor Qwen3.5's ["linear_attention", ...]."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return all(t == "full_attention" for t in getattr(text, "layer_types", None) or ())
 
 
 def _attn_implementation(model) -> str:
