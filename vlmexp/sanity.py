@@ -20,7 +20,7 @@ from collections.abc import Sequence
 MIN_MARGIN = 0.02
 
 ADVICE = (
-    "what usually helps: more epochs (train.epochs=6), a higher learning rate for tiny models "
+    "What usually helps: more epochs (train.epochs=6), a higher learning rate for tiny models "
     "(train.lr=1e-3), larger images (image.max_pixels=802816 or image.longest_side=896), "
     "the images' text in the prompt (ocr.enabled=true)"
 )
