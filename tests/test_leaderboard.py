@@ -133,6 +133,13 @@ def test_markdown_shows_one_competition(tmp_path):
     append(_row("mine", 0.7, data=str(tmp_path / "comp_a")), path)
     append(_row("theirs", 0.9, data="comp_b"), path)
     md = to_markdown(load(path), data=tmp_path / "comp_a")
-    assert "mine" in md and "theirs" not in md and "1 runs on other competitions" in md
+    assert "mine" in md and "theirs" not in md and "1 run on other competitions" in md
     both = to_markdown(load(path))
     assert "mine" in both and "theirs" in both
+
+
+def test_markdown_of_a_competition_without_runs_says_so(tmp_path):
+    path = tmp_path / "lb.csv"
+    append(_row("theirs", 0.9, data="comp_b"), path)
+    md = to_markdown(load(path), data="comp_a")
+    assert "_no runs on comp_a yet_" in md and "1 run on other competitions" in md

@@ -190,12 +190,13 @@ def to_markdown(
     if data is not None:
         mine = same_data(df, data)
         if (~mine).any():
-            note = f"\n_{int((~mine).sum())} runs on other competitions (or of unknown data) not shown_\n"
+            n = int((~mine).sum())
+            note = f"\n_{n} run{'s' * (n != 1)} on other competitions (or of unknown data) not shown_\n"
         df = df[mine]
     if metric is not None and "metric" in df.columns:
         df = df[df["metric"] == metric]
     if df.empty:
-        return "_no runs yet_\n" + note
+        return ("_no runs yet_" if data is None else f"_no runs on {data} yet_") + "\n" + note
     keys = (["metric"] if "metric" in df.columns and metric is None else []) + ["cv_mean"]
     df = df.sort_values(keys, ascending=[True] * (len(keys) - 1) + [False], kind="stable", na_position="last")
     df = df.head(top) if top else df
