@@ -261,8 +261,8 @@ def find_run(name_or_path: str | Path, runs_dir: str | Path = "runs", *, finishe
                     "command, or pick a finished run from `exp leaderboard`"
                 )
             return run
-    looked = " and ".join(str(p) for p in dict.fromkeys(tried))
+    looked = " and ".join(str(p / "config.yaml") for p in dict.fromkeys(tried))
     raise RunNotFound(
-        f"no run '{name_or_path}' (looked for {looked}/config.yaml); give the run's folder, "
+        f"no run '{name_or_path}' (looked for {looked}); give the run's folder, "
         f"or its name with runs_dir=DIR if it lives elsewhere (see `exp leaderboard`)"
     )
