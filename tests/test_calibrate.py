@@ -46,6 +46,9 @@ def test_bias_raises_macro_f1_where_argmax_misses_a_rare_class():
     assert b[2] - b[0] > 0  # rare moved up against common
     test = calibrate.apply_bias(oof, LABELS, b)
     assert np.allclose(test[[f"p:{c}" for c in LABELS]].sum(axis=1), 1.0)
+    same = calibrate.apply_bias(oof.assign(**{"p:other": 0.0}), LABELS, np.zeros(3))
+    assert (same["p:other"] == 0).all()  # zero offsets and zero probabilities change nothing
+    np.testing.assert_allclose(same["p:rare"], oof["p:rare"] / (oof["p:common"] + oof["p:rare"]))
 
 
 def test_bias_leaves_a_model_argmax_already_serves_alone():

@@ -74,13 +74,14 @@ def apply_bias(table: pd.DataFrame, labels: list[str], b: np.ndarray) -> pd.Data
     """A copy of a prediction table with p:<label> = softmax(log p + b) and pred = its argmax; the
     old pred is kept as `pred_raw`. Rows without any probability (unparsed generations) keep theirs."""
     p = probs(table, labels)
-    s = _log(p) + b
-    q = np.exp(s - s.max(axis=1, keepdims=True))
-    q /= q.sum(axis=1, keepdims=True)
-    empty = ~(np.nan_to_num(p, nan=0.0) > 0).any(axis=1)
+    # softmax(log p + b) = p e^b / sum(p e^b): exact, and a probability of 0 stays 0.
+    w = np.nan_to_num(p, nan=0.0) * np.exp(b)
+    total = w.sum(axis=1, keepdims=True)
+    empty = total[:, 0] <= 0
+    q = w / np.where(total > 0, total, 1.0)
     out = table.copy()
     out["pred_raw"] = table["pred"]
-    pred = np.array(labels, dtype=object)[np.argmax(s, axis=1)]
+    pred = np.array(labels, dtype=object)[np.argmax(_log(p) + b, axis=1)]
     out["pred"] = np.where(empty, table["pred"].to_numpy(dtype=object), pred)
     out[prob_columns(labels)] = np.where(empty[:, None], p, q)
     if "votes" in out.columns and "agree" in out.columns:
