@@ -504,6 +504,7 @@ def validate(cfg: Config) -> None:
             f"'ensemble.calibrate={cfg.ensemble.calibrate}' shifts the test ensemble's probabilities, which "
             f"'ensemble.vote={cfg.ensemble.vote}' ignores; use ensemble.vote=soft"
         )
+    problems += _sharding_problems(cfg)
     if problems:
         raise ConfigError(
             problems[0] if len(problems) == 1 else "bad config values:\n- " + "\n- ".join(problems)
@@ -516,6 +517,30 @@ def validate(cfg: Config) -> None:
         check_trainer_args(cfg.train.args)
     if cfg.predict.backend == "openai":
         _check_model_per_fold(cfg.predict.model_per_fold)
+
+
+def _sharding_problems(cfg: Config) -> list[str]:
+    """train.gpus_per_fold=N (launch/fsdp.py): what a sharded fold cannot do yet, with the fix."""
+    n = cfg.train.gpus_per_fold
+    if n <= 1:
+        return []
+    out = []
+    if cfg.train.batch_size % n:
+        out.append(
+            f"'train.batch_size={cfg.train.batch_size}' is the fold's global batch, split over "
+            f"train.gpus_per_fold={n} processes: make it a multiple of {n}"
+        )
+    if cfg.train.eval:
+        out.append(
+            f"train.gpus_per_fold={n} keeps the final weights (best-epoch selection of sharded "
+            "weights is not built): set train.eval=false"
+        )
+    if cfg.gpus > 1:
+        out.append(
+            f"gpus={cfg.gpus} with train.gpus_per_fold={n}: to run several sharded folds at once use "
+            "launcher=ray (each fold one task of N GPUs); on one machine use gpus=1"
+        )
+    return out
 
 
 def _check_model_per_fold(template: str) -> None:

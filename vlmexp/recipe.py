@@ -34,7 +34,7 @@ from vlmexp.kfold.calibrate import calibrate_run
 from vlmexp.kfold.calibrate import summary as calibration_summary
 from vlmexp.kfold.ensemble import apply_suspects, disagreements, reconcile, suspect_labels, vote
 from vlmexp.kfold.folds import assign_folds, check_oof_ids
-from vlmexp.launch import FoldJob, ray_tasks, torchrun
+from vlmexp.launch import FoldJob, fsdp, ray_tasks, torchrun
 from vlmexp.metrics import confusion, per_class_report, score
 from vlmexp.models.load import load_for_inference, load_model, load_processor
 from vlmexp.progress import RunProgress
@@ -142,6 +142,10 @@ def _run_folds(cfg: Config, t0: float, force: bool) -> RunDir:
     if cfg.gpus > 1 and pending:
         # One process per GPU of this machine through torchrun, each running its share of the fold units.
         torchrun.launch_folds(cfg, pending, run_fold_task, exp.run.path("launch_config.yaml"))
+    elif cfg.train.gpus_per_fold > 1:
+        # One fold after another, each sharded over train.gpus_per_fold processes (launch/fsdp.py).
+        for k in pending:
+            run_fold_task(cfg, k)
     else:
         with RunProgress(cfg.folds, title=exp.run.root.name) as progress:
             for k in range(cfg.folds):
@@ -229,6 +233,8 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
     )
     del model
     _free_memory()
+    if not fsdp.is_main_process():
+        return  # a sharded fold's other ranks only train; rank 0 predicts and writes the fold's files
 
     with phase("load_model"):
         model = load_for_inference(cfg, result.adapter_dir) if cfg.predict.backend == "local" else None
@@ -251,6 +257,8 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
             "best_epoch": result.best_epoch,
             "train_seconds": result.train_seconds,
             "train_rows": len(train_split),
+            # Training loss per logging step, e.g. [2.91, 2.40, ...]: compares sharded and single folds.
+            "train_losses": [round(e["loss"], 6) for e in result.log_history if "loss" in e],
         },
         fdir / "metrics.json",
     )
@@ -307,12 +315,17 @@ def run_fold_task(cfg: Config, k: int) -> dict:
     if have != config_hash(cfg):
         raise ConfigError(f"{where}: {run.root} holds config {have}, the task's config is {config_hash(cfg)}")
     if not run.fold_done(k):
+        task = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()}
+        if fsdp.is_main_process():
+            write_json(task, run.fold_task_path(k))
+        if cfg.train.gpus_per_fold > 1 and not fsdp.in_sharded_fold():
+            # This process hands the fold to gpus_per_fold processes that train it together.
+            fsdp.launch_fold(cfg, k, run_fold_task, run.path(f"launch_config_fold{k}.yaml"))
+            return {"run": run.root.name, "fold": k}
         key = f"{run.root.resolve()}:{config_hash(cfg)}"
         if key not in _PREPARED:
             _PREPARED.clear()
             _PREPARED[key] = prepare(cfg)
-        task = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()}
-        write_json(task, run.fold_task_path(k))
         run_fold(_PREPARED[key], k)
     return {"run": run.root.name, "fold": k}
 

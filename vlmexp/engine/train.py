@@ -154,8 +154,12 @@ def train_fold(
     else:
         best_epoch = float(state.epoch or cfg.train.epochs)
     with phase("save"):
-        model.save_pretrained(out.adapter)
-        processor.save_pretrained(out.adapter)
+        if fsdp_launch.in_sharded_fold():
+            trainer.save_model(str(out.adapter))  # gathers the sharded weights; rank 0 writes them
+        else:
+            model.save_pretrained(out.adapter)
+        if fsdp_launch.is_main_process():
+            processor.save_pretrained(out.adapter)
     model.eval()
     return TrainResult(
         adapter_dir=out.adapter,
