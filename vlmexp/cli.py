@@ -270,21 +270,30 @@ def submit(
     """Write the submission CSV of a finished run, validated against the test set."""
     from vlmexp.data import load_competition
     from vlmexp.rundir import RunDir
-    from vlmexp.submit import make_submission
+    from vlmexp.submit import SubmissionError, make_submission
 
     names, overrides = _split_args(run_name_)
     root = _find(_one(names, "run"), _settings(overrides, runs_dir=runs_dir))
     cfg = RunDir(root).config(overrides)  # e.g. data.dir=... when the run was made from another folder
     comp = load_competition(cfg.data)
-    path = make_submission(
-        root,
-        comp.test["id"].tolist(),
-        comp.labels,
-        sample=sample,
-        out=out,
-        force=force,
-        id_col=cfg.data.id_col,
-    )
+    try:
+        path = make_submission(
+            root,
+            comp.test["id"].tolist(),
+            comp.labels,
+            sample=sample,
+            out=out,
+            force=force,
+            id_col=cfg.data.id_col,
+        )
+    except SubmissionError as e:
+        if not cfg.data.limit:
+            raise
+        raise SubmissionError(
+            f"{e}\nThe run used data.limit={cfg.data.limit}: it predicted only the first {cfg.data.limit} "
+            "test rows. For a quick run that can be submitted, cut only the training rows: "
+            f"data.train_limit={cfg.data.limit}"
+        ) from None
     console.print(f"submission: {path}")
 
 
