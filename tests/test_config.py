@@ -170,8 +170,9 @@ def test_unknown_prompt_names_the_nearest_template(tmp_path):
 
 
 def test_empty_value_clears_a_text_or_list_option(tmp_path):
-    cfg = load_config(["data.answers_csv=", "lora.modules_to_save=", "predict.base_url="])
+    cfg = load_config(["data.answers_csv=", "lora.modules_to_save=", "predict.base_url=", "train.args="])
     assert cfg.data.answers_csv == "" and cfg.lora.modules_to_save == [] and cfg.predict.base_url == ""
+    assert cfg.train.args == {}
     (tmp_path / "x.yaml").write_text("data:\n  answers_csv: test_answers.csv\n")
     cfg = load_config(["experiment=x", "data.answers_csv="], experiments_dir=tmp_path)
     assert cfg.data.answers_csv == ""

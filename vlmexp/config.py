@@ -387,7 +387,7 @@ def _cleared(layer: dict, prefix: str = "") -> dict:
             v = _cleared(v, key + ".")
         elif v is None and key in keys:
             kind = str(_field(key).type)
-            v = "" if kind == "str" else [] if kind.startswith("list") else None
+            v = {"str": "", "list": [], "dict": {}}.get(kind.split("[")[0])
         out[k] = v
     return out
 
