@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from vlmexp.config import Config
-from vlmexp.engine.openai_backend import PROBS_FIELD
+from vlmexp.engine.openai_backend import PROBS_FIELD, SERVED_FOLD_MODEL
 from vlmexp.prompts.render import load_template
 from vlmexp.rundir import RunDir
 from vlmexp.serve_request import MAX_PIXELS, RequestError, request_sample, requested_choices
@@ -88,7 +88,7 @@ class RunPredictor:
         self.marker = self._marker()
         self.folds = self._folds(fold)
         # model name -> the folds that answer, e.g. {"demo-1a2b": [0, 1], "demo-1a2b/fold0": [0], ...}
-        self.models = {f"{self.run_dir.name}/fold{k}": [k] for k in self.folds}
+        self.models = {SERVED_FOLD_MODEL.format(run=self.run_dir.name, k=k): [k] for k in self.folds}
         if fold is None:
             self.models = {self.run_dir.name: list(self.folds)} | self.models
         self.name = next(iter(self.models))  # the ensemble, or the one fold

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # `exp serve` adds the class probabilities of its answer under this key, e.g.
 # {"cat": 0.91, "dog": 0.09}, so that soft fold voting gets real probabilities, not one-hot ones.
 PROBS_FIELD = "vlmexp_probs"
+# The name `exp serve RUN` gives fold k's model, e.g. "demo-1a2b3c4d/fold3"; as predict.model_per_fold
+# it asks exactly those.
+SERVED_FOLD_MODEL = "{run}/fold{k}"
 REQUEST_TIMEOUT_S = 120.0
 OOF_REFUSAL = (
     "predict.backend=openai needs one model per fold: with one model at predict.base_url every fold's "
