@@ -50,6 +50,16 @@ def test_trainer_options_in_an_experiment_yaml(tmp_path):
         load_config(["experiment=bad"], experiments_dir=tmp_path)
 
 
+def test_a_value_of_the_wrong_type_is_refused_at_load():
+    with pytest.raises(ConfigError, match="neftune_noise_alpha=abc': neftune_noise_alpha takes float"):
+        load_config(["train.args.neftune_noise_alpha=abc"])
+    with pytest.raises(ConfigError, match="torch_compile takes bool"):
+        load_config(["train.args.torch_compile=maybe"])
+    # Paths, dicts and enum names are what those fields take.
+    ok = ["train.args.deepspeed=ds.json", "train.args.logging_strategy=epoch", "train.args.fsdp=null"]
+    assert load_config(ok).train.args == {"deepspeed": "ds.json", "logging_strategy": "epoch", "fsdp": None}
+
+
 def test_a_value_the_trainer_refuses_is_a_config_error(tmp_path):
     cfg = load_config(["train.args.logging_strategy=sometimes"])
     with pytest.raises(ConfigError, match="train.args"):

@@ -11,8 +11,11 @@ setting them here would either duplicate a config key (one owner per fact: `lear
 from __future__ import annotations
 
 import difflib
+import enum
 import logging
 import os
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -21,10 +24,12 @@ from trl import SFTConfig
 
 from vlmexp.config import Config, ConfigError
 from vlmexp.engine import fast
+from vlmexp.launch import fsdp as fsdp_launch
 
 log = logging.getLogger(__name__)
 
 SFT_FIELDS = {f.name for f in fields(SFTConfig)}
+_HINTS = typing.get_type_hints(SFTConfig)  # e.g. neftune_noise_alpha: float | None
 # transformers renamed gradient_checkpointing to activation_checkpointing (the old name warns; gone in v6).
 _CHECKPOINTING = (
     "activation_checkpointing" if "activation_checkpointing" in SFT_FIELDS else "gradient_checkpointing"
@@ -93,10 +98,39 @@ def check_trainer_args(args: dict) -> None:
                 f"'train.args.{name}' is not an SFTConfig/TrainingArguments field; "
                 f"did you mean 'train.args.{near[0]}'?"
             )
+        elif not _accepts(_HINTS.get(name, typing.Any), args[name]):
+            want = str(_HINTS[name]).replace("<class '", "").replace("'>", "")
+            problems.append(f"'train.args.{name}={args[name]}': {name} takes {want}")
     if problems:
         raise ConfigError(
             problems[0] if len(problems) == 1 else "bad train.args:\n- " + "\n- ".join(problems)
         )
+
+
+def _accepts(hint, value) -> bool:
+    """Whether `value` fits a field's type hint; types other than None/bool/int/float/str/dict/list and
+    enums (whose names are strings) are left to the trainer, e.g. float | None takes 5 but not "abc"."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for t in typing.get_args(hint) if union else (hint,):
+        base = typing.get_origin(t) or t
+        if t is type(None):
+            if value is None:
+                return True
+        elif base is bool:
+            if isinstance(value, bool):
+                return True
+        elif base in (int, float):
+            if isinstance(value, int if base is int else (int, float)) and not isinstance(value, bool):
+                return True
+        elif base in (str, dict, list):
+            if isinstance(value, base):
+                return True
+        elif isinstance(base, type) and issubclass(base, enum.Enum):
+            if isinstance(value, str):
+                return True
+        else:
+            return True
+    return False
 
 
 def sft_config(
@@ -133,7 +167,9 @@ def sft_config(
     project = {
         "output_dir": str(output_dir),
         "num_train_epochs": t.epochs,
+        # A fold sharded over N processes (train.gpus_per_fold) splits the batch and adds FSDP's fields.
         "per_device_train_batch_size": t.batch_size,
+        **fsdp_launch.trainer_args(cfg),
         "gradient_accumulation_steps": t.grad_accum,
         "learning_rate": t.lr,
         "lr_scheduler_type": t.scheduler,
