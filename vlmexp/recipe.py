@@ -24,12 +24,13 @@ from transformers import set_seed
 from vlmexp import leaderboard
 from vlmexp.balance import resample
 from vlmexp.config import Config, ConfigError, config_hash, diff_from_defaults, run_name
-from vlmexp.data import Competition, competition_fingerprint, preflight, read_answers
+from vlmexp.data import Competition, preflight, read_answers
 from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
 from vlmexp.engine.samples import build_samples
 from vlmexp.engine.train import FoldOutputs, train_fold
 from vlmexp.engine.tta import predict_tta
+from vlmexp.fingerprint import competition_fingerprint
 from vlmexp.kfold.calibrate import calibrate_run
 from vlmexp.kfold.calibrate import summary as calibration_summary
 from vlmexp.kfold.ensemble import apply_suspects, disagreements, reconcile, suspect_labels, vote
@@ -422,7 +423,7 @@ def finalize(exp: Experiment, started: float) -> RunDir:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "submission": str(sub),
         "data": cfg.data.dir,
-        # data.competition_fingerprint's digest: the same folder name with other contents tells apart.
+        # fingerprint.competition_fingerprint's digest: the same folder name with other contents tells apart.
         "data_fingerprint": (exp.prov.get("data_fingerprint") or {}).get("digest", ""),
     }
     if "calibrated" in cv:

@@ -210,7 +210,7 @@ class RunDir:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         if fingerprint is not None:
-            prov["data_fingerprint"] = fingerprint  # data.competition_fingerprint: what the folds train on
+            prov["data_fingerprint"] = fingerprint  # fingerprint.competition_fingerprint: the folds' data
         write_json(prov, self.provenance_path)
         return prov
 
@@ -233,7 +233,7 @@ def _refuse_other_data(root: Path, old: dict | None, new: dict | None) -> None:
     """The data config hashes the data.dir path, not its content: an edited train.csv is caught here."""
     if not old or not new or old.get("digest") == new.get("digest"):
         return
-    from vlmexp.data import fingerprint_changes
+    from vlmexp.fingerprint import fingerprint_changes
 
     changes = "\n".join(f"  - {c}" for c in fingerprint_changes(old, new))
     raise ConfigError(

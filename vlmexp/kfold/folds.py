@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from vlmexp.data import DataError, fingerprint_changes
+from vlmexp.data import DataError
+from vlmexp.fingerprint import fingerprint_changes
 from vlmexp.tables import read_table, write_json, write_table
 
 
@@ -50,7 +51,7 @@ def assign_folds(
     """Fold number (0..k-1) per training id, stratified by label and grouped by `group` if present.
 
     Returns a Series indexed by `id` in the row order of `train`, named "fold". `fingerprint`
-    (data.competition_fingerprint) is stored beside a new assignment, and named when a stored one
+    (fingerprint.competition_fingerprint) is stored beside a new assignment, and named when a stored one
     no longer matches the data.
     """
     _check(train, k)
