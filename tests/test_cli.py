@@ -162,3 +162,14 @@ def test_bitsandbytes_missing_kernels_notice_is_not_logged_but_its_errors_are():
     _setup_logging()
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
     assert not bnb.isEnabledFor(logging.WARNING) and bnb.isEnabledFor(logging.ERROR)
+
+
+def test_a_flagged_run_says_so_after_its_cv_line(tmp_path):
+    from vlmexp.cli import _print_cv, console
+
+    root = _run_folder(tmp_path / "r", ["s0", "s1"])
+    cv = {"metric": "macro_f1", "mean": 0.018, "std": 0.0, "folds": [0.018], "accuracy": 0.1}
+    (root / "cv.json").write_text(json.dumps({**cv, "flag": "one_class", "majority_macro_f1": 0.0185}))
+    with console.capture() as out:
+        _print_cv(root)
+    assert "flagged: one_class" in out.get() and "0.0185" in out.get()
