@@ -124,8 +124,10 @@ def _losses(cfg, processor, samples, tmp_path):
     return [e["loss"] for e in result.log_history if "loss" in e], model, caches
 
 
-def test_run_caches_change_speed_not_training(tiny_models, table, tmp_path):
-    cfg = _cfg(tiny_models, "qwen2_5_vl")
+# Qwen3-VL's tower also feeds deepstack features into decoder layers; Qwen3.5 has recurrent layers
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_run_caches_change_speed_not_training(family, tiny_models, table, tmp_path):
+    cfg = _cfg(tiny_models, family)
     processor = load_processor(cfg)
     samples = _samples(table, cfg)
     fast_losses, model, caches = _losses(cfg, processor, samples, tmp_path / "fast")
@@ -140,7 +142,11 @@ def test_run_caches_change_speed_not_training(tiny_models, table, tmp_path):
         tower = fast.unwrap(model).model.get_image_features(
             pixels, row["image_grid_thw"][:1], return_dict=True
         )
-    torch.testing.assert_close(caches.vision._store[key], tower.pooler_output[0], rtol=1e-5, atol=1e-6)
+    # every feature the language model takes from the tower: merged tokens, then deepstack levels
+    want = (tower.pooler_output[0], *(level[0] for level in getattr(tower, "deepstack_features", None) or []))
+    assert len(caches.vision._store[key]) == len(want) == (2 if family == "qwen3_vl" else 1)
+    for got_feat, want_feat in zip(caches.vision._store[key], want, strict=True):
+        torch.testing.assert_close(got_feat, want_feat, rtol=1e-5, atol=1e-6)
     cfg.speed.encode_once, cfg.speed.vision_cache = False, "off"
     plain_losses, _, plain = _losses(cfg, processor, samples, tmp_path / "plain")
     assert plain.encoder is None and plain.vision is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import weakref
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from PIL import Image
 from vlmexp.engine import fast
 from vlmexp.engine.samples import split_turn
 from vlmexp.timing import phase
+
+log = logging.getLogger(__name__)
 
 # Per-token tensors the processor and trl's collator return beside input_ids, with their pad values.
 _PAD = {"attention_mask": 0, "labels": -100, "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -278,6 +281,7 @@ class RunCaches:
     vision: fast.VisionFeatureCache | None  # None: speed.vision_cache=off (or no encoder)
     setting: str = "auto"
     vision_trains: bool | None = None  # learnt from the first training model; unknown until then
+    _told: bool = False  # the reason the cache is off has been logged
 
     @classmethod
     def for_run(cls, cfg, processor) -> RunCaches:
@@ -294,6 +298,13 @@ class RunCaches:
         """The feature cache when `model`'s vision tower is frozen, else None. A training model tells
         (requires_grad); an inference model cannot, so prediction uses what training learnt."""
         if self.vision is None:
+            return None
+        if (why := fast.vision_cache_unsupported(model)) is not None:
+            if self.setting == "on":
+                raise ValueError(f"speed.vision_cache=on, but {why}. Use speed.vision_cache=auto or off.")
+            if not self._told:  # once a run, not once a fold
+                log.info("speed.vision_cache=auto: %s", why)
+                self._told = True
             return None
         if training:
             self.vision_trains = not fast.vision_frozen(model)

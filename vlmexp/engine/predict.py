@@ -122,9 +122,23 @@ def _score_rows(
     return out
 
 
+THINK_END = "</think>"  # Qwen3 / Qwen3.5 thinking checkpoints close their thought with this
+
+
+def after_think(text: str) -> str:
+    """The answer after a closed think block, e.g. "<think>red or blue?</think>\n\nblue" -> "\n\nblue";
+    text without one as it is."""
+    at = text.rfind(THINK_END)
+    return text[at + len(THINK_END) :] if at >= 0 else text
+
+
 def _cut_at_marker(text: str, marker: str, lead: str) -> str:
-    """Generated reasoning up to and including the marker; the marker is added if the model forgot it."""
-    at = text.find(marker.rstrip())
+    """Generated reasoning up to and including the marker; the marker is added if the model forgot it.
+    The marker is looked for after a think block if the model wrote one (a thinking checkpoint may,
+    even after the empty block of the non-thinking prompt): "<think>Label: red?</think>Reason: ..."
+    must not be cut inside the thought."""
+    think_end = text.rfind(THINK_END)
+    at = text.find(marker.rstrip(), think_end + len(THINK_END) if think_end >= 0 else 0)
     if at >= 0:
         return text[:at] + marker
     # No marker within max_new_tokens: score the labels after what it wrote, on a new line.
@@ -258,7 +272,7 @@ def _generate_rows(cfg, model, processor, batch, turns, labels, marker: str) -> 
     texts = _generate(cfg, model, processor, batch, turns)
     out = []
     for sample, text in zip(batch, texts, strict=True):
-        pred = parse_answer(text, labels, marker)
+        pred = parse_answer(after_think(text), labels, marker)
         probs = np.array([1.0 if label == pred else 0.0 for label in labels])
         out.append(_row(sample["id"], pred, probs, labels, text))
     return out

@@ -28,6 +28,22 @@ log = logging.getLogger(__name__)
 
 # Stands in for the answer when only the turn's shape is wanted (prediction has no answer yet).
 _SENTINEL = "ANSWER"
+# Every chat render takes the non-thinking form of a thinking template. Qwen3.5-4B+'s generation prompt
+# otherwise ends "<think>\n": the model's first tokens would be a thought, label scoring right after the
+# prompt would score the label as the thought's first word, and training would supervise the
+# "\n</think>\n\n" closing an empty thought as part of every answer. Non-thinking, the prompt ends
+# "<think>\n\n</think>\n\n" and the answer (a label, or reason_label/cot's "Reason: ...\nLabel: x")
+# follows at once, as with every other family. Only templates that read the switch get it (transformers
+# warns about a keyword a template does not use).
+_NON_THINKING = {"enable_thinking": False}
+
+
+def template_kwargs(processor) -> dict:
+    """Extra chat-template keywords for `processor`: {"enable_thinking": False} where its template
+    reads that switch (Qwen3.5, Gemma 4), else none."""
+    template = getattr(processor, "chat_template", None) or ""
+    template = " ".join(template.values()) if isinstance(template, dict) else template
+    return dict(_NON_THINKING) if "enable_thinking" in template else {}
 
 
 def resize_image(img: Image.Image, cfg: Config) -> Image.Image:
@@ -127,9 +143,11 @@ def split_turn(processor, messages: list[dict], answer: str | None = None) -> Tu
     if messages[-1]["role"] != "user":
         raise ValueError(f"split_turn needs messages ending with a user turn, got {messages[-1]['role']!r}")
     answer = answer or _SENTINEL
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, **template_kwargs(processor)
+    )
     reply = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
-    full = processor.apply_chat_template([*messages, reply], tokenize=False)
+    full = processor.apply_chat_template([*messages, reply], tokenize=False, **template_kwargs(processor))
     at = full.find(answer, len(prompt))
     if not full.startswith(prompt) or at < 0:
         raise ValueError(

@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from vlmexp.config import Config
+from vlmexp.engine.samples import template_kwargs
 from vlmexp.models.load import load_for_inference, load_processor
 
 # Logits of the merged model must match base+adapter this closely in fp32.
@@ -34,7 +35,9 @@ def _probe_inputs(processor, samples: list | None) -> list[dict]:
         samples = [{"messages": msg, "images": [Image.new("RGB", (64, 48), c)]} for c in colours]
     out = []
     for s in samples:
-        text = processor.apply_chat_template(s["messages"], add_generation_prompt=True)
+        text = processor.apply_chat_template(
+            s["messages"], add_generation_prompt=True, **template_kwargs(processor)
+        )
         images = s.get("images") or None
         out.append(processor(text=[text], images=images, return_tensors="pt"))
     return out
