@@ -308,11 +308,14 @@ def _one(names: list[str], what: str) -> str:
 def demo(
     out: Path = typer.Argument(Path("demo_data"), help="folder to write the demo competition into"),
     seed: int = typer.Option(0, "--seed"),
+    hierarchy: bool = typer.Option(
+        False, "--hierarchy", help="two-level variant: the 12 classes under 4 parents, labels parent/child"
+    ),
 ) -> None:
     """Write the bundled synthetic e-commerce screenshot competition (deterministic)."""
     from vlmexp.demo import make_demo
 
-    path = make_demo(out, seed=seed)
+    path = make_demo(out, seed=seed, hierarchy=hierarchy)
     console.print(f"demo competition written to {path}; next: exp data check {path}")
 
 
@@ -531,7 +534,7 @@ def prompts_show(
         raise ConfigError(
             f"--row {row}: {cfg.data.train_csv} has {len(rows)} rows; give one of 0..{len(rows) - 1}"
         )
-    names = {"labels": comp.labels, "descriptions": comp.descriptions}
+    names = {"labels": comp.labels, "descriptions": comp.descriptions, "tree": comp.tree}
     rendered = [render_sample(tpl, **names, row=r) for r in rows]
     r = rendered[row]
     if cfg.ocr.enabled:

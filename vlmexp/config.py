@@ -79,6 +79,9 @@ class DataConfig:
     limit: int = ranged(0, ge=0)  # first N train AND test rows (0 = all); such a run cannot be submitted
     train_limit: int = ranged(0, ge=0)  # first N train rows only (0 = all): a smoke run that can be submitted
     answers_csv: str = ""  # optional id,label test answers (the demo has test_answers.csv): runs score them
+    # Joins parent and child when labels.json nests {parent: {child: description}}: "上衣" + "T恤" ->
+    # the label "上衣/T恤" that train.csv holds and the model answers; a name containing it is refused.
+    hierarchy_sep: str = "/"
 
 
 @dataclass

@@ -73,6 +73,8 @@ class CheckResult:
     image_sizes: dict[str, dict[str, float]] = field(default_factory=dict)
     group_col: str | None = None  # the group column found in train.csv, e.g. "group"; None without one
     groups: int | None = None  # distinct groups (a row with an empty cell is a group of its own), e.g. 20
+    # A nested labels.json as {parent: [full-path labels]}, e.g. {"上衣": ["上衣/T恤"]}; {} when flat
+    tree: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -82,7 +84,7 @@ class CheckResult:
         (self.warnings if warning else self.problems).append(Problem(file, row, message, fix))
 
     def summary(self) -> dict:
-        keys = ("rows", "class_counts", "imbalance_ratio", "image_sizes", "group_col", "groups")
+        keys = ("rows", "class_counts", "imbalance_ratio", "image_sizes", "group_col", "groups", "tree")
         counts = {"problems": len(self.problems), "warnings": len(self.warnings)}
         return {k: getattr(self, k) for k in keys} | counts
 
@@ -94,6 +96,9 @@ class Competition:
     descriptions: dict[str, str]
     train: pd.DataFrame  # id, image (absolute path), label, [reason], [group], other columns as-is
     test: pd.DataFrame  # id, image (absolute path), other columns as-is
+    # Two-level labels: {parent: [its full-path labels]} in class order, e.g. {"上衣": ["上衣/T恤"]};
+    # {} for a flat competition. `labels` then holds the full paths, which is what trains and scores.
+    tree: dict[str, list[str]] = field(default_factory=dict)
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -148,6 +153,10 @@ def _read_labels(root: Path, cfg: DataConfig, out: CheckResult) -> dict[str, str
     if not isinstance(obj, dict) or not obj:
         out.add(name, None, f"expected a non-empty JSON object, got {type(obj).__name__}", fix)
         return None
+    if any(isinstance(v, dict) for v in obj.values()):
+        obj = _flatten_tree(obj, name, cfg.hierarchy_sep, out)
+        if obj is None:
+            return None
     if len(obj) < 2:
         # One class scores a perfect CV of 1.0 +- 0.0 and teaches nothing.
         msg = f"has {len(obj)} class ({', '.join(obj)}); classification needs at least 2 classes"
@@ -156,6 +165,39 @@ def _read_labels(root: Path, cfg: DataConfig, out: CheckResult) -> dict[str, str
     for k in bad:
         out.add(name, None, f"label '{k}' has a {type(obj[k]).__name__} description", fix)
     return None if bad else obj
+
+
+def _flatten_tree(obj: dict, name: str, sep: str, out: CheckResult) -> dict[str, str] | None:
+    """{parent: {child: description}} -> {"parent<sep>child": description}, filling `out.tree`.
+
+    Every label then is a full path, e.g. "上衣/T恤": the model learns and answers the path, so a
+    child always comes with its own parent. Names holding the separator are refused: "上衣/T恤" under
+    "衣服" would read back as parent "衣服", child "上衣", and the levels could not be told apart.
+    """
+    flat = [k for k, v in obj.items() if not isinstance(v, dict)]
+    if flat:
+        msg = f"mixes flat labels ({', '.join(flat[:3])}) with parents that nest their children"
+        fix = 'put every label under a parent, {"parent": {"child": "description"}}, or nest none'
+        out.add(name, None, msg, fix)
+        return None
+    if not sep:
+        out.add(name, None, "nests labels under parents but data.hierarchy_sep is empty", 'set it, e.g. "/"')
+        return None
+    labels: dict[str, str] = {}
+    before = len(out.problems)
+    for parent, children in obj.items():
+        for what, key in [("parent", parent)] + [("child", c) for c in children]:
+            if sep in key:
+                msg = f"{what} name '{key}' contains the hierarchy separator '{sep}'"
+                out.add(name, None, msg, "rename it, or pick another separator with data.hierarchy_sep")
+        if not children:
+            out.add(name, None, f"parent '{parent}' has no children", "give it at least one child or drop it")
+        out.tree[parent] = [f"{parent}{sep}{child}" for child in children]
+        labels |= {f"{parent}{sep}{child}": desc for child, desc in children.items()}
+    if len(out.problems) > before:
+        out.tree = {}
+        return None
+    return labels
 
 
 def _read_csv(root: Path, name: str, key: str, need: dict[str, str], limit: int, out: CheckResult):
@@ -303,7 +345,7 @@ def _inspect(cfg: DataConfig, decode: bool) -> tuple[CheckResult, dict | None, F
             rel = [_relative_cell(p, root) if p else None for p in train["_abs"]]
             _check_ids(rel, cfg.train_csv, "image (the row id when there is no id column)", out)
         if labels is not None:
-            _check_labels(train[cfg.label_col], labels, cfg.train_csv, out)
+            _check_labels(train[cfg.label_col], labels, cfg.train_csv, out, cfg.hierarchy_sep)
         if test is not None:
             _warn_overlap(train, test, cfg, out)
     _summarise(out, sizes, train, labels, cfg)
@@ -322,12 +364,20 @@ def _relative_cell(cell: str, root: Path) -> str:
     return IMAGE_SEP.join(Path(os.path.relpath(p, root)).as_posix() for p in image_paths(cell))
 
 
-def _check_labels(values: pd.Series, labels: dict[str, str], name: str, out: CheckResult) -> None:
+def _check_labels(values: pd.Series, labels: dict[str, str], name: str, out: CheckResult, sep: str) -> None:
+    # A nested labels.json: "T恤" alone names a child; the row must say which parent, "上衣/T恤".
+    paths = {}
+    for full in (f for children in out.tree.values() for f in children):
+        paths.setdefault(full.split(sep, 1)[1], []).append(full)
     for row, label in enumerate(values, 1):
         if label in labels:
             continue
         if not label.strip():
             out.add(name, row, "empty label", "give the row a label from labels.json or drop it")
+            continue
+        if label.strip() in paths:
+            fix = f"write the full path parent{sep}child: {' or '.join(paths[label.strip()])}"
+            out.add(name, row, f"label '{label}' is a child name without its parent", fix)
             continue
         near = difflib.get_close_matches(label.strip(), list(labels), n=1, cutoff=0.6)
         fix = f"did you mean '{near[0]}'?" if near else f"use a key of labels.json or add '{label}' to it"
@@ -407,7 +457,7 @@ def preflight(cfg: Config) -> Competition:
     out, labels, train, test = _inspect(cfg.data, decode=True)
     check_run_files(cfg, out, labels, test)
     _raise_problems(out)
-    return _competition(cfg.data, out.root, labels, train, test)
+    return _competition(cfg.data, out.root, labels, train, test, out.tree)
 
 
 def _as_cfg(data_cfg: DataConfig | str | Path) -> DataConfig:
@@ -423,7 +473,7 @@ def load_competition(data_cfg: DataConfig | str | Path, *, check_images: bool = 
     data_cfg = _as_cfg(data_cfg)
     out, labels, train, test = _inspect(data_cfg, decode=check_images)
     _raise_problems(out)
-    return _competition(data_cfg, out.root, labels, train, test)
+    return _competition(data_cfg, out.root, labels, train, test, out.tree)
 
 
 def _raise_problems(out: CheckResult) -> None:
@@ -435,7 +485,9 @@ def _raise_problems(out: CheckResult) -> None:
         raise DataError("\n".join([head, *lines]), out.problems)
 
 
-def _competition(c: DataConfig, root: Path, labels, train: pd.DataFrame, test: pd.DataFrame) -> Competition:
+def _competition(
+    c: DataConfig, root: Path, labels, train: pd.DataFrame, test: pd.DataFrame, tree: dict[str, list[str]]
+) -> Competition:
     """Checked frames -> canonical columns (id, image, label, reason, group, then the rest as-is)."""
     names = {c.id_col: "id", c.image_col: "image", c.label_col: "label", c.reason_col: "reason"}
     train = _canonical(train, names | {c.group_col: "group"})
@@ -445,7 +497,7 @@ def _competition(c: DataConfig, root: Path, labels, train: pd.DataFrame, test: p
         empty = train["group"].str.strip() == ""
         train.loc[empty, "group"] = train.loc[empty, "id"]  # an ungrouped row is a group of its own
     test = _canonical(test, {c.id_col: "id", c.image_col: "image"})
-    return Competition(root, list(labels), dict(labels), train, test)
+    return Competition(root, list(labels), dict(labels), train, test, tree)
 
 
 def read_answers(data_cfg: DataConfig) -> pd.Series:
@@ -473,6 +525,8 @@ def format_check(result: CheckResult) -> Group:
     summary.add_row("classes", str(len(result.class_counts)))
     if result.group_col:  # grouped folds: rows of one group never straddle train and validation
         summary.add_row(Text(f"group column '{result.group_col}'"), f"{result.groups} groups")
+    if result.tree:  # nested labels.json: the classes are full paths, e.g. "上衣/T恤"
+        summary.add_row("hierarchy", f"{len(result.tree)} parents of {len(result.class_counts)} classes")
     if result.imbalance_ratio is not None:
         summary.add_row("imbalance (max/min)", f"{result.imbalance_ratio:g}")
     for axis, stats in result.image_sizes.items():

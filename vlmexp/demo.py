@@ -427,8 +427,14 @@ def _render(seed: int, split: str, i: int, cls: _Class) -> tuple[Image.Image, st
     return c.img, rng.choice(cls.reasons).format(**facts)
 
 
-def make_demo(out_dir: Path, seed: int = 0, n_train: int = 400, n_test: int = 200) -> Path:
-    """Write the demo competition into `out_dir` and return it; same seed -> same bytes."""
+def make_demo(
+    out_dir: Path, seed: int = 0, n_train: int = 400, n_test: int = 200, hierarchy: bool = False
+) -> Path:
+    """Write the demo competition into `out_dir` and return it; same seed -> same bytes.
+
+    `hierarchy=True` writes the two-level variant: the same images, labels.json nested as
+    {parent: {child: description}} (PARENTS) and every label a full path, e.g. "money/refund_request".
+    """
     if n_train < 2 * len(CLASSES) or n_test < len(CLASSES):
         raise ValueError(
             f"make_demo: need n_train >= {2 * len(CLASSES)} and n_test >= {len(CLASSES)} "
@@ -460,14 +466,39 @@ def make_demo(out_dir: Path, seed: int = 0, n_train: int = 400, n_test: int = 20
         if re.fullmatch(r"(train|test)_\d{4}\.png", stale.name) and f"images/{stale.name}" not in written:
             stale.unlink()
     train, test = tables["train"], tables["test"]
+    full = {c.label: c.label for c in CLASSES}
+    if hierarchy:
+        full = {child: f"{parent}/{child}" for parent, children in PARENTS.items() for child in children}
+        for table in (train, test):
+            table["label"] = table["label"].map(full)
     write_table(train[["image", "label", "reason"]], out / "train.csv")
     write_table(test[["id", "image"]], out / "test.csv")
     write_table(test[["id", "label"]], out / "test_answers.csv")
-    write_table(test[["id"]].assign(label=CLASSES[0].label), out / "sample_submission.csv")
-    write_json({c.label: c.description for c in CLASSES}, out / "labels.json")
-    write_text(README.format(n_train=n_train, n_test=n_test, seed=seed, k=len(CLASSES)), out / "README.md")
+    write_table(test[["id"]].assign(label=full[CLASSES[0].label]), out / "sample_submission.csv")
+    describe = {c.label: c.description for c in CLASSES}
+    if hierarchy:
+        nested = {p: {child: describe[child] for child in children} for p, children in PARENTS.items()}
+        write_json(nested, out / "labels.json")
+    else:
+        write_json(describe, out / "labels.json")
+    note = HIERARCHY_NOTE.format(parents=", ".join(PARENTS)) if hierarchy else ""
+    readme = README.format(n_train=n_train, n_test=n_test, seed=seed, k=len(CLASSES))
+    write_text(readme + note, out / "README.md")
     return out
 
+
+# The two-level variant (`exp demo --hierarchy`): the 12 classes under 4 parents, in labels.json order.
+# Look-alike pairs stay siblings (payment/refund_request, order_details/invoice), so level 1 is easier.
+PARENTS = {
+    "browse": ["product_photo", "search_results", "shopping_cart", "优惠券"],
+    "order": ["order_details", "invoice", "logistics_tracking"],
+    "money": ["payment", "refund_request"],
+    "account": ["login", "account_settings", "chat_support"],
+}
+HIERARCHY_NOTE = """
+Two-level variant: labels.json nests the classes under the parents {parents}; every label in
+train.csv and test_answers.csv is a full path parent/child, e.g. money/refund_request.
+"""
 
 TITLE = "# vlmexp demo competition"
 README = (

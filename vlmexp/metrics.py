@@ -40,6 +40,24 @@ def score(y_true, y_pred, labels: list[str]) -> dict:
     }
 
 
+def level_scores(y_true, y_pred, tree: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Accuracy and macro-F1 per level of two-level labels (`Competition.tree`, {parent: [full paths]}).
+
+    level1 compares parents only: "money/payment" predicted for "money/refund_request" is right there;
+    level2 compares full paths (the plain score). A prediction outside the tree (unparsed) is wrong at both.
+    {"level1": {"accuracy": 0.9, "macro_f1": 0.88}, "level2": {"accuracy": 0.7, "macro_f1": 0.65}}
+    """
+    parent_of = {label: parent for parent, children in tree.items() for label in children}
+    t, p = as_labels(y_true), as_labels(y_pred)
+    up = [[parent_of.get(v, UNPARSED) for v in values] for values in (t, p)]
+    levels = {"level1": (*up, list(tree)), "level2": (t, p, list(parent_of))}
+    out = {}
+    for level, (true, pred, labels) in levels.items():
+        s = score(true, pred, labels)
+        out[level] = {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"]}
+    return out
+
+
 def per_class_report(y_true, y_pred, labels: list[str]) -> pd.DataFrame:
     """One row per label in class order (index "label"): precision, recall, f1, support.
 

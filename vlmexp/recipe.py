@@ -36,7 +36,7 @@ from vlmexp.kfold.calibrate import summary as calibration_summary
 from vlmexp.kfold.ensemble import apply_suspects, disagreements, reconcile, suspect_labels, vote
 from vlmexp.kfold.folds import assign_folds, check_oof_ids
 from vlmexp.launch import FoldJob, fsdp, ray_tasks, torchrun
-from vlmexp.metrics import confusion, per_class_report, score
+from vlmexp.metrics import confusion, level_scores, per_class_report, score
 from vlmexp.models.load import load_for_inference, load_model, load_processor
 from vlmexp.progress import RunProgress
 from vlmexp.prompts.render import load_template
@@ -112,6 +112,7 @@ class Experiment:
             cfg=self.cfg,
             ocr=self.ocr,
             with_answer=with_answer,
+            tree=self.comp.tree,
         )
 
 
@@ -356,6 +357,9 @@ def finalize(exp: Experiment, started: float) -> RunDir:
         "config_hash": config_hash(cfg),
         "git_sha": exp.prov["git"]["sha"],
     }
+    if exp.comp.tree:
+        # Two-level labels: the parents' scores beside the full paths', e.g. level1 macro_f1 0.95 vs 0.81.
+        cv["levels"] = level_scores(oof["label"], oof["pred"], exp.comp.tree)
     # The floor every run must clear: always answering the most common training label.
     majority = exp.train["label"].value_counts().idxmax()
     majority_key = f"majority_{cfg.metric}"
@@ -426,6 +430,8 @@ def finalize(exp: Experiment, started: float) -> RunDir:
         # fingerprint.competition_fingerprint's digest: the same folder name with other contents tells apart.
         "data_fingerprint": (exp.prov.get("data_fingerprint") or {}).get("digest", ""),
     }
+    for level, scores in cv.get("levels", {}).items():  # columns level1_accuracy ... level2_macro_f1
+        row |= {f"{level}_{k}": round(v, 4) for k, v in scores.items()}
     if "calibrated" in cv:
         row["cv_calibrated"] = round(cv["calibrated"]["mean"], 4)
         row["cv_calibrated_std"] = round(cv["calibrated"]["std"], 4)

@@ -170,6 +170,7 @@ def _competition_samples(cfg):
             cfg=cfg,
             ocr=None,
             with_answer=answer,
+            tree=comp.tree,
         )
 
     return comp, samples

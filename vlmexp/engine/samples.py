@@ -80,8 +80,10 @@ def build_samples(
     cfg: Config,
     ocr: dict[str, str] | None = None,
     with_answer: bool = True,
+    tree: dict[str, list[str]] | None = None,
 ) -> list[dict]:
-    """One sample per row of `df` (canonical columns: id, image, label?, reason?...)."""
+    """One sample per row of `df` (canonical columns: id, image, label?, reason?...); `tree` is
+    `Competition.tree` for two-level labels, which the `hierarchy` prompt shows."""
     samples = []
     for row in df.to_dict(orient="records"):
         images = load_images(row["image"], cfg)
@@ -92,6 +94,7 @@ def build_samples(
             row=row,
             ocr_text=_ocr_for(row["image"], ocr),
             with_answer=with_answer,
+            tree=tree,
         )
         sample = {
             "id": str(row["id"]),

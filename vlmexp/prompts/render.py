@@ -9,6 +9,9 @@ the shipped file even where the user folder overrides it.
 
 Variables: `labels` (class order), `descriptions` ({label: text}), `label_descriptions_json`,
 `ocr_text` ("" when OCR is off), `marker`, `row` (the data row) and each row column by name.
+Two-level labels (a nested labels.json) add `label_tree`, {parent: [full-path labels]}, e.g.
+{"money": ["money/payment", "money/refund_request"]}, and `label_tree_json`, {parent: {label:
+description}}; both are empty ({} and "") for flat labels, so a template can fall back on `labels`.
 `label` and `reason` exist in the answer block only: both come from the gold label, so in the prompt
 they would leak the answer to the model, and a test row has neither.
 
@@ -37,6 +40,8 @@ RESERVED = {
     "labels",
     "descriptions",
     "label_descriptions_json",
+    "label_tree",
+    "label_tree_json",
     "ocr_text",
     "row",
     "marker",
@@ -237,8 +242,12 @@ def render_sample(
     row: Mapping[str, Any],
     ocr_text: str = "",
     with_answer: bool = True,
+    tree: Mapping[str, list[str]] | None = None,
 ) -> Rendered:
-    """Render one data row; the answer (which needs row["label"]) only when `with_answer`."""
+    """Render one data row; the answer (which needs row["label"]) only when `with_answer`.
+
+    `tree`: `Competition.tree` for two-level labels ({parent: [full-path labels]}); None or {} when flat.
+    """
     full_row = {str(k): _clean(v) for k, v in dict(row).items()}
     prompt_row = {k: v for k, v in full_row.items() if k not in GOLD_ONLY}
     ordered = {label: str(_clean(descriptions.get(label, ""))) for label in labels}
@@ -249,6 +258,11 @@ def render_sample(
         "labels": list(labels),
         "descriptions": ordered,
         "label_descriptions_json": _tojson(ordered, indent=2),
+        "label_tree": {parent: list(children) for parent, children in (tree or {}).items()},
+        # {"money": {"money/payment": "A checkout form ..."}}: the tree with each label's description
+        "label_tree_json": _tojson({p: {c: ordered.get(c, "") for c in cs} for p, cs in tree.items()}, indent=2)
+        if tree
+        else "",
         "ocr_text": str(_clean(ocr_text)).strip(),
         "marker": tpl.marker,
         "row": prompt_row,
