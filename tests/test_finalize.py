@@ -50,7 +50,7 @@ def _experiment(tmp_path: Path, preds: list[str], name: str = "r"):
         write_table(oof, run.fold_dir(k) / "oof.csv")
         write_table(_table(list(test["id"]), ["a", "b"]), run.fold_dir(k) / "test.csv")
         run.mark_fold_done(k, {"fold": k})
-    comp = SimpleNamespace(labels=LABELS, descriptions={}, test=test, train=None)
+    comp = SimpleNamespace(labels=LABELS, descriptions={}, test=test, train=None, tree={})
     train = pd.DataFrame({"id": ids, "label": GOLD})
     return Experiment(
         cfg=cfg,
