@@ -37,6 +37,7 @@ def comp(tmp_path) -> Path:
     pd.DataFrame({"id": TEST_IDS, "image": [f"img/{i}.png" for i in TEST_IDS]}).to_csv(
         root / "test.csv", index=False
     )
+    pd.DataFrame({"id": TEST_IDS, "label": ["a", "a", "b"]}).to_csv(root / "answers.csv", index=False)
     return root
 
 
@@ -55,6 +56,7 @@ def _run(tmp_path: Path, comp: Path, name: str, oof_p_a: list[float], test_p_a: 
             f"runs_dir={tmp_path / 'runs'}",
             f"leaderboard={tmp_path / 'lb.csv'}",
             "folds=2",
+            "data.answers_csv=answers.csv",
         ]
     )
     run = RunDir.for_config(cfg)
@@ -87,6 +89,7 @@ def test_mean_of_two_runs_scored_on_their_oof(tmp_path, comp):
     assert sub["label"].tolist() == ["a", "b", "b"]
     lb = pd.read_csv(tmp_path / "lb.csv", dtype=str)
     assert lb["run"].tolist() == ["ens"] and "ensemble of A + B" in lb.loc[0, "overrides"]
+    assert float(lb.loc[0, "test_accuracy"]) == pytest.approx(2 / 3, abs=1e-4)  # a a b vs a b b
     with pytest.raises(FileExistsError):
         ensemble_runs([a, b], out)
 

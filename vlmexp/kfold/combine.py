@@ -156,8 +156,11 @@ def ensemble_runs(
     write_table(oof, out.path("oof.csv"))
     write_table(test, out.path("test_probs.csv"))
     sub = _submission(cfg, out, labels)
+    test_scores = _test_scores(cfg, test, labels)
+    if test_scores:
+        write_json(test_scores, out.path("test_score.json"))
     write_json(cv, out.cv_path)
-    _append_row(cfg, out, cv, names, calibrate, sub)
+    _append_row(cfg, out, cv, names, calibrate, sub, test_scores)
     log.info("%s: CV %s %.4f ± %.4f (members %s)", out.root.name, metric, cv["mean"], cv["std"], names)
     return cv
 
@@ -181,7 +184,23 @@ def _submission(cfg: Config, out: RunDir, labels: list[str]) -> Path:
     )
 
 
-def _append_row(cfg: Config, out: RunDir, cv: dict, names: list[str], calibrate: str, sub: Path) -> None:
+def _test_scores(cfg: Config, test: pd.DataFrame, labels: list[str]) -> dict:
+    """Test accuracy and macro-F1 against data.answers_csv (e.g. the demo's hidden labels), if given."""
+    if not cfg.data.answers_csv:
+        return {}
+    from vlmexp.data import read_answers
+
+    truth = read_answers(cfg.data)
+    truth = truth[truth.index.isin(test["id"])]  # a data.limit run predicted only part of the test set
+    if truth.empty:
+        return {}
+    pred = test.set_index("id")["pred"].reindex(truth.index)
+    return {f"test_{m}": round(score(truth, pred, labels)[m], 4) for m in ("accuracy", "macro_f1")}
+
+
+def _append_row(
+    cfg: Config, out: RunDir, cv: dict, names: list[str], calibrate: str, sub: Path, test_scores: dict
+) -> None:
     row = {
         "run": out.root.name,
         "overrides": "ensemble of "
@@ -195,6 +214,7 @@ def _append_row(cfg: Config, out: RunDir, cv: dict, names: list[str], calibrate:
         "fold_scores": " ".join(f"{s:.4f}" for s in cv["folds"]),
         "accuracy": round(cv["accuracy"], 4),
         "macro_f1": round(cv["macro_f1"], 4),
+        **test_scores,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "submission": str(sub),
         "data": cfg.data.dir,
