@@ -44,6 +44,7 @@ from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeat
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.samples import load_images, to_prompt_completion
 from vlmexp.engine.train_args import sft_config
+from vlmexp.launch import fsdp as fsdp_launch
 from vlmexp.rundir import RunDir
 from vlmexp.timing import phase
 
