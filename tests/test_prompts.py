@@ -23,7 +23,7 @@ from vlmexp.prompts import (
 )
 from vlmexp.prompts.checks import restates_label
 
-SHIPPED = ["baseline", "cot", "describe_classify", "label_desc", "reason_label"]
+SHIPPED = ["baseline", "cot", "describe_classify", "hierarchy", "label_desc", "reason_label"]
 LABELS = ["cat", "dog", "退款页面", "sale_page"]
 DESCRIPTIONS = {
     "cat": "a small cat",
@@ -126,7 +126,7 @@ def test_ocr_and_reason_text_stay_literal():
 
 def test_unknown_template_lists_available():
     with pytest.raises(
-        PromptError, match="available: baseline, cot, describe_classify, label_desc, reason_label"
+        PromptError, match="available: baseline, cot, describe_classify, hierarchy, label_desc, reason_label"
     ):
         load_template("label_dsec")
 

@@ -1,118 +1,33 @@
 """`exp`: the command line. Each command is a thin wrapper over one module's function.
 
-Errors a user can fix (bad config key, broken data, malformed submission) print one clear
-message and exit 2 instead of a traceback; everything already computed stays on disk.
+The app, its error handling and shared helpers live in cli_common.py; the commands that read
+finished runs (report, leaderboard, submit, export, serve, ensemble) in cli_runs.py.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import logging
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.markup import escape
 
-from vlmexp.config import Config, ConfigError, load_config, run_name, to_yaml
-
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="K-fold SFT of VLMs for image classification."
+from vlmexp import cli_runs  # noqa: F401 - registers the run-reading commands on `app`
+from vlmexp.cli_common import (  # noqa: F401 - re-exported: `vlmexp.cli:app` is the entry point
+    OVERRIDES,
+    ConfigError,
+    _print_cv,
+    _run_config,
+    _setup_logging,
+    app,
+    console,
+    data_app,
+    load_config,
+    prompts_app,
+    user_errors,
 )
-data_app = typer.Typer(no_args_is_help=True, help="Inspect competition data.")
-app.add_typer(data_app, name="data")
-prompts_app = typer.Typer(no_args_is_help=True, help="List and preview prompt templates.")
-app.add_typer(prompts_app, name="prompts")
-console = Console(stderr=True)
-
-OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. prompt=label_desc folds=5 train.lr=1e-4")
-
-
-# Deprecation notices the libraries print in every run about their own internals, not about what
-# the user asked for; filtered by exact message, so any other warning still shows.
-KNOWN_WARNINGS = [
-    # transformers 5.x deprecates the property that peft (PeftModel.__init__) and trl still read.
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
-]
-
-
-@app.callback()
-def _start() -> None:
-    """K-fold SFT of VLMs for image classification."""
-    for category, message in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
-
-
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
-    # transformers/trl chatter would bury our progress display; warnings still show.
-    for noisy in ("transformers", "trl", "peft", "accelerate", "httpx", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # bitsandbytes warns on every CPU import that an optional faster 4-bit kernel (the `kernels`
-    # package) is missing, whether or not the run quantises; 4-bit still works without it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
-def user_errors(fn):
-    """Turn the errors a user can fix into one red line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if not isinstance(e, _fixable()):
-                raise
-            # Escaped: a message may quote a value like lora.modules_to_save=[lm_head]; not wrapped, so a
-            # long path in it stays one piece to copy.
-            console.print("[bold red]error:[/]", escape(str(e)), soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _fixable() -> tuple[type[Exception], ...]:
-    from vlmexp.data import DataError
-    from vlmexp.ocr.reader import OcrError
-    from vlmexp.openai_client import ServerError
-    from vlmexp.prompts.render import PromptError
-    from vlmexp.reasons import ReasonsError
-    from vlmexp.submit import SubmissionError
-
-    fixable = (ConfigError, DataError, SubmissionError, PromptError, OcrError, ReasonsError, ServerError)
-    # Only a command that imported the report module can raise its error; `exp config` need not load scipy.
-    report = sys.modules.get("vlmexp.report")
-    return (*fixable, *((report.ReportError,) if report else ()), FileNotFoundError, FileExistsError)
-
-
-def _split_args(items: list[str] | None) -> tuple[list[str], list[str]]:
-    """`exp report runs/A B runs_dir=elsewhere` -> (["runs/A", "B"], ["runs_dir=elsewhere"])."""
-    names, overrides = [], []
-    for item in items or []:
-        (overrides if "=" in item else names).append(item)
-    return names, overrides
-
-
-def _settings(overrides: list[str], **aliases: object) -> Config:
-    """A command's config from key=value arguments, as `exp run` reads them; the old flags
-    (--runs-dir, --path) still work and mean runs_dir=..., leaderboard=..."""
-    return load_config([*overrides, *(f"{k}={v}" for k, v in aliases.items() if v is not None)])
-
-
-def _find(name: str, cfg: Config, finished: bool = True) -> Path:
-    from vlmexp.rundir import find_run
-
-    return find_run(name, cfg.runs_dir, finished=finished).root
+from vlmexp.config import run_name, to_yaml
 
 
 @app.command()
@@ -138,32 +53,6 @@ def run(
     cfg = _run_config(overrides)
     run_dir = run_experiment(cfg, force=force)
     _print_cv(run_dir.root)
-
-
-def _run_config(overrides: list[str] | None) -> Config:
-    """The config of a run to make; its name must be one plain folder (`name=..` is refused here)."""
-    from vlmexp.rundir import check_run_name
-
-    cfg = load_config(overrides)
-    check_run_name(run_name(cfg))
-    return cfg
-
-
-def _print_cv(root: Path) -> None:
-    from vlmexp.rundir import RunDir
-
-    cv = RunDir(root).cv()
-    folds = " ".join(f"{s:.4f}" for s in cv["folds"])
-    console.print(
-        f"[bold green]{escape(root.name)}[/]: CV {cv['metric']} {cv['mean']:.4f} ± {cv['std']:.4f} "
-        f"(folds {folds}; accuracy {cv['accuracy']:.4f}) -> {escape(str(root))}/submission.csv"
-    )
-    if cv.get("flag"):  # sanity.run_flags: e.g. "one_class near_majority"; the log said what helps
-        majority = cv.get(f"majority_{cv['metric']}", float("nan"))
-        console.print(
-            f"[bold yellow]flagged: {cv['flag']}[/] (majority-class baseline {majority:.4f}); "
-            "see the warning above for what usually helps"
-        )
 
 
 def expand_grid(overrides: list[str]) -> list[list[str]]:
@@ -211,100 +100,6 @@ def sweep(
 
 @app.command()
 @user_errors
-def report(
-    runs: list[str] = typer.Argument(..., help="run folders or names, plus key=value such as runs_dir=DIR"),
-    baseline: str = typer.Option(None, "--baseline", help="run to compare against; default the first"),
-    out: Path = typer.Option(None, "--out", help="report folder; default <runs_dir>/_reports/<runs>"),
-    runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
-) -> None:
-    """Ablation report: CV deltas, paired bootstrap CI, McNemar, plots."""
-    _setup_logging()
-    from vlmexp.report import write_report
-
-    names, overrides = _split_args(runs)
-    cfg = _settings(overrides, runs_dir=runs_dir)
-    dirs = [_find(r, cfg) for r in names]
-    base = _find(baseline, cfg) if baseline else None
-    out = out or Path(cfg.runs_dir) / "_reports" / "-vs-".join(d.name for d in dirs)[:120]
-    console.print(f"report: {write_report(dirs, baseline=base, out=out)}")
-
-
-@app.command(name="leaderboard")
-@user_errors
-def leaderboard_cmd(
-    overrides: list[str] = typer.Argument(None, help="key=value, e.g. leaderboard=x.csv data.dir=data/"),
-    data: str = typer.Option(None, "--data", help="show this competition; default the configured data.dir"),
-    all_: bool = typer.Option(False, "--all", help="every competition on the leaderboard"),
-    path: Path = typer.Option(None, "--path", hidden=True, help="same as leaderboard=CSV"),
-    md: Path = typer.Option(None, "--md", help="Markdown copy; default beside the CSV"),
-    top: int = typer.Option(30, "--top"),
-) -> None:
-    """Print one competition's leaderboard sorted by CV score and write it as Markdown."""
-    from vlmexp import leaderboard
-
-    cfg = _settings(overrides or [], leaderboard=path)
-    path = Path(cfg.leaderboard)
-    if not path.exists():
-        raise FileNotFoundError(f"no leaderboard at {path}: finish a run first (exp run ...)")
-    shown = None if all_ else (data or cfg.data.dir)
-    md = md or path.with_suffix(".md")
-    leaderboard.write_markdown(path, md, data=shown)
-    df = leaderboard.load(path)
-    typer.echo(leaderboard.to_markdown(df, top=top, data=shown))
-    if shown is not None:
-        console.print(f"competition: {shown} (--data DIR for another, --all for every one)")
-    console.print(f"written: {md}")
-
-
-@app.command()
-@user_errors
-def submit(
-    run_name_: list[str] = typer.Argument(
-        ..., metavar="RUN [key=value...]", help="finished run folder or name; runs_dir=DIR, data.dir=DIR"
-    ),
-    sample: Path = typer.Option(None, "--sample", help="sample_submission.csv: its columns and row order"),
-    out: Path = typer.Option(None, "--out", help="default <run>/submission.csv"),
-    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
-    runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
-) -> None:
-    """Write the submission CSV of a finished run, validated against the test set."""
-    from vlmexp.data import load_competition
-    from vlmexp.rundir import RunDir
-    from vlmexp.submit import SubmissionError, make_submission
-
-    names, overrides = _split_args(run_name_)
-    root = _find(_one(names, "run"), _settings(overrides, runs_dir=runs_dir))
-    cfg = RunDir(root).config(overrides)  # e.g. data.dir=... when the run was made from another folder
-    comp = load_competition(cfg.data)
-    try:
-        path = make_submission(
-            root,
-            comp.test["id"].tolist(),
-            comp.labels,
-            sample=sample,
-            out=out,
-            force=force,
-            id_col=cfg.data.id_col,
-        )
-    except SubmissionError as e:
-        if not cfg.data.limit:
-            raise
-        raise SubmissionError(
-            f"{e}\nThe run used data.limit={cfg.data.limit}: it predicted only the first {cfg.data.limit} "
-            "test rows. For a quick run that can be submitted, cut only the training rows: "
-            f"data.train_limit={cfg.data.limit}"
-        ) from None
-    console.print(f"submission: {path}")
-
-
-def _one(names: list[str], what: str) -> str:
-    if len(names) != 1:
-        raise ConfigError(f"give exactly one {what} (got {names or 'none'}); settings go as key=value")
-    return names[0]
-
-
-@app.command()
-@user_errors
 def demo(
     out: Path = typer.Argument(Path("demo_data"), help="folder to write the demo competition into"),
     seed: int = typer.Option(0, "--seed"),
@@ -333,61 +128,6 @@ def data_check(
     console.print(format_check(result))
     if result.problems:
         raise typer.Exit(1)
-
-
-@app.command()
-@user_errors
-def export(
-    source: Path = typer.Argument(
-        ..., metavar="RUN_OR_ADAPTER", help="finished run (name/folder) or adapter folder"
-    ),
-    overrides: list[str] = OVERRIDES,
-    fold: int = typer.Option(0, "--fold", help="which fold's adapter of a run"),
-    out: Path = typer.Option(None, "--out", help="default <run>/export/fold<k>"),
-    force: bool = typer.Option(False, "--force", help="replace an existing export"),
-    runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
-    average_folds: bool = typer.Option(
-        False, "--average-folds", help="one model, the folds' LoRA updates averaged: <run>/export/averaged"
-    ),
-) -> None:
-    """Merge a LoRA adapter into its base model and save a standalone folder (`vllm serve` can load it).
-
-    The merged model's logits are checked against base + adapter before the folder is kept.
-    """
-    _setup_logging()
-    from vlmexp.rundir import RunNotFound, find_run
-
-    overrides = overrides or []
-    try:
-        run = find_run(source, _settings(overrides, runs_dir=runs_dir).runs_dir, finished=False)
-    except RunNotFound:
-        run = None
-    if run is not None and average_folds:
-        from vlmexp.models.average import average_adapters
-
-        cfg = run.config(overrides)
-        # One adapter whose update is the mean of the folds' (rank K*r), then merged like a fold's.
-        folds = [run.adapter_dir(k) for k in range(cfg.folds)]
-        adapter = average_adapters(folds, run.path("export") / "averaged_adapter", force=force)
-        out = out or run.path("export") / "averaged"
-    elif run is not None:
-        cfg = run.config(overrides)
-        adapter = run.adapter_dir(fold)
-        out = out or run.path("export") / f"fold{fold}"
-    elif average_folds:
-        raise FileNotFoundError(f"--average-folds needs a run (name or folder); {source} is not one")
-    else:
-        if out is None:
-            raise FileNotFoundError(f"{source} is not a run folder; for an adapter folder give --out DIR too")
-        cfg, adapter = load_config(overrides), source
-    if not (adapter / "adapter_config.json").exists():
-        raise FileNotFoundError(f"no LoRA adapter in {adapter} (adapter_config.json missing)")
-    from vlmexp.models.export import export_merged  # torch and transformers: after the checks above
-
-    result = export_merged(cfg, adapter, out, force=force)
-    console.print(
-        f"exported to {result['out_dir']}; max |logit diff| vs base+adapter {result['max_abs_diff']:.2e}"
-    )
 
 
 @app.command()
@@ -436,53 +176,6 @@ def reasons(
         max_retries=max_retries,
     )
     console.print(stats)
-
-
-@app.command()
-@user_errors
-def serve(
-    run_name_: list[str] = typer.Argument(
-        ..., metavar="RUN [key=value...]", help="run folder or name; runs_dir=DIR"
-    ),
-    fold: int = typer.Option(None, "--fold", help="serve one fold's model instead of the fold ensemble"),
-    port: int = typer.Option(8000, "--port"),
-    host: str = typer.Option("127.0.0.1", "--host", help="bind address; loopback by default"),
-    runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
-    max_pixels: int = typer.Option(
-        40_000_000, "--max-pixels", min=1, help="most decoded image pixels per request (413 above)"
-    ),
-) -> None:
-    """Serve a finished run as an OpenAI-compatible chat-completions API: the fold ensemble under the
-    run's name and each fold as <name>/fold<k> (predict.model_per_fold='{run}/fold{k}' asks those)."""
-    _setup_logging()
-    from vlmexp.serve import serve as serve_run
-
-    names, overrides = _split_args(run_name_)
-    # One finished fold of a run still training can be served (--fold K); serve checks the folds.
-    root = _find(_one(names, "run"), _settings(overrides, runs_dir=runs_dir), finished=False)
-    serve_run(root, host=host, port=port, fold=fold, max_pixels=max_pixels)
-
-
-@app.command()
-@user_errors
-def ensemble(
-    runs: list[str] = typer.Argument(..., help="finished runs (names or folders), runs_dir=DIR"),
-    name: str = typer.Option("", "--name", help="the new run folder's name; default ens-<hash of the runs>"),
-    calibrate: str = typer.Option("none", "--calibrate", help="none, or bias: class offsets fitted on OOF"),
-    force: bool = typer.Option(False, "--force", help="replace an existing ensemble folder"),
-    runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
-) -> None:
-    """Vote finished runs together: mean test probabilities, CV from their OOF tables, a submission."""
-    _setup_logging()
-    from vlmexp.kfold.combine import default_name, ensemble_runs
-    from vlmexp.rundir import RunDir, find_run
-
-    names, overrides = _split_args(runs)
-    cfg = _settings(overrides, runs_dir=runs_dir)
-    members = [find_run(r, cfg.runs_dir) for r in names]
-    out = RunDir(Path(cfg.runs_dir) / (name or default_name(members, calibrate)))
-    ensemble_runs(members, out, calibrate=calibrate, force=force)
-    _print_cv(out.root)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
