@@ -25,7 +25,7 @@ import torch
 from rich.progress import Progress
 
 from vlmexp.config import Config
-from vlmexp.engine import fast
+from vlmexp.engine import fast, vision_speed
 from vlmexp.engine.encode import RunCaches, append_left_padded, stackable
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.engine.scoring import score_candidates
@@ -52,6 +52,7 @@ def predict(
     model.eval()
     if next(model.parameters()).is_cuda:
         fast.patch_vision_attention(model)  # same features; one batched attention call per window size
+        vision_speed.prepare_tower(model, cfg.speed)  # MLP padded, blocks compiled: same features
         if cfg.speed.compile:
             fast.compile_blocks(model)
     if caches is not None:

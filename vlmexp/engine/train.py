@@ -39,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from vlmexp.config import Config
-from vlmexp.engine import fast
+from vlmexp.engine import fast, vision_speed
 from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeatedSave
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.samples import load_images, to_prompt_completion
@@ -305,6 +305,8 @@ def build_trainer(
     shape = _probe_shape(cfg, processor, examples) if auto_gc else None
     if vision_patch and cuda:
         fast.patch_vision_attention(model)
+    if cuda:
+        vision_speed.prepare_tower(model, cfg.speed)
     if cfg.speed.compile and cuda:
         fast.compile_blocks(model)
     vision = caches.vision_for(model)

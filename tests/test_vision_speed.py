@@ -1,0 +1,84 @@
+"""Vision-tower levers (engine/vision_speed.py): same features as the plain tower, on the CPU in fp32."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmexp.config import Config
+from vlmexp.engine import vision_speed
+
+
+def _images(sizes: list[tuple[int, int]]) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+@pytest.fixture()
+def qwen25(tiny_models):
+    path = tiny_models("qwen2_5_vl")
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def _features(model, processor, images) -> torch.Tensor:
+    enc = processor.image_processor(images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True)
+    return torch.cat(out.pooler_output)
+
+
+def test_padded_vision_mlp_gives_the_same_features(qwen25):
+    model, processor = qwen25
+    images = _images([(112, 112), (84, 140)])
+    before = _features(model, processor, images)
+    inter = model.config.vision_config.intermediate_size
+    assert inter % vision_speed.PAD_MULTIPLE, "the tiny tower must have an odd size for this test to bite"
+    n = vision_speed.pad_vision_mlp(model)
+    blocks = model.model.visual.blocks
+    assert n == len(blocks)
+    assert blocks[0].mlp.down_proj.in_features == -(-inter // 128) * 128
+    assert blocks[0].mlp.gate_proj.weight.shape[0] == blocks[0].mlp.down_proj.in_features
+    after = _features(model, processor, images)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert vision_speed.pad_vision_mlp(model) == 0  # idempotent: already a multiple of 128
+
+
+def test_padding_is_skipped_when_the_vision_tower_carries_lora(qwen25):
+    from vlmexp.models.lora import apply_lora
+
+    model, _ = qwen25
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, vision=True))
+    peft_model = apply_lora(model, cfg)
+    plain, why = vision_speed.tower_is_plain(peft_model)
+    assert not plain and "adapters" in why
+    assert vision_speed.pad_vision_mlp(peft_model) == 0
+    mlp = vision_speed.vision_tower(peft_model).blocks[0].mlp
+    assert mlp.down_proj.in_features == model.config.vision_config.intermediate_size
+
+
+def test_image_count_buckets_keep_each_images_features(qwen25):
+    model, processor = qwen25
+    same = _images([(112, 112)] * 3)  # 3 images -> a call of 4 (the last one copied), 3 returned
+    mixed = _images([(112, 112), (84, 140), (140, 84)])
+    before_same, before_mixed = _features(model, processor, same), _features(model, processor, mixed)
+    state: dict = {}
+    assert vision_speed.bucket_images(model, state)
+    assert not vision_speed.bucket_images(model, state)  # wrapped once
+    calls = []
+    visual = model.model.visual
+    hook = visual.blocks[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    torch.testing.assert_close(_features(model, processor, same), before_same, atol=1e-5, rtol=0)
+    assert state["static"] and calls[-1] == 4 * 64  # 4 images of 8x8 patches
+    torch.testing.assert_close(_features(model, processor, mixed), before_mixed, atol=1e-5, rtol=0)
+    assert not state["static"]  # mixed sizes: as they are, eager blocks
+    hook.remove()
+    assert [vision_speed.image_bucket(n) for n in (1, 3, 8, 9, 300)] == [1, 4, 8, 16, 300]

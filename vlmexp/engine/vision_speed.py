@@ -1,0 +1,171 @@
+"""Vision-tower levers for new images, each equal in output to the plain tower.
+
+The tower's first pass over an image (fold 0's training, validation, the test set's first
+prediction) is what the feature cache cannot save: on an H200 new images were predicted at 43
+images/s against 113 for cached ones (Qwen2.5-VL-3B shape, docs/performance.md). Two levers:
+
+- `pad_vision_mlp`: Qwen2.5-VL's vision MLP has intermediate size 3420, for which cuBLAS picks
+  Ampere-generation kernels: 224-254 TFLOP/s against 758-784 at 3456, the next multiple of 128
+  (/work/shared/ENVIRONMENT.md, December). Zero rows appended to gate/up (weights and biases) give
+  act(0) * 0 = 0 in the new channels, and zero columns of down add nothing: the output is unchanged
+  (bit-identical in fp32 on the H200; tests/test_vision_speed.py checks it on the CPU).
+  Only for a tower without adapters or trained weights: LoRA on the vision MLP would get adapters
+  shaped for 3456 that do not load on the real model, training would move the zero rows, and a fully
+  fine-tuned tower would be saved padded.
+- `compile_vision_blocks`: each vision block through torch.compile with static shapes (278 images/s
+  for the tower alone against 125 eager; dynamic shapes failed in inductor). A static shape per
+  image count would recompile for every batch, so a batch of images of one size is padded with
+  copies of its last image up to a count in `IMAGE_BUCKETS` (3 -> 4) and the copies' outputs dropped:
+  each image attends only within itself, so the real images' features are unchanged. Batches of
+  mixed image sizes (a new patch count each time) run the eager blocks instead of recompiling.
+
+`prepare_tower(model, speed)` applies what `speed.*` switches on; training and prediction call it on
+CUDA (engine/train.py `build_trainer`, engine/predict.py `predict`), once per model (it is idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vlmexp.engine.fast import unwrap
+
+log = logging.getLogger(__name__)
+
+PAD_MULTIPLE = 128  # cuBLAS's fast H100/H200 kernels want K and N in multiples of 128
+IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # images per tower call when compiled
+RECOMPILE_LIMIT = 64  # dynamo's default 8 is hit by 2 block kinds (window/full) x a few buckets
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The Qwen-VL vision tower (`.model.visual`), or None for other families."""
+    return getattr(getattr(unwrap(model), "model", None), "visual", None)
+
+
+def tower_is_plain(model: torch.nn.Module) -> tuple[bool, str]:
+    """(True, "") when the tower has no adapter and trains no weight; else (False, why)."""
+    visual = vision_tower(model)
+    if visual is None:
+        return False, "no Qwen-VL vision tower (.model.visual)"
+    if any(hasattr(m, "lora_A") or hasattr(m, "modules_to_save") for m in visual.modules()):
+        return False, "the vision tower carries adapters (lora.vision=true or lora.modules_to_save)"
+    if any(p.requires_grad for p in visual.parameters()):
+        return False, "the vision tower trains (finetune=full)"
+    return True, ""
+
+
+def _mlps(visual: torch.nn.Module):
+    """(mlp, [row-wise linears], column-wise linear) of each block: gate/up/down or fc1/fc2."""
+    for m in visual.modules():
+        lin = {n: c for n, c in m.named_children() if isinstance(c, torch.nn.Linear)}
+        if {"gate_proj", "up_proj", "down_proj"} <= lin.keys():
+            yield m, [lin["gate_proj"], lin["up_proj"]], lin["down_proj"]
+        elif {"fc1", "fc2"} <= lin.keys():
+            yield m, [lin["fc1"]], lin["fc2"]
+
+
+def pad_vision_mlp(model: torch.nn.Module, multiple: int = PAD_MULTIPLE) -> int:
+    """Zero-pad every vision MLP's intermediate size up to `multiple` (3420 -> 3456). Returns how many
+    MLPs were padded; 0 when already padded, already a multiple, or skipped (logged with the reason)."""
+    plain, why = tower_is_plain(model)
+    if not plain:
+        log.info("vision MLP padding skipped: %s", why)
+        return 0
+    n = 0
+    for mlp, rows, cols in _mlps(vision_tower(model)):
+        inter = cols.in_features
+        width = -(-inter // multiple) * multiple
+        if width == inter:
+            continue
+        extra = width - inter
+        with torch.no_grad():
+            for lin in rows:  # output rows: zero weights and zero biases
+                w = lin.weight
+                lin.weight = torch.nn.Parameter(torch.cat([w, w.new_zeros(extra, w.shape[1])]), False)
+                if lin.bias is not None:
+                    lin.bias = torch.nn.Parameter(torch.cat([lin.bias, lin.bias.new_zeros(extra)]), False)
+                lin.out_features = width
+            w = cols.weight  # input columns: zero weights
+            cols.weight = torch.nn.Parameter(torch.cat([w, w.new_zeros(w.shape[0], extra)], dim=1), False)
+            cols.in_features = width
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = width
+        n += 1
+    return n
+
+
+def image_bucket(n: int) -> int:
+    """The smallest count in IMAGE_BUCKETS holding `n` images (n itself past the last)."""
+    return next((b for b in IMAGE_BUCKETS if b >= n), n)
+
+
+def bucket_images(model: torch.nn.Module, state: dict | None = None) -> bool:
+    """Wrap the tower's forward: a batch of equal-size images is padded with copies of its last image
+    to `image_bucket(n)` images, and only the real images' outputs are returned. `state["static"]`
+    tells the compiled blocks whether this call's shapes are bucketed. Returns False if wrapped already."""
+    visual = vision_tower(model)
+    if visual is None or "forward" in visual.__dict__:
+        return False
+    original = visual.forward
+    state = state if state is not None else {}
+    merge = getattr(visual, "spatial_merge_size", 2) ** 2
+
+    def forward(hidden_states, grid_thw, **kwargs):
+        n = grid_thw.shape[0]
+        uniform = bool((grid_thw == grid_thw[:1]).all())
+        state["static"] = uniform
+        if not uniform or image_bucket(n) == n:
+            return original(hidden_states, grid_thw, **kwargs)
+        extra = image_bucket(n) - n
+        per = hidden_states.shape[0] // n
+        out = original(
+            torch.cat([hidden_states, hidden_states[-per:].repeat(extra, 1)]),
+            torch.cat([grid_thw, grid_thw[-1:].repeat(extra, 1)]),
+            **kwargs,
+        )
+        # Real images come first in both outputs (the window order is built image by image).
+        out.pooler_output = out.pooler_output[: hidden_states.shape[0] // merge]
+        out.last_hidden_state = out.last_hidden_state[: hidden_states.shape[0]]
+        return out
+
+    visual.forward = forward
+    return True
+
+
+def compile_vision_blocks(model: torch.nn.Module) -> int:
+    """torch.compile(dynamic=False) each vision block, used for bucketed calls of equal-size images;
+    other calls run the blocks eagerly. Returns the number of blocks compiled now."""
+    visual = vision_tower(model)
+    blocks = getattr(visual, "blocks", None)
+    if blocks is None or "forward" in blocks[0].__dict__:  # compiled already (the bench undoes it)
+        return 0
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    state = {"static": False}
+    bucket_images(model, state)
+    for blk in blocks:
+        eager = blk.forward
+        compiled = torch.compile(eager, dynamic=False)
+
+        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
+            return (_compiled if state["static"] else _eager)(*args, **kwargs)
+
+        blk.forward = forward
+    return len(blocks)
+
+
+def prepare_tower(model: torch.nn.Module, speed) -> dict:
+    """Apply the tower levers `speed` (config.SpeedConfig) switches on; {lever: count} for the log."""
+    done = {}
+    if speed.vision_pad:
+        done["vision_pad"] = pad_vision_mlp(model)
+    if speed.vision_compile:
+        plain, why = tower_is_plain(model)
+        if plain:
+            done["vision_compile"] = compile_vision_blocks(model)
+        else:
+            log.info("vision blocks not compiled: %s", why)
+    return done
