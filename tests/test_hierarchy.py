@@ -59,11 +59,12 @@ def test_separator_is_configurable(tmp_path):
 
 
 def test_names_holding_the_separator_and_mixed_levels_are_refused(tmp_path):
-    bad = {"上衣": {"T恤/长袖": "x", "衬衫": "y"}, "裤/子": {"短裤": "z"}}
+    bad = {"上衣": {"T恤/长袖": "x", "衬衫": "y", " ": "w"}, "裤/子": {"短裤": "z"}}
     result = check_competition(_comp(tmp_path / "a", bad, ["上衣/衬衫"]))
     messages = [p.message for p in result.problems]
     assert any("child name 'T恤/长袖' contains the hierarchy separator '/'" in m for m in messages)
     assert any("parent name '裤/子'" in m for m in messages)
+    assert "an empty child name under '上衣'" in messages
     mixed = check_competition(_comp(tmp_path / "b", {"上衣": {"T恤": "x"}, "shoes": "y"}, ["shoes"]))
     assert any("mixes flat labels (shoes)" in p.message for p in mixed.problems)
 

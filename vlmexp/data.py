@@ -170,9 +170,11 @@ def _read_labels(root: Path, cfg: DataConfig, out: CheckResult) -> dict[str, str
 def _flatten_tree(obj: dict, name: str, sep: str, out: CheckResult) -> dict[str, str] | None:
     """{parent: {child: description}} -> {"parent<sep>child": description}, filling `out.tree`.
 
-    Every label then is a full path, e.g. "上衣/T恤": the model learns and answers the path, so a
-    child always comes with its own parent. Names holding the separator are refused: "上衣/T恤" under
-    "衣服" would read back as parent "衣服", child "上衣", and the levels could not be told apart.
+    Every label then is a full path, e.g. "上衣/T恤", and scoring is joint over all full paths rather
+    than child-under-parent: each candidate scored is a full path, so a child is only ever predicted
+    with its own parent (the prediction always lies in the known tree) and its probability is one number
+    over all classes, with no wrong first step to compound. Names holding the separator are refused: a
+    child "T恤/长袖" under "上衣" would make "上衣/T恤/长袖", which reads as three levels.
     """
     flat = [k for k, v in obj.items() if not isinstance(v, dict)]
     if flat:
@@ -190,6 +192,9 @@ def _flatten_tree(obj: dict, name: str, sep: str, out: CheckResult) -> dict[str,
             if sep in key:
                 msg = f"{what} name '{key}' contains the hierarchy separator '{sep}'"
                 out.add(name, None, msg, "rename it, or pick another separator with data.hierarchy_sep")
+            elif not key.strip():
+                under = f" under '{parent}'" if what == "child" else ""
+                out.add(name, None, f"an empty {what} name{under}", "give it a name")
         if not children:
             out.add(name, None, f"parent '{parent}' has no children", "give it at least one child or drop it")
         out.tree[parent] = [f"{parent}{sep}{child}" for child in children]
