@@ -18,7 +18,8 @@ from scipy.stats import binomtest, chi2
 
 from vlmexp import metrics, plots
 from vlmexp.config import changes_results
-from vlmexp.tables import PROB_PREFIX, read_json, read_table, write_text
+from vlmexp.rundir import RunDir
+from vlmexp.tables import PROB_PREFIX, read_table, write_text
 
 METRICS = ("accuracy", "macro_f1")
 
@@ -145,25 +146,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def load_run(run_dir: Path) -> Run:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReportError(f"{run_dir} is not a run folder")
-    for f in ("cv.json", "oof.csv", "config.yaml"):
-        if not (run_dir / f).exists():
-            hint = (
-                " (the run is not finished: resume it with exp run, or leave it out)"
-                if f != "config.yaml"
-                else ""
-            )
-            raise ReportError(f"{run_dir} has no {f}{hint}")
-    oof = read_table(run_dir / "oof.csv")
+    run = RunDir(Path(run_dir))
+    if not run.root.is_dir():
+        raise ReportError(f"{run.root} is not a run folder")
+    unfinished = " (the run is not finished: resume it with exp run, or leave it out)"
+    for path, hint in ((run.cv_path, unfinished), (run.path("oof.csv"), unfinished), (run.config_path, "")):
+        if not path.exists():
+            raise ReportError(f"{run.root} has no {path.name}{hint}")
+    oof = read_table(run.path("oof.csv"))
     lacking = [c for c in ("id", "label", "fold", "pred") if c not in oof.columns]
     if lacking:
-        raise ReportError(f"{run_dir / 'oof.csv'} lacks columns {lacking}; is it a prediction table?")
+        raise ReportError(f"{run.path('oof.csv')} lacks columns {lacking}; is it a prediction table?")
     labels = [c[len(PROB_PREFIX) :] for c in oof.columns if c.startswith(PROB_PREFIX)]
     labels = labels or sorted(oof["label"].dropna().astype(str).unique())
-    config = _flat(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) or {})
-    return Run(run_dir.name, config, read_json(run_dir / "cv.json"), oof, labels)
+    config = _flat(OmegaConf.to_container(OmegaConf.load(run.config_path)) or {})
+    return Run(run.root.name, config, run.cv(), oof, labels)
 
 
 def _diff(run: Run, base: Run) -> str:
