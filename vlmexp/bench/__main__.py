@@ -11,7 +11,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m vlmexp.bench")
-    p.add_argument("kind", choices=["train", "predict", "qlora", "run"])
+    p.add_argument("kind", choices=["train", "predict", "qlora", "run", "vision"])
     p.add_argument("shape", nargs="?", help="qwen2.5-vl-3b, qwen2-vl-7b or tiny (run: or tiny:qwen2_vl)")
     p.add_argument("--model", help="run: a bench shape or tiny:<family> (same as SHAPE)")
     p.add_argument("--folds", type=int, default=5, help="run: K")
@@ -58,6 +58,15 @@ def main(argv: list[str] | None = None) -> dict:
             out=a.out,
         )
         print(json.dumps(summary(result), indent=1))
+        return result
+    if a.kind == "vision":
+        from vlmexp.bench.vision_bench import vision_bench
+        from vlmexp.tables import write_json
+
+        result = vision_bench(shape, n_images=a.images or 32, resolution=a.resolution or 448)
+        if a.out:
+            write_json(result, a.out)
+        print(json.dumps(result["rows"], indent=1))
         return result
     if a.kind == "qlora":
         from vlmexp.bench.run import qlora_memory
