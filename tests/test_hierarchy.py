@@ -151,7 +151,8 @@ def test_exp_demo_hierarchy_then_data_check_passes(tmp_path, monkeypatch):
     made = runner.invoke(app, ["demo", "--hierarchy", str(out)])
     assert made.exit_code == 0, made.output
     assert isinstance(json.loads((out / "labels.json").read_text())["money"], dict)
-    checked = runner.invoke(app, ["data", "check", str(out)])
+    # With the run's options: the answers file's full-path labels are checked against the tree too.
+    checked = runner.invoke(app, ["data", "check", str(out), "data.answers_csv=test_answers.csv"])
     assert checked.exit_code == 0, checked.output
     assert "4 parents of 12 classes" in checked.output and "OK: no problems" in checked.output
 

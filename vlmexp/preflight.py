@@ -45,7 +45,7 @@ def _answers(cfg: Config, out: CheckResult, labels: dict | None, test: pd.DataFr
     if answers is None:
         return
     if labels is not None:
-        _check_labels(answers[d.label_col], labels, d.answers_csv, out)
+        _check_labels(answers[d.label_col], labels, d.answers_csv, out, d.hierarchy_sep)
     if test is not None and d.id_col in test.columns and not (d.limit or d.train_limit):
         unknown = sorted(set(answers[d.id_col]) - set(test[d.id_col]))
         if unknown:
