@@ -143,3 +143,15 @@ def test_markdown_of_a_competition_without_runs_says_so(tmp_path):
     append(_row("theirs", 0.9, data="comp_b"), path)
     md = to_markdown(load(path), data="comp_a")
     assert "_no runs on comp_a yet_" in md and "1 run on other competitions" in md
+
+
+def test_rows_from_before_the_data_column_get_their_data_dir(tmp_path):
+    path = tmp_path / "lb.csv"
+    path.write_text(
+        "run,overrides,metric,cv_mean\n"
+        "d,folds=3 ocr.enabled=True,macro_f1,0.5\n"
+        "m,folds=3 data.dir=mycomp,macro_f1,0.6\n"
+    )
+    assert load(path).set_index("run")["data"].to_dict() == {"d": "demo_data", "m": "mycomp"}
+    md = to_markdown(load(path), data="demo_data")
+    assert "| d " in md and "| m " not in md

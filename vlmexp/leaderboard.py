@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vlmexp.config import DataConfig
 from vlmexp.tables import write_text
 
 DEFAULT_PATH = Path("experiments/leaderboard.csv")
@@ -159,6 +160,21 @@ def _legacy_columns(df: pd.DataFrame) -> pd.DataFrame:
                 df[col] = float("nan")
             df.loc[rows & df[col].isna(), col] = df.loc[rows & df[col].isna(), old]
         df = df.drop(columns=old)
+    return _infer_data(df)
+
+
+def _infer_data(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows from before the `data` column: their data.dir is in `overrides`, or was the default.
+
+    e.g. overrides "folds=3 data.dir=mycomp" -> data "mycomp"; "folds=3" -> "demo_data".
+    """
+    if "overrides" not in df.columns:
+        return df
+    if "data" not in df.columns:
+        df["data"] = pd.Series(pd.NA, index=df.index, dtype=object)
+    missing = df["data"].isna() | (df["data"] == "")
+    given = df.loc[missing, "overrides"].fillna("").str.extract(r"(?:^| )data\.dir=(\S+)")[0]
+    df.loc[missing, "data"] = given.fillna(DataConfig().dir)
     return df
 
 
