@@ -475,6 +475,16 @@ def _predict(
     return predict(cfg, model, processor, samples, labels, progress=False, caches=caches)
 
 
+def predict_test_with(cfg: Config, run: RunDir, adapter_dir: Path) -> pd.DataFrame:
+    """The test set as one adapter predicts it, with the run's prompt, OCR and TTA (e.g. the folds'
+    averaged adapter of `exp export --average-folds --score`)."""
+    # The run's own folder, wherever the command runs from (config.yaml may hold runs_dir=runs).
+    cfg = dataclasses.replace(cfg, runs_dir=str(run.root.parent), name=run.root.name)
+    exp = prepare(cfg)
+    model = load_for_inference(cfg, adapter_dir)
+    return _predict(cfg, model, exp.processor, exp.test_samples, exp.labels, exp.caches)
+
+
 def _score_answers(cfg: Config, exp: Experiment, final: pd.DataFrame, majority: str) -> dict:
     """Score the test ensemble against known answers (data.answers_csv), e.g. the demo's hidden labels."""
     if not cfg.data.answers_csv:

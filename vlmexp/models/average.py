@@ -18,10 +18,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
 from vlmexp.config import ConfigError
+from vlmexp.metrics import score
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 # Settings every fold's adapter must share to be averaged (target_modules compared as a set).
@@ -119,3 +121,37 @@ def average_adapters(adapters: list[Path], out_dir: Path, *, force: bool = False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def score_beside_ensemble(
+    averaged: pd.DataFrame, ensemble: pd.DataFrame, labels: list[str], truth=None
+) -> dict:
+    """The averaged model's test predictions beside the fold ensemble's (`test_probs.csv`): how often they
+    agree and, with known answers (data.answers_csv), both test scores. The folds' own rows cannot
+    score it: the averaged model was trained on every one of them."""
+    avg = averaged.set_index(averaged["id"].astype(str))["pred"]
+    ens = ensemble.set_index(ensemble["id"].astype(str))["pred"].reindex(avg.index)
+    out = {"test_rows": len(avg), "agreement_with_fold_ensemble": float((avg == ens).mean())}
+    if truth is not None:
+        truth = truth[truth.index.isin(avg.index)]
+        if len(truth):
+            for who, pred in (("averaged", avg), ("fold_ensemble", ens)):
+                got = score(truth, pred.reindex(truth.index), labels)
+                out |= {f"{who}_test_accuracy": got["accuracy"], f"{who}_test_macro_f1": got["macro_f1"]}
+    return out
+
+
+def score_averaged(run, cfg, adapter: Path) -> dict:
+    """Predict the test set with the averaged adapter as the run's folds did (prompt, OCR, TTA) and put
+    it beside the fold ensemble; written to <run>/export/averaged_score.json."""
+    from vlmexp.data import read_answers
+    from vlmexp.recipe import predict_test_with  # the recipe's own prediction path, loaded only here
+    from vlmexp.tables import read_table, write_json, write_table
+
+    averaged = predict_test_with(cfg, run, adapter)
+    write_table(averaged, run.path("export") / "averaged_test.csv")
+    truth = read_answers(cfg.data) if cfg.data.answers_csv else None
+    labels = [c[2:] for c in averaged.columns if c.startswith("p:")]
+    result = score_beside_ensemble(averaged, read_table(run.path("test_probs.csv")), labels, truth)
+    write_json(result, run.path("export") / "averaged_score.json")
+    return result
