@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from peft import PeftModel
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 from typer.testing import CliRunner
 
@@ -17,6 +20,7 @@ from vlmexp.config import load_config
 from vlmexp.models.average import AverageError, average_adapters
 from vlmexp.models.load import load_model
 from vlmexp.rundir import RunDir
+from vlmexp.tables import write_table
 
 
 def _adapter(tiny_models, out, seed: int, r: int = 4):
@@ -75,16 +79,43 @@ def test_adapters_of_different_runs_are_refused(tiny_models, tmp_path):
     assert not (tmp_path / "avg").exists()
 
 
-def test_cli_export_average_folds(tiny_models, tmp_path):
+def _competition(root):
+    """4 train and 3 test images of two classes, with test answers."""
+    (root / "img").mkdir(parents=True)
+    (root / "labels.json").write_text(json.dumps({"red": "a red image", "blue": "a blue image"}))
+    names = {"r0": "red", "r1": "red", "r2": "blue", "r3": "blue", "t0": "red", "t1": "blue", "t2": "red"}
+    for i, label in names.items():
+        Image.new("RGB", (64, 64), (200, 0, 0) if label == "red" else (0, 0, 200)).save(
+            root / "img" / f"{i}.png"
+        )
+    rows = [{"id": i, "image": f"img/{i}.png", "label": x} for i, x in names.items()]
+    pd.DataFrame(rows[:4]).to_csv(root / "train.csv", index=False)
+    pd.DataFrame(rows[4:]).drop(columns="label").to_csv(root / "test.csv", index=False)
+    pd.DataFrame(rows[4:]).drop(columns="image").to_csv(root / "answers.csv", index=False)
+    return root
+
+
+def test_cli_export_average_folds_and_its_score(tiny_models, tmp_path):
+    comp = _competition(tmp_path / "comp")
     cfg = load_config(
         [f"model.name={tiny_models('qwen2_vl')}", "lora.modules_to_save=[lm_head]", "lora.r=4", "folds=2",
-         "name=r", f"runs_dir={tmp_path / 'runs'}"]
+         "name=r", f"runs_dir={tmp_path / 'runs'}", f"data.dir={comp}", "data.answers_csv=answers.csv"]
     )  # fmt: skip
     run = RunDir.for_config(cfg)
     run.start(cfg, {})
     for k in range(2):
         shutil.copytree(_adapter(tiny_models, tmp_path / f"f{k}", seed=k), run.adapter_dir(k))
-    result = CliRunner().invoke(app, ["export", str(run.root), "--average-folds"])
+    # The fold ensemble's test predictions: t0 right, t1 and t2 wrong.
+    ens = pd.DataFrame({"id": ["t0", "t1", "t2"], "pred": ["red", "red", "blue"]})
+    ens["p:red"], ens["p:blue"] = [0.9, 0.9, 0.1], [0.1, 0.1, 0.9]
+    write_table(ens, run.path("test_probs.csv"))
+    result = CliRunner().invoke(app, ["export", str(run.root), "--average-folds", "--score"])
     assert result.exit_code == 0, result.output
     assert json.loads(run.path("export/averaged_adapter/adapter_config.json").read_text())["r"] == 8
     assert (run.path("export/averaged") / "config.json").exists()  # merged, checked against base+adapter
+    got = json.loads(run.path("export/averaged_score.json").read_text())
+    assert got["test_rows"] == 3 and got["fold_ensemble_test_accuracy"] == pytest.approx(1 / 3)
+    averaged = pd.read_csv(run.path("export/averaged_test.csv"), dtype=str)
+    truth = ["red", "blue", "red"]
+    assert got["averaged_test_accuracy"] == pytest.approx(np.mean(averaged["pred"].to_numpy() == truth))
+    assert got["agreement_with_fold_ensemble"] == pytest.approx(np.mean(averaged["pred"] == ens["pred"]))
