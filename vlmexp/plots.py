@@ -80,9 +80,9 @@ def tick_names(labels: list[str]) -> tuple[list[str], dict[str, str]]:
         plt.rcParams["font.sans-serif"] = [font, "DejaVu Sans"]
         return list(labels), {}
     log.warning(
-        "no installed font draws the labels' characters (e.g. %s): the plots number the classes and "
+        "no installed font draws the characters of labels such as %r: the plots number the classes and "
         "report.md lists which number is which; to see the labels themselves, %s",
-        "".join(sorted(missing)[:5]),
+        next(label for label in labels if set(label) & missing),
         INSTALL_HINT,
     )
     return [str(i) for i in range(len(labels))], {str(i): label for i, label in enumerate(labels)}
