@@ -173,3 +173,14 @@ def test_a_flagged_run_says_so_after_its_cv_line(tmp_path):
     with console.capture() as out:
         _print_cv(root)
     assert "flagged: one_class" in out.get() and "0.0185" in out.get()
+
+
+def test_submit_from_elsewhere_of_a_run_with_a_relative_data_dir_says_what_to_add(tmp_path, monkeypatch):
+    _competition(tmp_path / "proj" / "comp")
+    run = _run_folder(tmp_path / "proj" / "runs" / "r1", ["s0", "s1"], data_dir="comp")  # made in proj/
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["submit", str(run), "--out", "s.csv"])
+    assert result.exit_code == 2 and "data.dir=comp" in result.output and "add data.dir=PATH" in result.output
+    comp = tmp_path / "proj" / "comp"
+    result = runner.invoke(app, ["submit", str(run), f"data.dir={comp}", "--out", "s.csv"])
+    assert result.exit_code == 0, result.output

@@ -91,6 +91,11 @@ def submit(
     names, overrides = _split_args(run_name_)
     root = _find(_one(names, "run"), _settings(overrides, runs_dir=runs_dir))
     cfg = RunDir(root).config(overrides)  # e.g. data.dir=... when the run was made from another folder
+    if not Path(cfg.data.dir).is_dir():
+        raise ConfigError(
+            f"run {root} was made with data.dir={cfg.data.dir}, which is not a folder from here "
+            f"({Path.cwd()}); run this where the run was made, or add data.dir=PATH"
+        )
     comp = load_competition(cfg.data)
     try:
         path = make_submission(
