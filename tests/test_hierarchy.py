@@ -69,6 +69,21 @@ def test_names_holding_the_separator_and_mixed_levels_are_refused(tmp_path):
     assert any("mixes flat labels (shoes)" in p.message for p in mixed.problems)
 
 
+def test_a_parent_column_makes_child_labels_full_paths(tmp_path):
+    from vlmexp.config import DataConfig
+
+    root = _comp(tmp_path, NESTED, ["T恤", "上衣/衬衫", "短裤", "短裤"])
+    train = pd.read_csv(root / "train.csv").assign(category1=["上衣", "上衣", "裤子", "上衣"])
+    train.to_csv(root / "train.csv", index=False)
+    cfg = DataConfig(dir=str(root), parent_col="category1")
+    result = check_competition(cfg)  # row 4: 短裤 is no child of 上衣
+    assert [(p.row, p.message) for p in result.problems] == [(4, "label '上衣/短裤' is not in labels.json")]
+    train.iloc[:3].to_csv(root / "train.csv", index=False)
+    comp = load_competition(cfg)
+    assert comp.train["label"].tolist() == ["上衣/T恤", "上衣/衬衫", "裤子/短裤"]
+    assert comp.train["category1"].tolist() == ["上衣", "上衣", "裤子"]
+
+
 def test_a_child_name_alone_in_train_csv_is_told_its_full_path(tmp_path):
     result = check_competition(_comp(tmp_path, NESTED, ["上衣/T恤", "衬衫"]))
     (problem,) = result.problems

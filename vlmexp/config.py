@@ -82,6 +82,9 @@ class DataConfig:
     # Joins parent and child when labels.json nests {parent: {child: description}}: "上衣" + "T恤" ->
     # the label "上衣/T恤" that train.csv holds and the model answers; a name containing it is refused.
     hierarchy_sep: str = "/"
+    # Optional train.csv column with each row's parent when labels.json nests, e.g. category1; the label
+    # column then may hold the child alone ("T恤"), which becomes the full path "上衣/T恤".
+    parent_col: str = "parent"
 
 
 @dataclass

@@ -349,6 +349,8 @@ def _inspect(cfg: DataConfig, decode: bool) -> tuple[CheckResult, dict | None, F
         else:  # ids come from the image paths, so a repeated image would repeat an id
             rel = [_relative_cell(p, root) if p else None for p in train["_abs"]]
             _check_ids(rel, cfg.train_csv, "image (the row id when there is no id column)", out)
+        if out.tree and cfg.parent_col in train.columns:
+            train[cfg.label_col] = _with_parents(train, cfg)
         if labels is not None:
             _check_labels(train[cfg.label_col], labels, cfg.train_csv, out, cfg.hierarchy_sep)
         if test is not None:
@@ -367,6 +369,22 @@ def _train_limit(cfg: DataConfig) -> int:
 def _relative_cell(cell: str, root: Path) -> str:
     """An absolute image cell as a row id: "/data/img/a.png|/data/img/b.png" -> "img/a.png|img/b.png"."""
     return IMAGE_SEP.join(Path(os.path.relpath(p, root)).as_posix() for p in image_paths(cell))
+
+
+def _with_parents(train: pd.DataFrame, cfg: DataConfig) -> list[str]:
+    """Full-path labels when train.csv names each row's parent in its own column (data.parent_col), e.g.
+    category1/category2 as data.parent_col=category1 data.label_col=category2: "上衣" + "T恤" -> "上衣/T恤".
+
+    A cell already written as a full path under its parent, or a row without a parent, stays as it is.
+    """
+    sep = cfg.hierarchy_sep
+
+    def join(parent: str, child: str) -> str:
+        if not parent.strip() or not child.strip() or child.startswith(parent + sep):
+            return child
+        return f"{parent}{sep}{child}"
+
+    return [join(p, c) for p, c in zip(train[cfg.parent_col], train[cfg.label_col], strict=True)]
 
 
 def _check_labels(values: pd.Series, labels: dict[str, str], name: str, out: CheckResult, sep: str) -> None:
