@@ -92,6 +92,10 @@ def test_mean_of_two_runs_scored_on_their_oof(tmp_path, comp):
     assert float(lb.loc[0, "test_accuracy"]) == pytest.approx(2 / 3, abs=1e-4)  # a a b vs a b b
     with pytest.raises(FileExistsError):
         ensemble_runs([a, b], out)
+    # The ensemble is a run like any other for the ablation report (paired against a member).
+    from vlmexp.report import write_report
+
+    assert "ens" in write_report([a.root, out.root], baseline=a.root, out=tmp_path / "rep").read_text()
 
 
 def test_runs_that_do_not_fit_together_are_refused(tmp_path, comp):
