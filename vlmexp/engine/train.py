@@ -39,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from vlmexp.config import Config
-from vlmexp.engine import fast, vision_speed
+from vlmexp.engine import buckets, fast, vision_speed
 from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeatedSave
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.samples import load_images, to_prompt_completion
@@ -324,7 +324,7 @@ def build_trainer(
             vision,
             cfg.train.max_length,
             processor,
-            multiple=fast.COMPILE_PAD_MULTIPLE if cfg.speed.compile and cuda else 1,
+            multiple=buckets.bucket_width if cfg.speed.compile and cuda else 1,
         ),
         processing_class=processor,
         callbacks=list(callbacks),
