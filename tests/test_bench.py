@@ -12,8 +12,14 @@ from vlmexp.bench.shapes import SHAPES, build_config, count_params, get_shape
 
 
 def test_real_shapes_have_the_hub_parameter_counts():
-    # Qwen2.5-VL-3B-Instruct: 3.75 B; Qwen2-VL-7B-Instruct: 8.29 B (their model cards)
-    for name, want in (("qwen2.5-vl-3b", 3.75e9), ("qwen2-vl-7b", 8.29e9)):
+    # Qwen2.5-VL-3B-Instruct: 3.75 B; Qwen2-VL-7B-Instruct: 8.29 B; Qwen3-VL-8B-Instruct: 8.77 B;
+    # gemma-3-4b-it: 4.30 B (their model cards)
+    for name, want in (
+        ("qwen2.5-vl-3b", 3.75e9),
+        ("qwen2-vl-7b", 8.29e9),
+        ("qwen3-vl-8b", 8.77e9),
+        ("gemma-3-4b", 4.30e9),
+    ):
         config = build_config(get_shape(name))  # outside the meta device: it builds a tiny tokenizer model
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(config)
@@ -58,6 +64,16 @@ def test_train_bench_reference_and_project_agree(tmp_path):
     assert proj["samples_per_s"] > 0 and proj["tokens_per_s"] > proj["samples_per_s"]
     assert result["ratios"]["project/language"] > 0
     assert out.exists()
+
+
+def test_qwen3_vl_shape_runs_the_predict_rows():
+    # the qwen3-vl-8b device rows take this path: deepstack features cached, 16 px patches merged 2x2
+    result = run_bench("predict", "tiny-qwen3-vl", batch_size=2, n_images=4, reference=False)
+    assert result["settings"]["image_grid_thw"] == (1, 8, 8)  # 128 px / 16 px
+    assert [r["caches"] for r in result["rows"]] == ["plain", "fresh", "warm"]
+    assert all(r["same_predictions_as_first_score_row"] for r in result["rows"])
+    with pytest.raises(ValueError, match="multiple of 32 px"):
+        run_bench("predict", "tiny-qwen3-vl", resolution=112)
 
 
 def test_predict_bench_rows_agree():

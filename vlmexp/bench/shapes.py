@@ -17,8 +17,10 @@ from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
+    Gemma3Config,
     Qwen2_5_VLConfig,
     Qwen2VLConfig,
+    Qwen3VLConfig,
 )
 
 from vlmexp.models.tiny import build_tiny
@@ -27,7 +29,7 @@ from vlmexp.models.tiny import build_tiny
 @dataclass(frozen=True)
 class Shape:
     name: str
-    family: str  # tiny family whose tokenizer/processor we borrow: qwen2_vl or qwen2_5_vl
+    family: str  # tiny family whose tokenizer/processor we borrow: qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3
     text: dict
     vision: dict
     tie_word_embeddings: bool
@@ -98,6 +100,82 @@ SHAPES: dict[str, Shape] = {
         notes="8.3 B parameters",
         defaults={"resolution": 448, "tokens": 570, "batch_size": 8},
     ),
+    # Qwen/Qwen3-VL-8B-Instruct's config.json: 8.77 B parameters. Patches of 16 px merged 2x2, so a
+    # 448 px image is 28x28 patches -> 196 tokens (Qwen2.5-VL's 14 px patches give 256), plus deepstack
+    # features from vision blocks 8, 16, 24 added to decoder layers 0-2.
+    "qwen3-vl-8b": Shape(
+        name="qwen3-vl-8b",
+        family="qwen3_vl",
+        text=dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=262144,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision=dict(
+            depth=27,
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_heads=16,
+            out_hidden_size=4096,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[8, 16, 24],
+            hidden_act="gelu_pytorch_tanh",
+        ),
+        tie_word_embeddings=False,
+        notes="8.77 B parameters",
+        defaults={"resolution": 448, "tokens": 510, "batch_size": 8},
+    ),
+    # google/gemma-3-4b-it's config.json: 4.30 B parameters; SigLIP-so400m at a fixed 896 px
+    # (4096 patches of 14 px, pooled to 256 soft tokens), 5 sliding-window layers (1024) to 1 global.
+    # Built for parameter and memory checks: the bench rows (run.py, synth.py, flops.py) assume
+    # Qwen-VL's patch grid (image_grid_thw) and do not run it yet.
+    "gemma-3-4b": Shape(
+        name="gemma-3-4b",
+        family="gemma3",
+        text=dict(
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=34,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            vocab_size=262208,
+            sliding_window=1024,
+            max_position_embeddings=131072,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+        vision=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=896,
+            patch_size=14,
+            vision_use_head=False,
+        ),
+        tie_word_embeddings=True,
+        notes="4.30 B parameters",
+        defaults={"resolution": 896, "tokens": 330, "batch_size": 8},
+    ),
     # CPU tests: Qwen2.5-VL layout with windowed *and* full vision attention (depth 2), 112 px images.
     "tiny": Shape(
         name="tiny",
@@ -124,6 +202,40 @@ SHAPES: dict[str, Shape] = {
         tie_word_embeddings=False,
         defaults={"resolution": 224, "tokens": 120, "batch_size": 2},
     ),
+    # CPU tests of the Qwen3-VL path (deepstack after vision block 0, 16 px patches, 128 px images).
+    "tiny-qwen3-vl": Shape(
+        name="tiny-qwen3-vl",
+        family="qwen3_vl",
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=1024,
+            max_position_embeddings=4096,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=64,
+            patch_size=16,
+            spatial_merge_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        ),
+        tie_word_embeddings=False,
+        defaults={"resolution": 128, "tokens": 80, "batch_size": 2},
+    ),
 }
 
 
@@ -142,8 +254,6 @@ def _tiny_dir(family: str) -> Path:
 def build_config(shape: Shape):
     """The transformers config of `shape`, with the special-token ids of the borrowed tokenizer."""
     tiny_cfg = AutoConfig.from_pretrained(_tiny_dir(shape.family))
-    ids = {k: getattr(tiny_cfg, k) for k in ("image_token_id", "video_token_id")}
-    ids |= {k: getattr(tiny_cfg, k) for k in ("vision_start_token_id", "vision_end_token_id")}
     tt = tiny_cfg.text_config
     text = dict(
         shape.text,
@@ -152,8 +262,19 @@ def build_config(shape: Shape):
         pad_token_id=tt.pad_token_id,
         tie_word_embeddings=shape.tie_word_embeddings,
     )
-    cls = Qwen2_5_VLConfig if shape.family == "qwen2_5_vl" else Qwen2VLConfig
-    return cls(
+    if shape.family == "gemma3":
+        ids = {k: getattr(tiny_cfg, k) for k in ("boi_token_index", "eoi_token_index", "image_token_index")}
+        return Gemma3Config(
+            text_config=text,
+            vision_config=dict(shape.vision),
+            mm_tokens_per_image=256,
+            tie_word_embeddings=shape.tie_word_embeddings,
+            **ids,
+        )
+    ids = {k: getattr(tiny_cfg, k) for k in ("image_token_id", "video_token_id")}
+    ids |= {k: getattr(tiny_cfg, k) for k in ("vision_start_token_id", "vision_end_token_id")}
+    classes = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig}
+    return classes[shape.family](
         text_config=text,
         vision_config=dict(shape.vision),
         tie_word_embeddings=shape.tie_word_embeddings,
@@ -162,12 +283,21 @@ def build_config(shape: Shape):
 
 
 def build_processor(shape: Shape, resolution: int):
-    """The family's processor, resizing every image to `resolution` x `resolution` (a multiple of 28)."""
-    if resolution % 28:
-        raise ValueError(f"resolution={resolution}: Qwen-VL images must be a multiple of 28 px, e.g. 448")
+    """The family's processor, resizing every image to `resolution` x `resolution` (a multiple of one
+    merged patch: 28 px in Qwen2/2.5-VL, 32 px in Qwen3-VL)."""
+    if shape.family == "gemma3":
+        raise ValueError(
+            f"bench shape {shape.name}: the bench rows are built on Qwen-VL's patch grid; Gemma 3 resizes "
+            "every image to 896 px itself. Use build_model for its parameters and memory."
+        )
     processor = AutoProcessor.from_pretrained(_tiny_dir(shape.family))
+    step = processor.image_processor.patch_size * processor.image_processor.merge_size
+    if resolution % step:
+        raise ValueError(
+            f"resolution={resolution}: {shape.name} images must be a multiple of {step} px, e.g. {step * 16}"
+        )
     # {shortest_edge: min_pixels, longest_edge: max_pixels}: a square image of exactly this area stays as is.
-    processor.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": resolution * resolution}
+    processor.image_processor.size = {"shortest_edge": step * step, "longest_edge": resolution * resolution}
     return processor
 
 
@@ -188,5 +318,7 @@ def build_model(
 
 def count_params(model: torch.nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
-    vision = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
+    vision = sum(
+        p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}" or ".vision_tower." in f".{n}"
+    )
     return {"total": total, "vision": vision, "language": total - vision}
