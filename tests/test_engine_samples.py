@@ -11,7 +11,7 @@ from transformers import AutoProcessor
 
 from vlmexp.config import Config
 from vlmexp.data import DataError
-from vlmexp.engine.samples import build_samples, split_turn, to_prompt_completion
+from vlmexp.engine.samples import build_samples, split_turn, template_kwargs, to_prompt_completion
 from vlmexp.prompts.render import load_template
 
 LABELS = ["red", "green"]
@@ -102,6 +102,10 @@ LAYOUT = {
     "qwen2_5_vl": ("", "<|im_end|>"),
     "smolvlm": (" ", "<end_of_utterance>"),
     "llava": (" ", "</s>"),  # LLaVA-1.5's template ends the turn with nothing: the EOS ends it
+    "qwen3_vl": ("", "<|im_end|>"),
+    "qwen3_5": ("", "<|im_end|>"),  # non-thinking: the empty think block ends the prompt
+    "gemma3": ("", "<end_of_turn>"),
+    "gemma4": ("", "<turn|>"),
 }
 
 
@@ -116,11 +120,11 @@ def test_prompt_completion_layout_follows_the_chat_template(family, tiny_models,
     assert row["images"] == sample["images"]
     # the prompt is exactly what prediction renders (generation prompt included) ...
     prompt_only = processor.apply_chat_template(
-        sample["messages"][:-1], add_generation_prompt=True, tokenize=False
+        sample["messages"][:-1], add_generation_prompt=True, tokenize=False, **template_kwargs(processor)
     )
     assert row["prompt"] == prompt_only
     # ... and prompt + completion is the template's own rendering of the whole chat, up to the turn's end
-    full = processor.apply_chat_template(sample["messages"], tokenize=False)
+    full = processor.apply_chat_template(sample["messages"], tokenize=False, **template_kwargs(processor))
     assert full.startswith(row["prompt"] + lead + answer)
     if family != "llava":  # LLaVA's template writes no end-of-turn token: the EOS stands in
         assert full.startswith(row["prompt"] + row["completion"])
