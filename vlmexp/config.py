@@ -125,9 +125,10 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     epochs: float = ranged(3.0, ge=1)  # passes over each fold's training split
-    batch_size: int = ranged(8, ge=1)  # per-device micro batch
+    batch_size: int | str = ranged(8, ge=1)  # per-device micro batch; auto: the largest the GPU fits
     grad_accum: int = ranged(1, ge=1)  # micro batches per optimizer step
     lr: float = ranged(2e-4, gt=0)  # peak learning rate (LoRA); use ~1e-5 for full fine-tuning
+    lr_rule: str = choice("sqrt", "linear", "none")  # batch_size=auto picks B: lr x sqrt(B/8), x B/8 or as is
     scheduler: str = "cosine"  # any transformers scheduler name, e.g. linear, cosine, constant
     warmup_ratio: float = ranged(0.05, ge=0, le=1)  # share of steps spent warming up
     weight_decay: float = ranged(0.0, ge=0)  # AdamW weight decay
@@ -486,6 +487,8 @@ _RANGE_HINTS = {
     "pseudo.min_agree": "a share of folds, e.g. 0.8",
 }
 
+_AUTO_OK = {"train.batch_size"}  # numeric keys that also take the word auto
+
 
 def validate(cfg: Config) -> None:
     """Every choice and numeric range of the schema, all problems in one error, e.g.
@@ -497,6 +500,10 @@ def validate(cfg: Config) -> None:
         if "choices" not in meta and "range" not in meta:
             continue
         value = OmegaConf.select(values, key)
+        if key in _AUTO_OK and isinstance(value, str):  # train.batch_size=auto (engine/autobatch.py)
+            if value != "auto":
+                problems.append(f"'{key}={value}' is not allowed; give a number {meta['range']} or auto")
+            continue
         allowed, rng = meta.get("choices"), meta.get("range")
         if allowed and value not in allowed:
             problems.append(f"'{key}={value}' is not allowed; choose one of: {', '.join(allowed)}")
@@ -533,7 +540,9 @@ def _sharding_problems(cfg: Config) -> list[str]:
     if n <= 1:
         return []
     out = []
-    if cfg.train.batch_size % n:
+    if cfg.train.batch_size == "auto":
+        out.append(f"train.batch_size=auto is not built for train.gpus_per_fold={n}: give a multiple of {n}")
+    elif cfg.train.batch_size % n:
         out.append(
             f"'train.batch_size={cfg.train.batch_size}' is the fold's global batch, split over "
             f"train.gpus_per_fold={n} processes: make it a multiple of {n}"

@@ -176,7 +176,7 @@ def _competition_samples(cfg):
     return comp, samples
 
 
-def steady_state(cfg, batch_size: int, steps: int, warmup: int = 2) -> dict:
+def steady_state(cfg, batch_size: int | str, steps: int, warmup: int = 2) -> dict:
     """The step benchmark (`train_bench.project_row`, language-only LoRA r=16) on the run's saved base
     weights and its own training rows: `samples_per_s_cached` is the steady state of a step."""
     from vlmexp.bench.train_bench import project_row
@@ -184,13 +184,20 @@ def steady_state(cfg, batch_size: int, steps: int, warmup: int = 2) -> dict:
 
     comp, to_samples = _competition_samples(cfg)
     samples = to_samples(comp.train)
+    base = load_model(cfg, training=False).requires_grad_(False)
+    processor = load_processor(cfg)
+    cuda = torch.cuda.is_available()
+    if batch_size == "auto":  # what build_trainer would choose for these rows on this GPU
+        from vlmexp.engine import autobatch
+        from vlmexp.engine.train import _probe_shape, training_dataset
+
+        shape = _probe_shape(cfg, processor, training_dataset(cfg, processor, samples[:32])) if cuda else None
+        batch_size = autobatch.resolve(cfg, base, shape).train.batch_size
     need = (warmup + steps) * batch_size
     samples = (samples * (need // len(samples) + 1))[:need]  # small data: rows repeat (cached pass only)
-    base = load_model(cfg, training=False)
-    cuda = torch.cuda.is_available()
     row, _ = project_row(
         base.train(),
-        load_processor(cfg),
+        processor,
         samples,
         modules="language",
         batch_size=batch_size,

@@ -39,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from vlmexp.config import Config
-from vlmexp.engine import buckets, fast, vision_speed
+from vlmexp.engine import autobatch, buckets, fast, vision_speed
 from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeatedSave
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.samples import load_images, to_prompt_completion
@@ -302,7 +302,9 @@ def build_trainer(
     caches.bind(model)
     cuda = _on_cuda(model)
     auto_gc = cuda and cfg.train.gradient_checkpointing == "auto"
-    shape = _probe_shape(cfg, processor, examples) if auto_gc else None
+    auto_batch = cuda and cfg.train.batch_size == "auto"
+    shape = _probe_shape(cfg, processor, examples) if auto_gc or auto_batch else None
+    cfg = autobatch.resolve(cfg, model, shape)  # train.batch_size=auto: a number, lr per train.lr_rule
     if vision_patch and cuda:
         fast.patch_vision_attention(model)
     if cuda:

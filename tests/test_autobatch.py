@@ -1,0 +1,71 @@
+"""train.batch_size=auto (engine/autobatch.py): the batch from free memory, the lr rule in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import pytest
+
+from vlmexp.config import ConfigError, load_config
+from vlmexp.engine import autobatch, fast
+from vlmexp.models.load import load_model, load_processor
+
+
+def _auto(tiny_models, **train):
+    cfg = load_config([f"model.name={tiny_models('qwen2_vl')}", "train.batch_size=auto"])
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+
+
+def test_config_takes_auto_or_a_number_and_refuses_other_words():
+    assert load_config(["train.batch_size=auto"]).train.batch_size == "auto"
+    assert load_config(["train.batch_size=16"]).train.batch_size == 16
+    with pytest.raises(ConfigError, match="give a number >= 1 or auto"):
+        load_config(["train.batch_size=big"])
+    with pytest.raises(ConfigError, match="lr_rule"):
+        load_config(["train.lr_rule=cube"])
+
+
+def test_lr_rules():
+    assert autobatch.scaled_lr(2e-4, 24, "sqrt") == pytest.approx(2e-4 * math.sqrt(3))
+    assert autobatch.scaled_lr(2e-4, 24, "linear") == pytest.approx(6e-4)
+    assert autobatch.scaled_lr(2e-4, 24, "none") == 2e-4
+    assert autobatch.scaled_lr(2e-4, 8, "sqrt") == 2e-4  # the base batch keeps train.lr
+
+
+def test_without_a_gpu_auto_falls_back_to_8_and_says_so(tiny_models, caplog, monkeypatch):
+    monkeypatch.setattr(autobatch.torch.cuda, "is_available", lambda: False)
+    cfg = _auto(tiny_models)
+    with caplog.at_level(logging.INFO, logger="vlmexp.engine.autobatch"):
+        out = autobatch.resolve(cfg, load_model(cfg, training=True), None)
+    assert out.train.batch_size == 8 and out.train.lr == cfg.train.lr
+    assert "train.batch_size=auto: 8 (no GPU" in caplog.text
+
+
+def test_auto_takes_the_largest_batch_that_fits_and_scales_lr(tiny_models):
+    cfg = _auto(tiny_models, lr_rule="sqrt")
+    model = load_model(cfg, training=True)
+    tokens, patches = 600, 64
+    need_24 = fast.activation_bytes(model, 24, tokens, patches)
+    need_32 = fast.activation_bytes(model, 32, tokens, patches)
+    free = int(need_24 * autobatch.MARGIN) + 1  # 24 fits with the margin, 32 does not
+    assert need_32 * autobatch.MARGIN > free
+    out = autobatch.resolve(cfg, model, (tokens, patches), free_bytes=free)
+    assert out.train.batch_size == 24
+    assert out.train.lr == pytest.approx(cfg.train.lr * math.sqrt(3))
+    explicit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=16))
+    assert autobatch.resolve(explicit, model, (tokens, patches), free_bytes=free) is explicit  # lr as given
+
+
+def test_build_trainer_never_hands_auto_to_the_trainer(tiny_models, tmp_path):
+    from vlmexp.engine.train import build_trainer
+
+    cfg = _auto(tiny_models)
+    model = load_model(cfg, training=True)
+    examples = [
+        {"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "completion": "a", "images": []}
+    ]
+    trainer = build_trainer(cfg, model, load_processor(cfg), examples, tmp_path)
+    assert trainer.args.per_device_train_batch_size == 8  # the CPU fallback
+    assert trainer.args.learning_rate == cfg.train.lr
