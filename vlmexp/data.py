@@ -23,6 +23,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from vlmexp import hierarchy
 from vlmexp.config import Config, DataConfig
 
 CANONICAL = ("id", "image", "label", "reason", "group")
@@ -154,7 +155,7 @@ def _read_labels(root: Path, cfg: DataConfig, out: CheckResult) -> dict[str, str
         out.add(name, None, f"expected a non-empty JSON object, got {type(obj).__name__}", fix)
         return None
     if any(isinstance(v, dict) for v in obj.values()):
-        obj = _flatten_tree(obj, name, cfg.hierarchy_sep, out)
+        obj = hierarchy.flatten(obj, name, cfg.hierarchy_sep, out)
         if obj is None:
             return None
     if len(obj) < 2:
@@ -165,44 +166,6 @@ def _read_labels(root: Path, cfg: DataConfig, out: CheckResult) -> dict[str, str
     for k in bad:
         out.add(name, None, f"label '{k}' has a {type(obj[k]).__name__} description", fix)
     return None if bad else obj
-
-
-def _flatten_tree(obj: dict, name: str, sep: str, out: CheckResult) -> dict[str, str] | None:
-    """{parent: {child: description}} -> {"parent<sep>child": description}, filling `out.tree`.
-
-    Every label then is a full path, e.g. "上衣/T恤", and scoring is joint over all full paths rather
-    than child-under-parent: each candidate scored is a full path, so a child is only ever predicted
-    with its own parent (the prediction always lies in the known tree) and its probability is one number
-    over all classes, with no wrong first step to compound. Names holding the separator are refused: a
-    child "T恤/长袖" under "上衣" would make "上衣/T恤/长袖", which reads as three levels.
-    """
-    flat = [k for k, v in obj.items() if not isinstance(v, dict)]
-    if flat:
-        msg = f"mixes flat labels ({', '.join(flat[:3])}) with parents that nest their children"
-        fix = 'put every label under a parent, {"parent": {"child": "description"}}, or nest none'
-        out.add(name, None, msg, fix)
-        return None
-    if not sep:
-        out.add(name, None, "nests labels under parents but data.hierarchy_sep is empty", 'set it, e.g. "/"')
-        return None
-    labels: dict[str, str] = {}
-    before = len(out.problems)
-    for parent, children in obj.items():
-        for what, key in [("parent", parent)] + [("child", c) for c in children]:
-            if sep in key:
-                msg = f"{what} name '{key}' contains the hierarchy separator '{sep}'"
-                out.add(name, None, msg, "rename it, or pick another separator with data.hierarchy_sep")
-            elif not key.strip():
-                under = f" under '{parent}'" if what == "child" else ""
-                out.add(name, None, f"an empty {what} name{under}", "give it a name")
-        if not children:
-            out.add(name, None, f"parent '{parent}' has no children", "give it at least one child or drop it")
-        out.tree[parent] = [f"{parent}{sep}{child}" for child in children]
-        labels |= {f"{parent}{sep}{child}": desc for child, desc in children.items()}
-    if len(out.problems) > before:
-        out.tree = {}
-        return None
-    return labels
 
 
 def _read_csv(root: Path, name: str, key: str, need: dict[str, str], limit: int, out: CheckResult):
@@ -350,7 +313,7 @@ def _inspect(cfg: DataConfig, decode: bool) -> tuple[CheckResult, dict | None, F
             rel = [_relative_cell(p, root) if p else None for p in train["_abs"]]
             _check_ids(rel, cfg.train_csv, "image (the row id when there is no id column)", out)
         if out.tree and cfg.parent_col in train.columns:
-            train[cfg.label_col] = _with_parents(train, cfg)
+            train[cfg.label_col] = hierarchy.with_parents(train, cfg)
         if labels is not None:
             _check_labels(train[cfg.label_col], labels, cfg.train_csv, out, cfg.hierarchy_sep)
         if test is not None:
@@ -371,27 +334,8 @@ def _relative_cell(cell: str, root: Path) -> str:
     return IMAGE_SEP.join(Path(os.path.relpath(p, root)).as_posix() for p in image_paths(cell))
 
 
-def _with_parents(train: pd.DataFrame, cfg: DataConfig) -> list[str]:
-    """Full-path labels when train.csv names each row's parent in its own column (data.parent_col), e.g.
-    category1/category2 as data.parent_col=category1 data.label_col=category2: "上衣" + "T恤" -> "上衣/T恤".
-
-    A cell already written as a full path under its parent, or a row without a parent, stays as it is.
-    """
-    sep = cfg.hierarchy_sep
-
-    def join(parent: str, child: str) -> str:
-        if not parent.strip() or not child.strip() or child.startswith(parent + sep):
-            return child
-        return f"{parent}{sep}{child}"
-
-    return [join(p, c) for p, c in zip(train[cfg.parent_col], train[cfg.label_col], strict=True)]
-
-
 def _check_labels(values: pd.Series, labels: dict[str, str], name: str, out: CheckResult, sep: str) -> None:
-    # A nested labels.json: "T恤" alone names a child; the row must say which parent, "上衣/T恤".
-    paths = {}
-    for full in (f for children in out.tree.values() for f in children):
-        paths.setdefault(full.split(sep, 1)[1], []).append(full)
+    paths = hierarchy.paths_of_children(out.tree, sep)  # {"T恤": ["上衣/T恤"]}; {} for flat labels
     for row, label in enumerate(values, 1):
         if label in labels:
             continue

@@ -234,6 +234,14 @@ def _undefined_message(tpl: PromptTemplate, block: str, variables: dict[str, Any
     )
 
 
+def _tree_json(tree: Mapping[str, list[str]], descriptions: dict[str, str]) -> str:
+    """The tree with each label's description, e.g. {"money": {"money/payment": "A checkout form"}};
+    "" for flat labels, so `{% if label_tree_json %}` tells the two apart."""
+    if not tree:
+        return ""
+    return _tojson({p: {c: descriptions.get(c, "") for c in cs} for p, cs in tree.items()}, indent=2)
+
+
 def render_sample(
     tpl: PromptTemplate,
     *,
@@ -259,10 +267,7 @@ def render_sample(
         "descriptions": ordered,
         "label_descriptions_json": _tojson(ordered, indent=2),
         "label_tree": {parent: list(children) for parent, children in (tree or {}).items()},
-        # {"money": {"money/payment": "A checkout form ..."}}: the tree with each label's description
-        "label_tree_json": _tojson({p: {c: ordered.get(c, "") for c in cs} for p, cs in tree.items()}, indent=2)
-        if tree
-        else "",
+        "label_tree_json": _tree_json(tree or {}, ordered),
         "ocr_text": str(_clean(ocr_text)).strip(),
         "marker": tpl.marker,
         "row": prompt_row,
