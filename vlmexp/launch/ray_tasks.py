@@ -69,7 +69,10 @@ def run_folds(
     that finished stays on disk, so rerunning the same command resumes the rest."""
     ray = connect(ray_cfg)
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    task = ray.remote(_in_driver_cwd)
+    # A GPU task's worker must end with its task (max_calls=1): a reused worker keeps the CUDA context
+    # of the GPU it had and would train the next fold there, whatever GPU Ray gives it (ray issue 29624).
+    # Ray sets this itself only for num_gpus given to ray.remote, not through .options() as here.
+    task = ray.remote(max_calls=1)(_in_driver_cwd) if has_gpus else ray.remote(_in_driver_cwd)
     cwd = os.getcwd()
     refs = {}
     for job in jobs:
