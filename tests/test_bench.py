@@ -66,6 +66,22 @@ def test_train_bench_reference_and_project_agree(tmp_path):
     assert out.exists()
 
 
+def test_qwen3_vl_vision_flops_count_every_weight_once_per_row():
+    # Qwen3-VL's vision MLP is linear_fc1/fc2 (not gated) and each deepstack level has its own merger:
+    # the vision forward's matmul FLOPs are 2 x (weights x rows) over the tower's Linear and conv layers
+    model = AutoModelForImageTextToText.from_config(build_config(get_shape("tiny-qwen3-vl")))
+    grid = (1, 8, 8)
+    patches, merged = 64, 16
+    want = 0
+    for name, m in model.model.visual.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            want += 2 * m.weight.numel() * (merged if "merger" in name else patches)
+        elif isinstance(m, torch.nn.Conv3d):
+            want += 2 * m.weight.numel() * patches
+    count = flops.count(model.config, 80, grid)
+    assert count.vision_fwd - count.vision_attn_fwd == pytest.approx(want, rel=1e-6)
+
+
 def test_qwen3_vl_shape_runs_the_predict_rows():
     # the qwen3-vl-8b device rows take this path: deepstack features cached, 16 px patches merged 2x2
     result = run_bench("predict", "tiny-qwen3-vl", batch_size=2, n_images=4, reference=False)

@@ -64,7 +64,10 @@ def count(config, text_tokens: int, grid_thw: tuple[int, int, int]) -> FlopCount
     merge = vc.spatial_merge_size
     d = getattr(vc, "embed_dim", None) or vc.hidden_size  # Qwen2-VL: embed_dim; Qwen2.5-VL: hidden_size
     out = getattr(vc, "out_hidden_size", None) or vc.hidden_size
-    if hasattr(vc, "intermediate_size") and getattr(vc, "out_hidden_size", None):
+    deepstack = len(getattr(vc, "deepstack_visual_indexes", None) or ())
+    if deepstack:
+        mlp = 2 * d * vc.intermediate_size  # Qwen3-VL: linear_fc1/linear_fc2, not gated
+    elif hasattr(vc, "intermediate_size") and getattr(vc, "out_hidden_size", None):
         mlp = 3 * d * vc.intermediate_size  # Qwen2.5-VL: gated SiLU MLP
     else:
         mlp = 2 * d * d * vc.mlp_ratio  # Qwen2-VL: fc1/fc2
@@ -77,7 +80,8 @@ def count(config, text_tokens: int, grid_thw: tuple[int, int, int]) -> FlopCount
         2 * 2 * patches * (full if i in full_layers else min(window, full)) * d for i in range(vc.depth)
     )
     merged = patches // merge**2
-    merger = 2 * merged * (d * merge**2) * (d * merge**2 + out)
+    # Qwen3-VL runs one more merger per deepstack level (3 in the 8B) on the same patches
+    merger = (1 + deepstack) * 2 * merged * (d * merge**2) * (d * merge**2 + out)
     vision = vc.depth * per_patch * patches + vis_attn + patch_embed + merger
     return FlopCount(vision, language, lm_head, vis_attn, lang_attn)
 
