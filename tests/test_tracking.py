@@ -108,3 +108,30 @@ def test_mlflow_tags_the_fold_run_with_its_run(monkeypatch, tmp_path):
         tags = json.loads(os.environ["MLFLOW_TAGS"])
     assert tags == {"vlmexp.run": "demo-1a2b", "vlmexp.fold_run": "demo-1a2b-fold1"}
     assert "MLFLOW_TAGS" not in os.environ
+
+
+def test_log_jsonl_of_a_resumed_fold_drops_what_the_killed_process_logged_after_its_checkpoint(tmp_path):
+    from transformers import TrainerState
+
+    from vlmexp.engine.callbacks import JsonlLog
+
+    path = tmp_path / "log.jsonl"
+    path.write_text(
+        '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.4}\n'
+        '{"step": 2, "train_runtime": 9.0}\n{"step": 4, "lo'  # a line cut by kill -9
+    )
+    state = TrainerState(global_step=2)  # resumed from checkpoint-2
+    log = JsonlLog(path)
+    log.on_train_begin(None, state, None)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5},
+    ]
+    state.global_step, state.epoch = 3, 0.75
+    log.on_log(None, state, None, logs={"loss": 1.3, "learning_rate": 1e-3})
+    last = json.loads(path.read_text().splitlines()[-1])
+    assert last == {"step": 3, "loss": 1.3, "lr": 1e-3, "epoch": 0.75}
+    # The other ranks of a sharded fold log the same lines: only rank 0 writes them.
+    state.is_world_process_zero = False
+    log.on_log(None, state, None, logs={"loss": 1.2})
+    assert len(path.read_text().splitlines()) == 3

@@ -134,6 +134,8 @@ class JsonlLog(TrainerCallback):
         self.path = Path(path)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # a sharded fold's ranks all log the same lines: rank 0 writes
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [e for e in _read_jsonl(self.path) if e.get("step", 0) <= state.global_step]
         # The end-of-training summary (train_runtime, ...) is logged again by every train() call.
@@ -143,6 +145,8 @@ class JsonlLog(TrainerCallback):
         tmp.replace(self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(log_entry(state, logs)) + "\n")
 
