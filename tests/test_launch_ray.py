@@ -72,19 +72,9 @@ def assert_same_tables(a: Path, b: Path) -> None:
         assert cx[key] == pytest.approx(cy[key], abs=1e-9), key
 
 
-def test_ray_run_equals_local_run(cluster, local_run, demo, workdir):
-    from vlmexp.recipe import run_experiment
-
-    run = run_experiment(cfg_of(demo, workdir, "name=onray", "launcher=ray")).root
-    assert_same_tables(local_run, run)
-    # Both folds ran in Ray worker processes, not in this (the driver) process.
-    pids = {read_json(run / f"folds/fold{k}/task.json")["pid"] for k in (0, 1)}
-    assert os.getpid() not in pids
-
-
-def test_sweep_sends_all_folds_at_once_and_writes_a_row_per_run(cluster, demo, workdir, monkeypatch):
+def spy_on_batches(monkeypatch) -> list[list[tuple[str, int]]]:
+    """The (run, fold) jobs of every batch the recipe hands to Ray."""
     from vlmexp.launch import ray_tasks
-    from vlmexp.recipe import run_experiments
 
     batches = []
     submit = ray_tasks.run_folds
@@ -94,6 +84,39 @@ def test_sweep_sends_all_folds_at_once_and_writes_a_row_per_run(cluster, demo, w
         return submit(jobs, runs, *args, **kwargs)
 
     monkeypatch.setattr(ray_tasks, "run_folds", spy)
+    return batches
+
+
+def test_ray_run_equals_local_run_and_resumes_only_what_is_missing(
+    cluster, local_run, demo, workdir, monkeypatch
+):
+    from vlmexp.recipe import run_experiment
+
+    cfg = cfg_of(demo, workdir, "name=onray", "launcher=ray")
+    run = run_experiment(cfg).root
+    assert_same_tables(local_run, run)
+    # Both folds ran in Ray worker processes, not in this (the driver) process.
+    pids = {read_json(run / f"folds/fold{k}/task.json")["pid"] for k in (0, 1)}
+    assert os.getpid() not in pids
+
+    # The driver died after fold 0 (fold 1 and the run's tables lost): the rerun sends fold 1 alone.
+    batches = spy_on_batches(monkeypatch)
+    fold0_oof = (run / "folds/fold0/oof.csv").read_bytes()
+    for lost in ("folds/fold1/done.json", "cv.json", "oof.csv", "submission.csv"):
+        (run / lost).unlink()
+    run_experiment(cfg)
+    assert batches == [[("onray", 1)]]
+    assert (run / "folds/fold0/oof.csv").read_bytes() == fold0_oof
+    assert_same_tables(local_run, run)
+    # A finished run is reused as it is: no task at all.
+    run_experiment(cfg)
+    assert batches[1:] == [[]]
+
+
+def test_sweep_sends_all_folds_at_once_and_writes_a_row_per_run(cluster, demo, workdir, monkeypatch):
+    from vlmexp.recipe import run_experiments
+
+    batches = spy_on_batches(monkeypatch)
     board = workdir / "sweep_board.csv"
     cfgs = [cfg_of(demo, workdir, f"seed={s}", "launcher=ray", f"leaderboard={board}") for s in (1, 2)]
     runs = run_experiments(cfgs)
