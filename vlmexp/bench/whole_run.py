@@ -176,6 +176,16 @@ def _competition_samples(cfg):
     return comp, samples
 
 
+def _resolved(cfg, model, processor, samples: list[dict]):
+    """cfg with train.batch_size=auto resolved as build_trainer resolves it for these rows (and lr)."""
+    from vlmexp.engine import autobatch
+    from vlmexp.engine.train import _probe_shape, training_dataset
+
+    cuda = torch.cuda.is_available()
+    shape = _probe_shape(cfg, processor, training_dataset(cfg, processor, samples[:32])) if cuda else None
+    return autobatch.resolve(cfg, model, shape)
+
+
 def steady_state(cfg, batch_size: int | str, steps: int, warmup: int = 2) -> dict:
     """The step benchmark (`train_bench.project_row`, language-only LoRA r=16) on the run's saved base
     weights and its own training rows: `samples_per_s_cached` is the steady state of a step."""
@@ -187,12 +197,8 @@ def steady_state(cfg, batch_size: int | str, steps: int, warmup: int = 2) -> dic
     base = load_model(cfg, training=False).requires_grad_(False)
     processor = load_processor(cfg)
     cuda = torch.cuda.is_available()
-    if batch_size == "auto":  # what build_trainer would choose for these rows on this GPU
-        from vlmexp.engine import autobatch
-        from vlmexp.engine.train import _probe_shape, training_dataset
-
-        shape = _probe_shape(cfg, processor, training_dataset(cfg, processor, samples[:32])) if cuda else None
-        batch_size = autobatch.resolve(cfg, base, shape).train.batch_size
+    if batch_size == "auto":
+        batch_size = _resolved(cfg, base, processor, samples).train.batch_size
     need = (warmup + steps) * batch_size
     samples = (samples * (need // len(samples) + 1))[:need]  # small data: rows repeat (cached pass only)
     row, _ = project_row(
@@ -260,6 +266,7 @@ def _tutorial_fold(cfg, train_samples, val_samples, test_samples, labels, k: int
     with timing.phase("load_model"):
         model = load_model(cfg, training=True)
         processor = load_processor(cfg)
+    cfg = _resolved(cfg, model, processor, train_samples)  # the project's batch and lr for batch_size=auto
     ds = Dataset.from_list([{"messages": s["messages"], "images": s["images"]} for s in train_samples])
     with tempfile.TemporaryDirectory() as tmp, timing.phase("train_steps"):
         args = SFTConfig(
