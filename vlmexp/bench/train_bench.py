@@ -217,7 +217,7 @@ def project_row(
     callbacks = [timer]
     if cuda and profile.enabled():  # 3 steps of the cached pass
         callbacks.append(profile.StepProfiler(f"train-{name}-{modules}", warmup + steps + 1, 3, batch_size))
-    train_log = logging.getLogger("vlmexp.engine.train")
+    train_log = logging.getLogger("vlmexp.engine.train_args")  # sft_config logs the decision there
     train_log.addHandler(decision)
     level = train_log.level
     train_log.setLevel(logging.INFO)
