@@ -7,7 +7,8 @@
 # levers: language-only rows: reference at batch 8 and 16, project, project with speed.compile at 8 and 16;
 # predict-compile: predict plus a warm speed.compile=true row at batch 32; levers32: a compiled
 # batch-32 row; predict64: prediction at batch 8 and 64; predict32: at batch 32 only (reference too);
-# levers24: a compiled batch-24 row alone; gputests: the CUDA-only tests of tests/test_engine_encode.py.
+# levers24: a compiled batch-24 row alone; gputests: the CUDA-only tests of tests/test_engine_encode.py and
+# tests/test_vision_speed.py.
 # equal: reference and project only, 16 steps, for the loss-curve comparison.
 # parallel (on nvidia-h200-x2): `exp run folds=2` with gpus=2 against gpus=1, wall time of each.
 # Whole runs (`exp bench run`, one part per device call: each stays under the 10-minute limit):
@@ -64,7 +65,7 @@ for part in $parts; do
     run-ref) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts reference --reference-folds 1)
         limit=500 ;;
     vision) cmd=(vision qwen2.5-vl-3b --images 32); limit=300 ;;
-    gputests) echo "== gputests"; timeout 100 python3 -m pytest -q -m gpu tests/test_engine_encode.py 2>&1 | tail -5
+    gputests) echo "== gputests"; timeout 200 python3 -m pytest -q -m gpu tests/test_engine_encode.py tests/test_vision_speed.py 2>&1 | tail -5
         continue ;;
     predict32) cmd=(predict qwen2.5-vl-3b --images 160 --batch-size 32); limit=200 ;;
     predict64) cmd=(predict qwen2.5-vl-3b --images 192 --predict-batch-sizes 64); limit=200 ;;

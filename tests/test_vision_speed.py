@@ -82,3 +82,26 @@ def test_image_count_buckets_keep_each_images_features(qwen25):
     assert not state["static"]  # mixed sizes: as they are, eager blocks
     hook.remove()
     assert [vision_speed.image_bucket(n) for n in (1, 3, 8, 9, 300)] == [1, 4, 8, 16, 300]
+
+
+@pytest.mark.gpu
+def test_padded_and_compiled_tower_gives_the_same_features_on_cuda(tiny_models):
+    path = tiny_models("qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    model.requires_grad_(False)
+    processor = AutoProcessor.from_pretrained(path)
+    same = _images([(112, 112)] * 3)
+
+    def feats():
+        enc = processor.image_processor(images=same, return_tensors="pt")
+        with torch.no_grad():
+            out = model.model.get_image_features(
+                enc["pixel_values"].cuda(), enc["image_grid_thw"].cuda(), return_dict=True
+            )
+        return torch.cat(out.pooler_output)
+
+    before = feats()
+    assert vision_speed.prepare_tower(model, Config().speed) == {"vision_pad": len(model.model.visual.blocks)}
+    speed = dataclasses.replace(Config().speed, vision_compile=True)
+    assert vision_speed.prepare_tower(model, speed)["vision_compile"] == len(model.model.visual.blocks)
+    torch.testing.assert_close(feats(), before, atol=1e-4, rtol=0)  # compiled: fp32 within 1e-4
