@@ -46,3 +46,43 @@ def test_gpus_per_fold_and_ray_keys_are_validated():
         load_config(["launcher=slurm"])
     # Where the folds run does not change the results: same run name and hash.
     assert config_hash(load_config(["launcher=ray", "ray.address=auto"])) == config_hash(load_config([]))
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_launched_process_dies_with_its_parent(tmp_path):
+    """kill -9 of `exp` or of a Ray worker must take its torchrun with it (a retried fold would race it)."""
+    import os
+    import signal
+    import time
+
+    out, pid_file = tmp_path / "child.out", tmp_path / "child.pid"
+    parent_code = (
+        "import subprocess; from vlmexp.launch import tied_command; "
+        f"p = subprocess.Popen(tied_command('http.server', ['0', '--bind', '127.0.0.1']), "
+        f"stdout=open({str(out)!r}, 'w')); open({str(pid_file)!r}, 'w').write(str(p.pid)); p.wait()"
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], env=env)
+    deadline = time.time() + 60
+    while not (out.exists() and "Serving HTTP" in out.read_text()):  # the child is past die_with_parent
+        assert time.time() < deadline and parent.poll() is None, "the child never started"
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    try:
+        while _alive(child) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the child outlived its parent"
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)

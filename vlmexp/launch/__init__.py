@@ -16,6 +16,7 @@ folder (and the data) can run it, and a rerun of a half-done fold resumes it. Th
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,3 +45,29 @@ def resolve_unit(name: str) -> FoldUnit:
 
     module, _, attr = name.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel sends this process SIGKILL when its parent dies, so a kill -9 of `exp` or of a
+    Ray worker takes its torchrun and the ranks with it instead of leaving them training on the GPUs
+    (and a retried fold racing them). No-op on other systems."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def tied_command(module: str, args: list[str]) -> list[str]:
+    """`python -m module args...`, in a process that dies with the one that starts it."""
+    code = f"import vlmexp.launch as l; l._run_tied({module!r})"
+    return [sys.executable, "-c", code, *args]
+
+
+def _run_tied(module: str) -> None:
+    import runpy
+
+    die_with_parent()
+    sys.argv = [module, *sys.argv[1:]]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from vlmexp.config import Config, load_config_file
-from vlmexp.launch import FoldUnit, resolve_unit, unit_name
+from vlmexp.launch import FoldUnit, die_with_parent, resolve_unit, tied_command, unit_name
 
 SHARDED = "VLMEXP_SHARDED_FOLD"  # "1" in the N processes that train one fold together
 
@@ -45,18 +45,18 @@ def launch_fold(cfg: Config, k: int, unit: FoldUnit, config_file: Path) -> None:
 
     write_text(to_yaml(cfg), config_file)
     n = cfg.train.gpus_per_fold
-    cmd = [
-        sys.executable,
-        "-m",
+    cmd = tied_command(
         "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={n}",
-        "-m",
-        "vlmexp.launch.fsdp",
-        str(config_file),
-        unit_name(unit),
-        str(k),
-    ]
+        [
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            "vlmexp.launch.fsdp",
+            str(config_file),
+            unit_name(unit),
+            str(k),
+        ],
+    )
     done = subprocess.run(cmd, check=False, env={**os.environ, SHARDED: "1"})
     if done.returncode != 0:
         raise RuntimeError(
@@ -90,6 +90,7 @@ def worker(config_file: Path, unit: str, k: int) -> None:
     # Each rank drives its own GPU; the Trainer reads LOCAL_RANK for that. The frozen-tower feature
     # cache calls the vision tower outside the wrapped (sharded) model, so it stays off here; it is a
     # speed lever only (speed.* is outside the config hash), so the run is the same run.
+    die_with_parent()
     cfg = load_config_file(config_file)
     cfg = dataclasses.replace(cfg, speed=dataclasses.replace(cfg.speed, vision_cache="off"))
     resolve_unit(unit)(cfg, k)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from vlmexp.config import Config, load_config_file
-from vlmexp.launch import FoldUnit, resolve_unit, unit_name
+from vlmexp.launch import FoldUnit, die_with_parent, resolve_unit, tied_command, unit_name
 
 
 def launch_folds(cfg: Config, pending: list[int], unit: FoldUnit, config_file: Path) -> None:
@@ -32,18 +32,18 @@ def launch_folds(cfg: Config, pending: list[int], unit: FoldUnit, config_file: P
     from vlmexp.tables import write_text
 
     write_text(to_yaml(cfg), config_file)
-    cmd = [
-        sys.executable,
-        "-m",
+    cmd = tied_command(
         "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={min(cfg.gpus, len(pending))}",
-        "-m",
-        "vlmexp.launch.torchrun",
-        str(config_file),
-        unit_name(unit),
-        ",".join(map(str, pending)),
-    ]
+        [
+            "--standalone",
+            f"--nproc_per_node={min(cfg.gpus, len(pending))}",
+            "-m",
+            "vlmexp.launch.torchrun",
+            str(config_file),
+            unit_name(unit),
+            ",".join(map(str, pending)),
+        ],
+    )
     done = subprocess.run(cmd, check=False)
     if done.returncode != 0:
         raise RuntimeError(
@@ -83,6 +83,7 @@ def become_single_gpu_process() -> tuple[int, int]:
 
 
 def worker(config_file: Path, unit: str, pending: list[int]) -> None:
+    die_with_parent()
     rank, world = become_single_gpu_process()
     cfg, run_unit = load_config_file(config_file), resolve_unit(unit)
     for i, k in enumerate(pending):
