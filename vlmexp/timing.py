@@ -34,10 +34,16 @@ PHASES = (
 )
 
 
+# CPU-only phases entered once per row: no GPU wait at their boundaries, which would stop the CPU from
+# encoding the next batch while the GPU runs the last step (the kernels then count in the enclosing
+# phase, e.g. train_steps, at its next wait).
+NO_SYNC = frozenset({"encode"})
+
+
 class PhaseTimer:
-    """Exclusive wall seconds per phase. `sync`: wait for the GPU at every phase boundary, so the
-    work a phase queued is charged to it and not to the phase that happens to wait for it (on CUDA
-    kernels run asynchronously; without it a training step's kernels can land in "save")."""
+    """Exclusive wall seconds per phase. `sync`: wait for the GPU at phase boundaries (except NO_SYNC),
+    so the work a phase queued is charged to it and not to the phase that happens to wait for it (on
+    CUDA kernels run asynchronously; without it a training step's kernels can land in "save")."""
 
     def __init__(self, sync: bool = False):
         self.sync = sync
@@ -49,12 +55,12 @@ class PhaseTimer:
         self.stopped: float | None = None
 
     def enter(self, name: str) -> None:
-        self._wait()
+        self._wait(name)
         with self._lock:
             self._stack.append([name, time.perf_counter(), 0.0])
 
     def exit(self, name: str) -> None:
-        self._wait()
+        self._wait(name)
         with self._lock:
             if not self._stack or self._stack[-1][0] != name:
                 return  # an unbalanced exit (e.g. a compile that raised before its start callback)
@@ -65,8 +71,8 @@ class PhaseTimer:
             if self._stack:
                 self._stack[-1][2] += total
 
-    def _wait(self) -> None:
-        if self.sync:
+    def _wait(self, name: str) -> None:
+        if self.sync and name not in NO_SYNC:
             import torch
 
             if torch.cuda.is_available():
