@@ -11,7 +11,7 @@ from vlmexp.config import Config
 from vlmexp.engine.buckets import bucket_width, widths
 from vlmexp.engine.encode import Encoder, pad_rows
 from vlmexp.engine.samples import build_samples
-from vlmexp.engine.train import training_dataset
+from vlmexp.engine.train import RowCollator, training_dataset
 from vlmexp.models.load import load_model, load_processor
 from vlmexp.prompts.render import load_template
 
@@ -56,7 +56,8 @@ def test_bucketed_padding_gives_the_same_loss(tiny_models, tmp_path):
     samples = build_samples(df, labels=labels, descriptions={}, template=tpl, cfg=cfg)
     enc = Encoder(processor, cfg.train.max_length)
     enc.bind(model)
-    encoded = [enc.train_row(e) for e in training_dataset(cfg, processor, samples)]
+    examples = training_dataset(cfg, processor, samples)
+    encoded = [enc.train_row(e) for e in examples]
 
     def loss(multiple) -> tuple[float, int]:
         batch = enc.pad_train(encoded, multiple=multiple)
@@ -68,3 +69,12 @@ def test_bucketed_padding_gives_the_same_loss(tiny_models, tmp_path):
     bucketed, bucketed_width = loss(bucket_width)
     assert bucketed_width == bucket_width(plain_width) > plain_width  # really padded further
     assert abs(bucketed - plain) < 1e-5
+
+    # A short last batch (3 rows at batch 5) topped up with label-masked copies: same loss, full shape.
+    collate = RowCollator(examples, enc, None, cfg.train.max_length, processor, bucket_width, fill_to=5)
+    batch = collate([{"row": i} for i in range(3)])
+    assert batch["input_ids"].shape == (5, bucketed_width)
+    assert batch["image_grid_thw"].shape[0] == 5 and (batch["labels"][3:] == -100).all()
+    batch.pop("image_keys"), batch.pop("pixel_index")
+    with torch.no_grad():
+        assert abs(float(model(**batch).loss) - plain) < 1e-5

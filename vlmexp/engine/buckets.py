@@ -10,10 +10,18 @@ of 64: 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, ... Abo
 meets is compiled in its first fold, later folds recompile nothing. Padding is masked and carries
 label -100, so the loss is the same (tests/test_buckets.py).
 
-Used by the training collator when speed.compile is on (engine/train.py), through `encode.pad_rows`.
+The batch dimension is a shape too: a fold's last batch is short (320 rows at batch 24: 8 rows), and
+folds of different sizes give different short batches. `fill_rows` tops a short batch up with copies
+of its first row whose labels are all -100: the compiled step sees the full batch's shape, the copies
+add nothing to the loss or the gradients (the loss counts supervised tokens only), only their compute.
+
+Used by the training collator when speed.compile is on (engine/train.py): widths through
+`encode.pad_rows`, rows through `fill_rows`.
 """
 
 from __future__ import annotations
+
+import torch
 
 STEP = 64  # the smallest step; also every width's divisor (tensor-core friendly)
 PER_OCTAVE = 4  # widths per doubling above STEP * PER_OCTAVE tokens
@@ -31,3 +39,11 @@ def bucket_width(n: int) -> int:
 def widths(up_to: int) -> list[int]:
     """Every ladder width a batch of at most `up_to` tokens can get: widths(512)[:4] = [64, 128, 192, 256]."""
     return sorted({bucket_width(n) for n in range(1, up_to + 1)})
+
+
+def fill_rows(rows: list[dict], size: int) -> list[dict]:
+    """`rows` (encoded training rows) topped up to `size` with label-masked copies of the first row."""
+    if len(rows) >= size:
+        return rows
+    filler = dict(rows[0], labels=torch.full_like(rows[0]["labels"], -100))
+    return rows + [filler] * (size - len(rows))

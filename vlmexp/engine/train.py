@@ -327,6 +327,7 @@ def build_trainer(
             cfg.train.max_length,
             processor,
             multiple=buckets.bucket_width if cfg.speed.compile and cuda else 1,
+            fill_to=cfg.train.batch_size if cfg.speed.compile and cuda else 0,
         ),
         processing_class=processor,
         callbacks=list(callbacks),
@@ -365,9 +366,12 @@ class RowCollator:
     the rows' media do not stack (e.g. SmolVLM rows with different image counts). Fails loud when a row
     has no supervised token left: its prompt alone exceeds max_length."""
 
-    def __init__(self, examples, encoder: Encoder | None, vision, max_length: int, processor, multiple=1):
+    def __init__(
+        self, examples, encoder: Encoder | None, vision, max_length: int, processor, multiple=1, fill_to=0
+    ):
         self.examples, self.encoder, self.vision, self.max_length = examples, encoder, vision, max_length
         self.multiple = multiple  # pad widths to this many tokens (speed.compile: few distinct shapes)
+        self.fill_to = fill_to  # short batches topped up to this many rows, label-masked (speed.compile)
         self.plain = encoder.collator if encoder is not None else trl_collator(processor, max_length)
 
     def __call__(self, items: list[dict]) -> dict:
@@ -377,10 +381,11 @@ class RowCollator:
             rows = [self.encoder.train_row(ex) for ex in examples]
             if stackable(rows):
                 cached = self.vision.keys() if self.vision is not None else frozenset()
+                rows = buckets.fill_rows(rows, self.fill_to)
                 batch = self.encoder.pad_train(rows, skip_pixels=cached, multiple=self.multiple)
         if batch is None:
             batch = self.plain([dict(ex, images=list(ex["images"])) for ex in examples])
-        empty = (batch["labels"] != -100).sum(-1) == 0
+        empty = (batch["labels"][: len(examples)] != -100).sum(-1) == 0  # fill rows are masked on purpose
         if bool(empty.any()):
             raise ValueError(
                 f"{int(empty.sum())} training sample(s) are longer than train.max_length={self.max_length} "
