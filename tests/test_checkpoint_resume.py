@@ -149,3 +149,58 @@ def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path):
     assert last_checkpoint(tmp_path).name == "checkpoint-2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # the broken ones removed
     assert last_checkpoint(tmp_path / "none") is None
+
+
+def test_a_fold_trained_before_a_kill_is_not_trained_again(tiny_models, tmp_path):
+    """Killed after its adapter was saved (e.g. while predicting): the rerun loads the saved weights
+    instead of training again the epochs after the best one from its checkpoint."""
+    import pandas as pd
+    from PIL import Image
+    from transformers import set_seed
+
+    from vlmexp.config import Config
+    from vlmexp.engine.predict import predict
+    from vlmexp.engine.samples import build_samples
+    from vlmexp.engine.train import train_fold
+    from vlmexp.models.load import load_for_inference, load_model, load_processor
+    from vlmexp.prompts.render import load_template
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+    labels, rows = list(colours), []
+    for i in range(12):
+        Image.new("RGB", (48, 48), colours[labels[i % 4]]).save(tmp_path / f"{i}.png")
+        rows.append({"id": str(i), "image": str(tmp_path / f"{i}.png"), "label": labels[i % 4]})
+    cfg = Config()
+    cfg.model.name = str(tiny_models("qwen2_vl"))
+    cfg.lora.r, cfg.lora.dropout = 8, 0.0
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_ratio = 2.0, 4, 5e-3, 0.0
+
+    def samples(part: list[dict], with_answer: bool) -> list[dict]:
+        out = build_samples(
+            pd.DataFrame(part),
+            labels=labels,
+            descriptions={},
+            template=load_template("baseline"),
+            cfg=cfg,
+            with_answer=with_answer,
+        )
+        return [dict(s, label=r["label"]) for s, r in zip(out, part, strict=True)]
+
+    processor = load_processor(cfg)
+    train, val = samples(rows[:8], True), samples(rows[8:], False)
+    set_seed(0)
+    first = train_fold(cfg, load_model(cfg, training=True), processor, train, val, labels, tmp_path / "f0")
+    saved = predict(cfg, load_for_inference(cfg, first.adapter_dir), processor, val, labels, progress=False)
+
+    set_seed(0)
+    fresh = load_model(cfg, training=True)  # LoRA B starts at zero: the base model's outputs
+    base = predict(cfg, fresh, processor, val, labels, progress=False)
+    logs: list[dict] = []
+    again = train_fold(cfg, fresh, processor, train, val, labels, tmp_path / "f0", on_log=logs.append)
+    assert logs == []  # no training step and no evaluation ran
+    assert (again.best_metric, again.best_epoch) == (first.best_metric, first.best_epoch)
+    assert again.log_history == first.log_history
+    reused = predict(cfg, fresh, processor, val, labels, progress=False)
+    num = [c for c in saved.columns if c.startswith("p:")]
+    assert np.abs(base[num].to_numpy() - saved[num].to_numpy()).max() > 1e-4  # training changed it
+    np.testing.assert_allclose(reused[num].to_numpy(), saved[num].to_numpy(), atol=1e-5)

@@ -84,8 +84,7 @@ def test_log_jsonl_has_one_line_per_trainer_log(run):
 
 def test_wandb_groups_a_runs_folds_and_finishes_each(monkeypatch, tmp_path):
     cfg = load_config(["train.report_to=wandb"])
-    out = FoldOutputs.under(tmp_path / "demo-1a2b" / "fold0")
-    out = FoldOutputs(out.adapter, out.checkpoints, out.log, out.tensorboard, "demo-1a2b-fold0", "demo-1a2b")
+    out = FoldOutputs.under(tmp_path / "demo-1a2b" / "demo-1a2b-fold0")
     finished = []
     fake = types.SimpleNamespace(run=object(), finish=lambda: finished.append(True))
     monkeypatch.setitem(sys.modules, "wandb", fake)
@@ -102,7 +101,7 @@ def test_wandb_groups_a_runs_folds_and_finishes_each(monkeypatch, tmp_path):
 
 def test_mlflow_tags_the_fold_run_with_its_run(monkeypatch, tmp_path):
     cfg = load_config(["train.report_to=mlflow"])
-    out = FoldOutputs("a", "c", "l", "t", "demo-1a2b-fold1", "demo-1a2b")
+    out = FoldOutputs.under(tmp_path / "demo-1a2b" / "demo-1a2b-fold1")
     monkeypatch.delenv("MLFLOW_TAGS", raising=False)
     with _tracker_env(cfg, out):
         tags = json.loads(os.environ["MLFLOW_TAGS"])

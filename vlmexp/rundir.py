@@ -89,6 +89,10 @@ class RunDir:
         """Fold k's LoRA adapter (or whole model for model.finetune=full), as engine/train.py saves it."""
         return self.fold_dir(k) / "adapter"
 
+    def train_result_path(self, k: int) -> Path:
+        """Fold k's training result (best epoch and metric, logs), written once its adapter is saved."""
+        return self.fold_dir(k) / "train_result.json"
+
     def checkpoint_dir(self, k: int) -> Path:
         """Fold k's trainer checkpoints (the last and the best), from which a killed fold resumes."""
         return self.fold_dir(k) / "checkpoints"

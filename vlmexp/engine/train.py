@@ -46,6 +46,7 @@ from vlmexp.engine.samples import load_images, to_prompt_completion
 from vlmexp.engine.train_args import sft_config
 from vlmexp.launch import fsdp as fsdp_launch
 from vlmexp.rundir import RunDir
+from vlmexp.tables import read_json, write_json
 from vlmexp.timing import phase
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class FoldOutputs:
     folder (`under`, for tests and notebooks)."""
 
     adapter: Path  # the best (or last) weights + processor
+    result: Path  # the TrainResult as JSON, written once the adapter is saved
     checkpoints: Path  # trainer checkpoints: the last and the best
     log: Path  # log.jsonl, one line per trainer log
     tensorboard: Path  # TensorBoard event files
@@ -77,6 +79,7 @@ class FoldOutputs:
     def for_fold(cls, run: RunDir, k: int) -> FoldOutputs:
         return cls(
             adapter=run.adapter_dir(k),
+            result=run.train_result_path(k),
             checkpoints=run.checkpoint_dir(k),
             log=run.train_log_path(k),
             tensorboard=run.tensorboard_dir(k),
@@ -87,7 +90,8 @@ class FoldOutputs:
     @classmethod
     def under(cls, out_dir: Path) -> FoldOutputs:
         d = Path(out_dir)
-        return cls(d / "adapter", d / "checkpoints", d / "log.jsonl", d / "tb", d.name, d.parent.name)
+        files = (d / "adapter", d / "train_result.json", d / "checkpoints", d / "log.jsonl", d / "tb")
+        return cls(*files, name=d.name, group=d.parent.name)
 
 
 def train_fold(
@@ -130,6 +134,14 @@ def train_fold(
     if on_log is not None:
         # the caller draws its own progress from on_log; the trainer's printed dicts would garble it
         trainer.remove_callback(PrinterCallback)
+    if out.result.exists():
+        # Trained before a kill (e.g. while predicting): the saved weights, not the epochs after the
+        # best one trained again from its checkpoint.
+        log.info("fold training finished before: reusing %s", out.adapter)
+        trainer._load_from_checkpoint(str(out.adapter))  # the trainer's loader: adapter or full model
+        model.eval()
+        done = read_json(out.result)
+        return TrainResult(**{**done, "adapter_dir": out.adapter})
     resume = last_checkpoint(out.checkpoints)
     if resume is not None:
         log.info("resuming fold training from %s", resume)
@@ -162,7 +174,7 @@ def train_fold(
         if fsdp_launch.is_main_process():
             processor.save_pretrained(out.adapter)
     model.eval()
-    return TrainResult(
+    result = TrainResult(
         adapter_dir=out.adapter,
         log_history=list(state.log_history),
         best_metric=best_metric,
@@ -170,6 +182,9 @@ def train_fold(
         train_seconds=round(seconds, 2),
         resumed_from=str(resume) if resume else None,
     )
+    if fsdp_launch.is_main_process():
+        write_json({**result.__dict__, "adapter_dir": str(out.adapter)}, out.result)
+    return result
 
 
 def last_checkpoint(folder: Path) -> Path | None:
