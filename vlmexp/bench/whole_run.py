@@ -128,6 +128,7 @@ def project_run(cfg) -> dict:
     """`exp run` as a user runs it, phases recorded; samples/s counts rows x epochs of every fold."""
     from vlmexp.recipe import run_experiment
 
+    _reset_peak()
     with timing.recording() as timer:
         run = run_experiment(cfg)
     report = timer.report()
@@ -146,6 +147,11 @@ def project_run(cfg) -> dict:
         "cv": {k: cv[k] for k in ("metric", "mean", "std", "accuracy", "macro_f1")},
         "peak_gib": _peak_gib(),
     }
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _peak_gib() -> float | None:
@@ -232,6 +238,7 @@ def tutorial_kfold(cfg, n_folds: int | None = None) -> dict:
     n = min(n_folds or cfg.folds, cfg.folds)
     test_samples = samples(comp.test, False)
     scores = []
+    _reset_peak()
     with timing.recording() as timer:
         for k in range(n):
             val_ids = set(fold_of[fold_of == k].index)
