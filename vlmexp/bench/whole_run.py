@@ -17,6 +17,7 @@ K-fold loop, in one process.
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from pathlib import Path
@@ -82,9 +83,12 @@ def bench_run(
         "ratios": {},
     }
 
-    def save() -> None:
+    def save() -> None:  # after each part, which also lets go of its models and caches
         if out is not None:
             write_json(result, out)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     if project:
         result["project"] = project_run(cfg)
