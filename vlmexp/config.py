@@ -97,6 +97,9 @@ class ModelConfig:
     attn: str = choice("auto", "sdpa", "eager", "flash_attention_2")  # auto: FA2 when installed, else sdpa
     dtype: str = choice("auto", "bfloat16", "float16", "float32")  # auto: bf16 on GPU, fp32 on CPU
     cache_dir: str = ".cache/tiny"  # where tiny:<family> models are built once
+    head: str = choice("lm", "cls")  # cls: a linear head on the last hidden state, one forward (cls_head.py)
+    head_pool: str = choice("last", "mean")  # head=cls pools the last prompt token, or the mean of the prompt
+    head_label_smoothing: float = ranged(0.0, ge=0, lt=1)  # head=cls cross-entropy smoothing, e.g. 0.1
 
 
 @dataclass

@@ -55,6 +55,10 @@ def predict(
         vision_speed.prepare_tower(model, cfg.speed)  # MLP padded, blocks compiled: same features
         if cfg.speed.compile:
             fast.compile_blocks(model)
+    if cfg.model.head == "cls":  # the head's softmax in one forward; no label tokens scored
+        from vlmexp.engine.cls_head import predict_head
+
+        return predict_head(cfg, model, processor, samples, labels)
     if caches is not None:
         caches.bind(model)
     mode = cfg.predict.mode

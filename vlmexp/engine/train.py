@@ -39,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from vlmexp.config import Config
-from vlmexp.engine import autobatch, buckets, fast, vision_speed
+from vlmexp.engine import autobatch, buckets, cls_head, fast, vision_speed
 from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeatedSave
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.samples import load_images, to_prompt_completion
@@ -113,18 +113,19 @@ def train_fold(
         raise ValueError("train_fold got no training samples")
     out = out if isinstance(out, FoldOutputs) else FoldOutputs.under(out)
     caches = caches if caches is not None else RunCaches.for_run(cfg, processor)
-    examples = training_dataset(cfg, processor, train_samples)
     evaluator = None
     if cfg.train.eval and val_samples:
         evaluator = EvalCallback(cfg, processor, val_samples, labels, caches=caches)
     elif cfg.train.eval:
         log.warning("train.eval is on but the fold has no validation samples: keeping the final weights")
     callbacks = [evaluator, SkipRepeatedSave(), JsonlLog(out.log), LogRelay(on_log) if on_log else None]
-    trainer = build_trainer(
+    # model.head=cls: prompt-only rows and cross-entropy on a linear head (engine/cls_head.py)
+    build = cls_head.trainer_builder(train_samples, labels) if cfg.model.head == "cls" else build_trainer
+    trainer = build(
         cfg,
         model,
         processor,
-        examples,
+        training_dataset(cfg, processor, train_samples) if cfg.model.head == "lm" else [],
         out.checkpoints,
         [c for c in callbacks if c is not None],
         caches=caches,
@@ -172,6 +173,8 @@ def train_fold(
             trainer.save_model(str(out.adapter))  # gathers the sharded weights; rank 0 writes them
         else:
             model.save_pretrained(out.adapter)
+            if cfg.model.head == "cls":
+                cls_head.save_head(model, out.adapter)
         if fsdp_launch.is_main_process():
             processor.save_pretrained(out.adapter)
     model.eval()

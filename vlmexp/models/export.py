@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from vlmexp.config import Config
+from vlmexp.engine.cls_head import copy_head
 from vlmexp.engine.samples import template_kwargs
 from vlmexp.models.load import load_for_inference, load_processor
 
@@ -96,6 +97,7 @@ def export_merged(
     try:
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        copy_head(adapter_dir, tmp)  # model.head=cls: the head travels with the merged weights
         del model, merged  # a 7B model in fp32 is 28 GB: hold one copy at a time
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -187,12 +187,18 @@ def load_for_inference(cfg: Config, adapter_dir: Path | None = None) -> torch.nn
     """
     if adapter_dir is not None and cfg.model.finetune == "full":
         full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(adapter_dir)))
-        return load_model(full, training=False).eval()
-    model = load_model(cfg, training=False)
-    if adapter_dir is not None:
+        model = load_model(full, training=False)
+    else:
+        model = load_model(cfg, training=False)
+    if adapter_dir is not None and cfg.model.finetune != "full":
         from peft import PeftModel
 
         if not (Path(adapter_dir) / "adapter_config.json").exists():
             raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; is this a LoRA adapter folder?")
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    if cfg.model.head == "cls":
+        from vlmexp.engine.cls_head import load_head
+
+        # the head sits beside the adapter, or in the model folder itself after `exp export`
+        load_head(model, adapter_dir if adapter_dir is not None else resolve_model_path(cfg.model))
     return model.eval()
