@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vlmexp.config import Config
-from vlmexp.engine.buckets import bucket_width, widths
+from vlmexp.engine.buckets import bucket_width, width_rule, widths
 from vlmexp.engine.encode import Encoder, pad_rows
 from vlmexp.engine.samples import build_samples
 from vlmexp.engine.train import RowCollator, training_dataset
@@ -78,3 +78,46 @@ def test_bucketed_padding_gives_the_same_loss(tiny_models, tmp_path):
     batch.pop("image_keys"), batch.pop("pixel_index")
     with torch.no_grad():
         assert abs(float(model(**batch).loss) - plain) < 1e-5
+
+
+def test_bucketed_prompt_widths_give_the_same_probabilities(tiny_models, tmp_path, monkeypatch):
+    from vlmexp.engine.encode import RunCaches
+    from vlmexp.engine.predict import predict
+
+    cfg = Config()
+    cfg.model.name = str(tiny_models("qwen2_vl"))
+    processor, model = load_processor(cfg), load_model(cfg, training=False)
+    rng = np.random.default_rng(2)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"id": str(i), "image": str(tmp_path / f"{i}.png")})
+    labels = ["red", "green", "blue"]
+    tpl = load_template("baseline")
+    samples = build_samples(
+        pd.DataFrame(rows), labels=labels, descriptions={}, template=tpl, cfg=cfg, with_answer=False
+    )
+    plain = predict(
+        cfg, model, processor, samples, labels, progress=False, caches=RunCaches.for_run(cfg, processor)
+    )
+    widths_seen = []
+    pad_prompts = Encoder.pad_prompts
+
+    def spy(self, rows, skip_pixels=frozenset(), multiple=1):
+        out = pad_prompts(self, rows, skip_pixels, multiple)
+        widths_seen.append(out["input_ids"].shape[1])
+        return out
+
+    assert width_rule(model) == 1  # eager layers: no extra padding
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    net[0]._vlmexp_compiled = True  # as fast.compile_blocks marks a compiled layer
+    assert width_rule(net) is bucket_width
+    model._vlmexp_width_rule = bucket_width  # what a model with compiled layers gets
+    monkeypatch.setattr(Encoder, "pad_prompts", spy)
+    padded = predict(
+        cfg, model, processor, samples, labels, progress=False, caches=RunCaches.for_run(cfg, processor)
+    )
+    assert widths_seen and all(w == bucket_width(w) for w in widths_seen)
+    cols = [c for c in plain.columns if c.startswith("p:")]
+    np.testing.assert_allclose(padded[cols].to_numpy(), plain[cols].to_numpy(), atol=1e-5)
+    assert (padded["pred"] == plain["pred"]).all()

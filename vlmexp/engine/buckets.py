@@ -16,7 +16,8 @@ of its first row whose labels are all -100: the compiled step sees the full batc
 add nothing to the loss or the gradients (the loss counts supervised tokens only), only their compute.
 
 Used by the training collator when speed.compile is on (engine/train.py): widths through
-`encode.pad_rows`, rows through `fill_rows`.
+`encode.pad_rows`, rows through `fill_rows`; and by prediction's prompt batches when the model's
+decoder layers are compiled (`width_rule`; more left padding, masked, same scores).
 """
 
 from __future__ import annotations
@@ -47,3 +48,14 @@ def fill_rows(rows: list[dict], size: int) -> list[dict]:
         return rows
     filler = dict(rows[0], labels=torch.full_like(rows[0]["labels"], -100))
     return rows + [filler] * (size - len(rows))
+
+
+def width_rule(model):
+    """`bucket_width` when any of `model`'s layers is compiled (fast.compile_blocks marks them), else 1
+    (no extra padding for eager layers, which gain nothing from it). Looked up once per model."""
+    rule = getattr(model, "_vlmexp_width_rule", None)
+    if rule is None:
+        compiled = any(getattr(m, "_vlmexp_compiled", False) for m in model.modules())
+        rule = bucket_width if compiled else 1
+        model._vlmexp_width_rule = rule
+    return rule

@@ -183,9 +183,13 @@ class Encoder:
             rows, skip_pixels
         )
 
-    def pad_prompts(self, rows: list[dict], skip_pixels: set[str] = frozenset()) -> dict:
-        """Left-padded prediction batch of `rows`, like the processor on the same prompts."""
-        return pad_rows(rows, self.pad_id, left=True) | self._media_batch(rows, skip_pixels)
+    def pad_prompts(
+        self, rows: list[dict], skip_pixels: set[str] = frozenset(), multiple: int | Callable[[int], int] = 1
+    ) -> dict:
+        """Left-padded prediction batch of `rows`, like the processor on the same prompts (the width
+        rounded up by `multiple`, as in `pad_train`)."""
+        padded = pad_rows(rows, self.pad_id, left=True, multiple=multiple)
+        return padded | self._media_batch(rows, skip_pixels)
 
     def _media_batch(self, rows: list[dict], skip_pixels: set[str]) -> dict:
         keys = [k for r in rows for k in r["image_keys"]]

@@ -25,7 +25,7 @@ import torch
 from rich.progress import Progress
 
 from vlmexp.config import Config
-from vlmexp.engine import fast, vision_speed
+from vlmexp.engine import buckets, fast, vision_speed
 from vlmexp.engine.encode import RunCaches, append_left_padded, stackable
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.engine.scoring import score_candidates
@@ -199,7 +199,9 @@ def _context(model, processor, prompts, images, extra, caches: RunCaches | None)
         ctx = _encode(processor, prompts, images, extra=extra)
         return {k: v.to(model.device) for k, v in ctx.items()}
     vision = caches.vision_for(model, training=False)
-    ctx = encoder.pad_prompts(rows, skip_pixels=vision.keys() if vision is not None else frozenset())
+    skip = vision.keys() if vision is not None else frozenset()
+    # Compiled layers: widths from the bucket ladder (buckets.py), so prediction meets few shapes.
+    ctx = encoder.pad_prompts(rows, skip_pixels=skip, multiple=buckets.width_rule(model))
     keys, index = ctx.pop("image_keys"), ctx.pop("pixel_index", ())
     ctx = {k: v.to(model.device) for k, v in ctx.items()}
     if vision is not None and keys:
