@@ -112,7 +112,9 @@ def test_bucketed_prompt_widths_give_the_same_probabilities(tiny_models, tmp_pat
     net = torch.nn.Sequential(torch.nn.Linear(2, 2))
     net[0]._vlmexp_compiled = True  # as fast.compile_blocks marks a compiled layer
     assert width_rule(net) is bucket_width
-    model._vlmexp_width_rule = bucket_width  # what a model with compiled layers gets
+    layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    layer._vlmexp_compiled = True  # marked as compiled (on the CPU predict compiles nothing itself)
+    assert width_rule(model) is bucket_width
     monkeypatch.setattr(Encoder, "pad_prompts", spy)
     padded = predict(
         cfg, model, processor, samples, labels, progress=False, caches=RunCaches.for_run(cfg, processor)
