@@ -148,6 +148,9 @@ def test_two_fold_head_run_finishes_and_votes_with_an_lm_run(comp, tmp_path):
     oof = read_table(head.root / "oof.csv")
     assert np.allclose(_probs(oof).sum(1), 1.0, atol=1e-5) and len(oof) == 32
 
+    # `exp serve` answers each fold with its own adapter and head: the served vote equals the folds' vote
+    _serve_equals_fold_vote(head.root)
+
     out = tmp_path / "runs" / "both"
     args = ["ensemble", str(head.root), str(lm.root), f"leaderboard={tmp_path / 'leaderboard.csv'}"]
     res = CliRunner().invoke(app, [*args, "--name", "both", "--runs-dir", str(tmp_path / "runs")])
@@ -155,3 +158,23 @@ def test_two_fold_head_run_finishes_and_votes_with_an_lm_run(comp, tmp_path):
     mean = sum(_probs(read_table(r.root / "test_probs.csv")) for r in (head, lm)) / 2
     np.testing.assert_allclose(_probs(read_table(out / "test_probs.csv")), mean, atol=1e-6)
     assert (out / "submission.csv").is_file()
+
+
+def _serve_equals_fold_vote(root: Path) -> None:
+    from vlmexp.data import load_competition
+    from vlmexp.engine.samples import build_samples
+    from vlmexp.kfold.ensemble import vote
+    from vlmexp.prompts.render import load_template
+    from vlmexp.rundir import RunDir
+    from vlmexp.serve import RunPredictor
+
+    predictor = RunPredictor(root)
+    cfg = predictor.cfg
+    comp = load_competition(cfg.data)
+    samples = build_samples(comp.test, labels=comp.labels, descriptions=comp.descriptions,
+                            template=load_template(cfg.prompt), cfg=cfg, with_answer=False)  # fmt: skip
+    folds = [read_table(RunDir(root).fold_dir(k) / "test.csv") for k in range(2)]
+    assert not np.allclose(_probs(folds[0]), _probs(folds[1]))  # the folds' heads differ
+    local = _probs(vote(folds, LABELS, how=cfg.ensemble.vote))
+    served = np.array([list(predictor.answer(s)[1].values()) for s in samples])
+    np.testing.assert_allclose(served, local, atol=1e-5)

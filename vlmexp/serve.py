@@ -127,6 +127,10 @@ class RunPredictor:
             for k, d in zip(self.folds[1:], dirs[1:], strict=True):
                 model.load_adapter(str(d), adapter_name=f"fold{k}", is_trainable=False)
             names = ["default"] + [f"fold{k}" for k in self.folds[1:]]
+            if self.cfg.model.head == "cls":  # model.head=cls: each fold's adapter has its own head
+                from vlmexp.engine.cls_head import load_head
+
+                self._heads = {name: load_head(model, d) for name, d in zip(names, dirs, strict=True)}
             return [(model, name) for name in names]
         # finetune=full: each fold saved a whole model
         full = []
@@ -150,6 +154,10 @@ class RunPredictor:
             for model, adapter in (self._models[k] for k in self.models[model_name or self.name]):
                 if adapter is not None:
                     model.set_adapter(adapter)
+                    if self.cfg.model.head == "cls":
+                        from vlmexp.engine.cls_head import attach
+
+                        attach(model, self._heads[adapter])
                 tables.append(predict(self.cfg, model, self.processor, [sample], self.labels, progress=False))
         first = tables[0].iloc[0]
         raw = str(first["raw"]) if "raw" in tables[0] and pd.notna(first["raw"]) else ""
