@@ -178,3 +178,30 @@ def _serve_equals_fold_vote(root: Path) -> None:
     local = _probs(vote(folds, LABELS, how=cfg.ensemble.vote))
     served = np.array([list(predictor.answer(s)[1].values()) for s in samples])
     np.testing.assert_allclose(served, local, atol=1e-5)
+
+
+def test_best_checkpoint_and_a_rerun_carry_the_head(comp, tmp_path):
+    """With validation on, the fold keeps its best checkpoint's adapter and head; a rerun of a trained
+    fold reloads both (not a fresh head)."""
+    from transformers import set_seed
+
+    from vlmexp.engine.predict import predict
+    from vlmexp.engine.train import train_fold
+    from vlmexp.models.load import load_for_inference, load_model
+    from vlmexp.recipe import prepare
+
+    cfg = _cfg(comp, tmp_path, "model.head=cls", "train.epochs=2", "train.eval=true", "name=best")
+    exp = prepare(cfg)
+    samples = exp.samples(exp.train, True)
+    train, val = samples[:24], exp.samples(exp.train.iloc[24:], False)
+    tables = []
+    for _ in range(2):  # the second call finds the fold trained and reuses it
+        set_seed(0)
+        model = load_model(cfg, training=True)
+        result = train_fold(cfg, model, exp.processor, train, val, LABELS, tmp_path / "fold")
+        tables.append(predict(cfg, model, exp.processor, val, LABELS, progress=False))
+    assert result.best_metric is not None
+    reloaded = load_for_inference(cfg, result.adapter_dir)
+    saved = predict(cfg, reloaded, exp.processor, val, LABELS, progress=False)
+    np.testing.assert_allclose(_probs(tables[0]), _probs(saved), atol=1e-5)
+    np.testing.assert_allclose(_probs(tables[1]), _probs(saved), atol=1e-5)
