@@ -101,7 +101,25 @@ def test_padded_and_compiled_tower_gives_the_same_features_on_cuda(tiny_models):
         return torch.cat(out.pooler_output)
 
     before = feats()
-    assert vision_speed.prepare_tower(model, Config().speed) == {"vision_pad": len(model.model.visual.blocks)}
-    speed = dataclasses.replace(Config().speed, vision_compile=True)
-    assert vision_speed.prepare_tower(model, speed)["vision_compile"] == len(model.model.visual.blocks)
+    cfg = Config()
+    assert vision_speed.prepare_tower(model, cfg) == {"vision_pad": len(model.model.visual.blocks)}
+    cfg = dataclasses.replace(cfg, speed=dataclasses.replace(cfg.speed, vision_compile=True))
+    assert vision_speed.prepare_tower(model, cfg)["vision_compile"] == len(model.model.visual.blocks)
     torch.testing.assert_close(feats(), before, atol=1e-4, rtol=0)  # compiled: fp32 within 1e-4
+
+
+def test_quantised_or_vision_training_runs_leave_the_tower_alone(qwen25):
+    model, _ = qwen25
+
+    class Linear4bit(torch.nn.Linear):  # stands in for bitsandbytes' quantised Linear (a subclass)
+        pass
+
+    mlp = model.model.visual.blocks[0].mlp
+    q = Linear4bit(mlp.gate_proj.in_features, mlp.gate_proj.out_features)
+    mlp.gate_proj = q
+    inter = model.config.vision_config.intermediate_size
+    cfg = Config()
+    vision_run = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, vision=True))
+    assert vision_speed.prepare_tower(model, vision_run) == {}  # the run trains the tower: nothing
+    assert vision_speed.prepare_tower(model, cfg) == {"vision_pad": len(model.model.visual.blocks) - 1}
+    assert mlp.down_proj.in_features == inter and q.out_features == inter  # the quantised MLP untouched

@@ -52,7 +52,7 @@ def predict(
     model.eval()
     if next(model.parameters()).is_cuda:
         fast.patch_vision_attention(model)  # same features; one batched attention call per window size
-        vision_speed.prepare_tower(model, cfg.speed)  # MLP padded, blocks compiled: same features
+        vision_speed.prepare_tower(model, cfg)  # MLP padded, blocks compiled: same features
         if cfg.speed.compile:
             fast.compile_blocks(model)
     if cfg.model.head == "cls":  # the head's softmax in one forward; no label tokens scored

@@ -327,7 +327,7 @@ def build_trainer(
     if vision_patch and cuda:
         fast.patch_vision_attention(model)
     if cuda:
-        vision_speed.prepare_tower(model, cfg.speed)
+        vision_speed.prepare_tower(model, cfg)
     if cfg.speed.compile and cuda:
         fast.compile_blocks(model)
     vision = caches.vision_for(model)

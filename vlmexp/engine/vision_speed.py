@@ -19,7 +19,7 @@ images/s against 113 for cached ones (Qwen2.5-VL-3B shape, docs/performance.md).
   each image attends only within itself, so the real images' features are unchanged. Batches of
   mixed image sizes (a new patch count each time) run the eager blocks instead of recompiling.
 
-`prepare_tower(model, speed)` applies what `speed.*` switches on; training and prediction call it on
+`prepare_tower(model, cfg)` applies what `speed.*` switches on; training and prediction call it on
 CUDA (engine/train.py `build_trainer`, engine/predict.py `predict`), once per model (it is idempotent).
 """
 
@@ -56,9 +56,15 @@ def tower_is_plain(model: torch.nn.Module) -> tuple[bool, str]:
 
 
 def _mlps(visual: torch.nn.Module):
-    """(mlp, [row-wise linears], column-wise linear) of each block: gate/up/down or fc1/fc2."""
+    """(mlp, [row-wise linears], column-wise linear) of each block: gate/up/down or fc1/fc2. Plain
+    float Linear layers only: a quantised one (bitsandbytes' Linear4bit under model.quant=4bit, a
+    subclass) or an adapter-wrapped one is left alone."""
     for m in visual.modules():
-        lin = {n: c for n, c in m.named_children() if isinstance(c, torch.nn.Linear)}
+        lin = {
+            n: c
+            for n, c in m.named_children()
+            if type(c) is torch.nn.Linear and c.weight.dtype.is_floating_point
+        }
         if {"gate_proj", "up_proj", "down_proj"} <= lin.keys():
             yield m, [lin["gate_proj"], lin["up_proj"]], lin["down_proj"]
         elif {"fc1", "fc2"} <= lin.keys():
@@ -157,8 +163,14 @@ def compile_vision_blocks(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
-def prepare_tower(model: torch.nn.Module, speed) -> dict:
-    """Apply the tower levers `speed` (config.SpeedConfig) switches on; {lever: count} for the log."""
+def prepare_tower(model: torch.nn.Module, cfg) -> dict:
+    """Apply the tower levers `cfg.speed` switches on; {lever: count} for the log. Nothing when the run
+    trains the tower (lora.vision=true, finetune=full), even on a model that has no adapter yet: a base
+    model shared by the folds is padded for good, and the next fold's vision adapters would be shaped
+    for the padded size."""
+    if cfg.lora.vision or cfg.model.finetune == "full":
+        return {}
+    speed = cfg.speed
     done = {}
     if speed.vision_pad:
         done["vision_pad"] = pad_vision_mlp(model)
