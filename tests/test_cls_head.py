@@ -205,3 +205,29 @@ def test_best_checkpoint_and_a_rerun_carry_the_head(comp, tmp_path):
     saved = predict(cfg, reloaded, exp.processor, val, LABELS, progress=False)
     np.testing.assert_allclose(_probs(tables[0]), _probs(saved), atol=1e-5)
     np.testing.assert_allclose(_probs(tables[1]), _probs(saved), atol=1e-5)
+
+
+def test_average_folds_averages_the_heads_too(comp, tmp_path):
+    """`exp export --average-folds` on head=cls folds: the averaged folder's head is the mean of the
+    folds' heads, not a copy of fold 0's."""
+    from safetensors.torch import load_file
+
+    from vlmexp.engine.cls_head import WEIGHTS, new_head, save_head
+    from vlmexp.models.average import average_adapters
+    from vlmexp.models.load import load_model
+
+    cfg = _cfg(comp, tmp_path, "model.head=cls")
+    folds = []
+    for k in range(2):
+        torch.manual_seed(k)
+        model = load_model(cfg, training=True)
+        new_head(cfg, model, LABELS)
+        model.save_pretrained(tmp_path / f"fold{k}")
+        save_head(model, tmp_path / f"fold{k}")
+        folds.append(tmp_path / f"fold{k}")
+    out = average_adapters(folds, tmp_path / "avg")
+    heads = [load_file(str(f / WEIGHTS)) for f in folds]
+    got = load_file(str(out / WEIGHTS))
+    for key in heads[0]:
+        assert not torch.allclose(heads[0][key], heads[1][key])
+        torch.testing.assert_close(got[key], (heads[0][key] + heads[1][key]) / 2)

@@ -116,6 +116,19 @@ def copy_head(src: Path, dst: Path) -> None:
             shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
+def average_heads(folders: list[Path], out_dir: Path) -> None:
+    """The mean of the folds' heads into `out_dir` (`exp export --average-folds`, beside the mean LoRA
+    update): the head of one fold with the averaged adapter would not be the folds' model."""
+    metas = [json.loads((Path(f) / META).read_text(encoding="utf-8")) for f in folders]
+    for folder, meta in zip(folders[1:], metas[1:], strict=True):
+        if meta != metas[0]:
+            raise ValueError(f"{folder}/{META} differs from {folders[0]}/{META} (labels, pool or size)")
+    states = [load_file(str(Path(f) / WEIGHTS)) for f in folders]
+    mean = {k: torch.stack([sd[k].float() for sd in states]).mean(0) for k in states[0]}
+    save_file(mean, str(Path(out_dir) / WEIGHTS))
+    (Path(out_dir) / META).write_text(json.dumps(metas[0], ensure_ascii=False, indent=1), encoding="utf-8")
+
+
 # -- forward ---------------------------------------------------------------------------------------
 
 

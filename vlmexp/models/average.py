@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmexp.config import ConfigError
+from vlmexp.engine.cls_head import average_heads, has_head
 from vlmexp.metrics import score
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -110,6 +111,8 @@ def average_adapters(adapters: list[Path], out_dir: Path, *, force: bool = False
             if f.is_file() and f.name not in (WEIGHTS, CONFIG, "README.md"):
                 shutil.copy2(f, tmp / f.name)
         save_file(merged, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if all(has_head(a) for a in adapters):  # model.head=cls: the mean head, not fold 0's copy
+            average_heads(adapters, tmp)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
         (tmp / "averaged_from.json").write_text(
             json.dumps([str(a) for a in adapters], indent=2), encoding="utf-8"
