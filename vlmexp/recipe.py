@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from transformers import set_seed
 
 from vlmexp import leaderboard
 from vlmexp.balance import resample
@@ -37,7 +36,8 @@ from vlmexp.kfold.ensemble import apply_suspects, disagreements, reconcile, susp
 from vlmexp.kfold.folds import assign_folds, check_oof_ids
 from vlmexp.launch import FoldJob, fsdp, ray_tasks, torchrun
 from vlmexp.metrics import confusion, level_scores, per_class_report, score
-from vlmexp.models.load import load_for_inference, load_model, load_processor
+from vlmexp.models.base_once import BaseModel
+from vlmexp.models.load import load_for_inference, load_processor
 from vlmexp.progress import RunProgress
 from vlmexp.prompts.render import load_template
 from vlmexp.pseudolabel.select import add_pseudo, select_pseudo, split_with_pseudo
@@ -98,6 +98,8 @@ class Experiment:
     test_samples: list[dict]
     # Encoded rows and frozen-tower image features, computed once and reused by every fold (speed.*).
     caches: RunCaches | None = None
+    # The base weights, loaded at the first fold and shared by all (speed.reuse_base, models/base_once.py).
+    base: BaseModel | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -218,10 +220,10 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
     n_pseudo = int(train_split["pseudo"].sum())
     write_json({"before": before, "after": after, "pseudo_rows": n_pseudo}, fdir / "class_counts.json")
 
-    # peft draws the LoRA init from the global RNG: seed it so a resumed fold equals the original.
-    set_seed(cfg.seed + k)
+    # peft draws the LoRA init from the global RNG: seeded per fold so a resumed fold equals the original.
+    exp.base = exp.base or BaseModel(cfg)
     with phase("load_model"):
-        model = load_model(cfg, training=True)
+        model = exp.base.for_training(seed=cfg.seed + k)
     result = train_fold(
         cfg,
         model,
@@ -233,13 +235,17 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
         on_log=progress.on_log if progress else None,
         caches=exp.caches,
     )
+    trained = model if exp.base.shared else None  # else freed before the prediction model loads
     del model
     _free_memory()
     if not fsdp.is_main_process():
         return  # a sharded fold's other ranks only train; rank 0 predicts and writes the fold's files
 
     with phase("load_model"):
-        model = load_for_inference(cfg, result.adapter_dir) if cfg.predict.backend == "local" else None
+        # the trained model itself when the base is shared, else a fresh load of base + saved adapter
+        local = cfg.predict.backend == "local"
+        model = exp.base.for_prediction(trained, result.adapter_dir) if local else None
+    del trained
     with phase("predict_oof"):
         val_samples = exp.samples(val_split, False)
         oof = _predict(cfg, model, exp.processor, val_samples, labels, exp.caches, (exp.run, k))
@@ -247,6 +253,7 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
     oof.insert(2, "fold", k)
     with phase("predict_test"):
         test_k = _predict(cfg, model, exp.processor, exp.test_samples, labels, exp.caches, (exp.run, k))
+    exp.base.release(model)
     del model
     _free_memory()
 

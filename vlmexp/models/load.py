@@ -160,8 +160,9 @@ def _model_kwargs(cfg: Config) -> dict:
     return kwargs
 
 
-def load_model(cfg: Config, *, training: bool = True) -> torch.nn.Module:
-    """The base model, quantised per `model.quant`, wrapped in LoRA when training with finetune=lora."""
+def load_model(cfg: Config, *, training: bool = True, lora: bool = True) -> torch.nn.Module:
+    """The base model, quantised per `model.quant`, wrapped in LoRA when training with finetune=lora
+    (`lora=False`: prepared for training but bare, for models/base_once.py to wrap once per fold)."""
     if cfg.model.quant == "4bit" and cfg.model.finetune == "full":
         raise ValueError("model.quant=4bit cannot be fully fine-tuned; use model.finetune=lora (QLoRA)")
     path = resolve_model_path(cfg.model)
@@ -173,7 +174,7 @@ def load_model(cfg: Config, *, training: bool = True) -> torch.nn.Module:
 
         # Gradient checkpointing is the trainer's switch (train.gradient_checkpointing), not ours.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if cfg.model.finetune == "lora":
+    if cfg.model.finetune == "lora" and lora:
         from vlmexp.models.lora import apply_lora
 
         model = apply_lora(model, cfg)

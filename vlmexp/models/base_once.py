@@ -1,0 +1,71 @@
+"""The base model loaded (or quantised) once per run; each fold gets a fresh LoRA adapter on it.
+
+Loading a 3B model's weights took ~5 s a time on the H200 and a 7B QLoRA load re-quantises every
+time; a 5-fold run loaded them 10 times (train, then again for prediction). Here the base is loaded at
+the first fold, each fold wraps it in a new adapter seeded exactly as `load_model` seeds it, trains,
+predicts with the trained model still in memory, and `unload()` takes the adapter back off, leaving
+the base weights as they were loaded for the next fold.
+
+Only for LoRA runs with the language-model head on one process: a full fine-tune changes the base
+weights themselves, a classification head hangs off the model and a sharded fold's weights belong to
+FSDP, so those load per fold as before (`speed.reuse_base=false` forces that path too).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import set_seed
+
+from vlmexp.config import Config
+from vlmexp.models.load import load_for_inference, load_model
+from vlmexp.models.lora import apply_lora
+
+log = logging.getLogger(__name__)
+
+
+def reusable(cfg: Config) -> bool:
+    """Whether one base can serve every fold of this run (see the module docstring for why not)."""
+    return (
+        cfg.speed.reuse_base
+        and cfg.model.finetune == "lora"
+        and cfg.model.head == "lm"
+        and cfg.train.gpus_per_fold == 1
+        and cfg.predict.backend == "local"
+    )
+
+
+class BaseModel:
+    """One per run and process: `for_training(seed)` -> train -> `for_prediction(model)` -> `release`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.shared = reusable(cfg)
+        self._base: torch.nn.Module | None = None
+
+    def for_training(self, seed: int) -> torch.nn.Module:
+        """A LoRA-wrapped model whose adapter starts from the RNG state `seed`, as a fresh load's does."""
+        if not self.shared:
+            set_seed(seed)
+            return load_model(self.cfg, training=True)
+        if self._base is None:
+            # load_model(training=True) minus the adapter: quantisation prep included, done once.
+            self._base = load_model(self.cfg, training=True, lora=False)
+        set_seed(seed)  # peft draws the adapter's init from the global RNG
+        return apply_lora(self._base, self.cfg)
+
+    def for_prediction(self, trained: torch.nn.Module | None, adapter_dir) -> torch.nn.Module:
+        """The trained fold model in eval mode (its best weights are already loaded), or a fresh load."""
+        if not self.shared:
+            return load_for_inference(self.cfg, adapter_dir)
+        if getattr(trained, "is_gradient_checkpointing", False):
+            trained.gradient_checkpointing_disable()  # the trainer's switch; prediction runs no backward
+        trained.config.use_cache = True  # the trainer turns the KV cache off; scoring reuses the prompt's
+        return trained.eval()
+
+    def release(self, model: torch.nn.Module | None) -> None:
+        """Take the fold's adapter off the shared base (peft `unload`: the original layers come back)."""
+        if model is None or not self.shared:
+            return
+        self._base = model.unload()
