@@ -98,3 +98,17 @@ def test_predict_bench_rows_agree():
     assert [r["caches"] for r in rows] == ["plain", "fresh", "warm"] * 2
     assert all(r["same_predictions_as_first_score_row"] for r in rows)
     assert rows[2]["flops_per_image"] < rows[0]["flops_per_image"]  # warm: no vision forward counted
+
+
+def test_command_line_prints_the_summary(tmp_path, capsys):
+    """`python -m vlmexp.bench predict ...` once died printing its summary (UnboundLocalError) after
+    the rows were measured: the command line, not only run_bench, must reach its last line."""
+    import json
+
+    from vlmexp.bench.__main__ import main
+
+    out = tmp_path / "p.json"
+    main(["predict", "tiny", "--images", "4", "--batch-size", "2", "--no-reference", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{") :])  # the summary, as JSON
+    assert out.exists()

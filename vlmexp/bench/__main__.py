@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not shape:
         p.error("give a SHAPE (or --model for run), e.g. qwen2.5-vl-3b")
     if a.kind == "run":
-        from vlmexp.bench.whole_run import bench_run, summary
+        from vlmexp.bench.whole_run import bench_run
+        from vlmexp.bench.whole_run import summary as run_summary
 
         result = bench_run(
             shape,
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             project="project" in a.parts,
             out=a.out,
         )
-        print(json.dumps(summary(result), indent=1))
+        print(json.dumps(run_summary(result), indent=1))
         return result
     if a.kind == "vision":
         from vlmexp.bench.vision_bench import vision_bench
