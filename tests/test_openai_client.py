@@ -117,6 +117,9 @@ def test_an_echoed_key_never_reaches_errors_or_logs(fake, monkeypatch, caplog):
 def test_library_log_records_are_redacted(monkeypatch, caplog):
     monkeypatch.setenv("MY_KEY", FAKE_KEY)
     caplog.set_level(logging.DEBUG)
+    # exp's CLI set-up (run by earlier tests in the same process) quiets these loggers to WARNING
+    caplog.set_level(logging.DEBUG, logger="httpx")
+    caplog.set_level(logging.DEBUG, logger="openai")
     make_client("http://127.0.0.1:9/v1", api_key_env="MY_KEY").close()  # installs the filters, learns the key
     logging.getLogger("httpx").debug("headers: %s", {"authorization": f"Bearer {FAKE_KEY}"})
     logging.getLogger("openai._base_client").debug("echo %s", FAKE_KEY)

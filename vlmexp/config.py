@@ -146,10 +146,10 @@ class TrainConfig:
     mix_ratio: float = ranged(0.0, ge=0)  # mixed samples per competition sample, e.g. 0.1
     max_length: int = ranged(2048, ge=1)  # truncate longer samples (tokens)
     logging_steps: int = ranged(5, ge=1)  # log loss every N optimizer steps
-    save_every: int = ranged(0, ge=0)  # checkpoint every N optimizer steps (0: every epoch); reruns resume there
+    save_every: int = ranged(0, ge=0)  # checkpoint every N steps (0: every epoch); a rerun resumes there
     # where the trainer logs, one run per fold named <run>-fold<k> (tensorboard: runs/<run>/tb/fold<k>)
     report_to: str = choice("tensorboard", "wandb", "mlflow", "trackio", "none")
-    # any other SFTConfig/TrainingArguments field, e.g. train.args.neftune_noise_alpha=5 (engine/train_args.py)
+    # any other SFTConfig/TrainingArguments field, e.g. train.args.neftune_noise_alpha=5 (train_args.py)
     args: dict[str, Any] = field(default_factory=dict)
     gpus_per_fold: int = ranged(1, ge=1)  # > 1: one fold sharded over this many GPUs (FSDP), e.g. 4 for 72B
 

@@ -13,6 +13,7 @@ FSDP, so those load per fold as before (`speed.reuse_base=false` forces that pat
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -43,6 +44,7 @@ class BaseModel:
         self.cfg = cfg
         self.shared = reusable(cfg)
         self._base: torch.nn.Module | None = None
+        self._loaded_config = None
 
     def for_training(self, seed: int) -> torch.nn.Module:
         """A LoRA-wrapped model whose adapter starts from the RNG state `seed`, as a fresh load's does."""
@@ -52,6 +54,7 @@ class BaseModel:
         if self._base is None:
             # load_model(training=True) minus the adapter: quantisation prep included, done once.
             self._base = load_model(self.cfg, training=True, lora=False)
+            self._loaded_config = copy.deepcopy(self._base.config)
         set_seed(seed)  # peft draws the adapter's init from the global RNG
         return apply_lora(self._base, self.cfg)
 
@@ -61,7 +64,13 @@ class BaseModel:
             return load_for_inference(self.cfg, adapter_dir)
         if getattr(trained, "is_gradient_checkpointing", False):
             trained.gradient_checkpointing_disable()  # the trainer's switch; prediction runs no backward
-        trained.config.use_cache = True  # the trainer turns the KV cache off; scoring reuses the prompt's
+        # Training flips config switches that prediction must not inherit: the KV cache off (scoring
+        # reuses the prompt's), and for MoE models trl's `output_router_logits=True`, whose aux loss
+        # then fails on the scorer's 4D mask (seen on tiny:qwen3_vl_moe). Back to the loaded values.
+        for config, loaded in _configs(trained.config, self._loaded_config):
+            for key in _TRAINING_SWITCHES:
+                if hasattr(loaded, key):
+                    setattr(config, key, getattr(loaded, key))
         return trained.eval()
 
     def release(self, model: torch.nn.Module | None) -> None:
@@ -69,3 +78,15 @@ class BaseModel:
         if model is None or not self.shared:
             return
         self._base = model.unload()
+
+
+_TRAINING_SWITCHES = ("use_cache", "output_router_logits")
+
+
+def _configs(config, loaded) -> list[tuple[object, object]]:
+    """(config, its loaded copy) for the model's config and its sub-configs (text_config, ...)."""
+    pairs = [(config, loaded)]
+    for name in ("text_config", "vision_config"):
+        if getattr(config, name, None) is not None and getattr(loaded, name, None) is not None:
+            pairs.append((getattr(config, name), getattr(loaded, name)))
+    return pairs
