@@ -68,3 +68,18 @@ def test_shared_base_gives_the_same_folds_as_loading_per_fold(demo, tmp_path, mo
     w1 = load_file(shared / "folds/fold1/adapter/adapter_model.safetensors")
     assert any(not torch.equal(w0[n], w1[n]) for n in w0)
     assert read_json(shared / "cv.json")["mean"] == pytest.approx(read_json(fresh / "cv.json")["mean"])
+
+
+def test_a_fold_that_died_before_release_does_not_stack_adapters(tmp_path, tiny_models):
+    """A Ray worker reuses its prepared run for the next fold; if the last fold raised before release(),
+    the next fold must still get exactly one adapter on the bare base."""
+    from vlmexp.models.base_once import BaseModel
+
+    cfg = load_config([f"model.name={tiny_models('qwen2_vl')}", f"runs_dir={tmp_path}"])
+    base = BaseModel(cfg)
+    first = base.for_training(seed=0)
+    n_lora = sum("lora_A" in n for n, _ in first.named_parameters())
+    second = base.for_training(seed=1)  # no release() of `first`: its fold died
+    assert sum("lora_A" in n for n, _ in second.named_parameters()) == n_lora
+    assert not any("base_model.model.base_model" in n for n, _ in second.named_parameters())
+    base.release(second)

@@ -45,18 +45,24 @@ class BaseModel:
         self.shared = reusable(cfg)
         self._base: torch.nn.Module | None = None
         self._loaded_config = None
+        self._lent: torch.nn.Module | None = None  # the fold model handed out and not yet released
 
     def for_training(self, seed: int) -> torch.nn.Module:
         """A LoRA-wrapped model whose adapter starts from the RNG state `seed`, as a fresh load's does."""
         if not self.shared:
             set_seed(seed)
             return load_model(self.cfg, training=True)
+        if self._lent is not None:
+            # the last fold died before release() (an exception in a Ray worker that takes the next task):
+            # take its adapter off first, or the new one would wrap a wrapped model
+            self.release(self._lent)
         if self._base is None:
             # load_model(training=True) minus the adapter: quantisation prep included, done once.
             self._base = load_model(self.cfg, training=True, lora=False)
             self._loaded_config = copy.deepcopy(self._base.config)
         set_seed(seed)  # peft draws the adapter's init from the global RNG
-        return apply_lora(self._base, self.cfg)
+        self._lent = apply_lora(self._base, self.cfg)
+        return self._lent
 
     def for_prediction(self, trained: torch.nn.Module | None, adapter_dir) -> torch.nn.Module:
         """The trained fold model in eval mode (its best weights are already loaded), or a fresh load."""
@@ -77,7 +83,7 @@ class BaseModel:
         """Take the fold's adapter off the shared base (peft `unload`: the original layers come back)."""
         if model is None or not self.shared:
             return
-        self._base = model.unload()
+        self._base, self._lent = model.unload(), None
 
 
 _TRAINING_SWITCHES = ("use_cache", "output_router_logits")
