@@ -85,3 +85,19 @@ def confusion(y_true, y_pred, labels: list[str]) -> pd.DataFrame:
     m = confusion_matrix(t, p, labels=cols)[: len(labels)]
     df = pd.DataFrame(m, index=pd.Index(list(labels), name="true"), columns=pd.Index(cols, name="pred"))
     return df
+
+
+def cv_summary(oof: pd.DataFrame, labels: list[str], metric: str) -> dict:
+    """The CV of an out-of-fold table (`label`, `pred`, `fold`): per-fold `metric`, their mean and std,
+    and accuracy / macro-F1 over all rows, e.g. {"mean": 0.71, "std": 0.03, "folds": [0.69, ...], ...}."""
+    folds = [score(g["label"], g["pred"], labels)[metric] for _, g in oof.groupby("fold")]
+    overall = score(oof["label"], oof["pred"], labels)
+    return {
+        "metric": metric,
+        "mean": float(np.mean(folds)),
+        "std": float(np.std(folds)),
+        "folds": folds,
+        "accuracy": overall["accuracy"],
+        "macro_f1": overall["macro_f1"],
+        "n_oof": len(oof),
+    }

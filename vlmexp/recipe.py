@@ -17,7 +17,6 @@ import socket
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from vlmexp import leaderboard
@@ -35,7 +34,7 @@ from vlmexp.kfold.calibrate import summary as calibration_summary
 from vlmexp.kfold.ensemble import apply_suspects, disagreements, reconcile, suspect_labels, vote
 from vlmexp.kfold.folds import assign_folds, check_oof_ids
 from vlmexp.launch import FoldJob, fsdp, ray_tasks, torchrun
-from vlmexp.metrics import confusion, level_scores, per_class_report, score
+from vlmexp.metrics import confusion, cv_summary, level_scores, per_class_report, score
 from vlmexp.models.base_once import BaseModel
 from vlmexp.models.load import load_for_inference, load_processor
 from vlmexp.progress import RunProgress
@@ -351,19 +350,12 @@ def finalize(exp: Experiment, started: float) -> RunDir:
     oof = pd.concat([read_table(run.fold_dir(k) / "oof.csv") for k in range(cfg.folds)], ignore_index=True)
     check_oof_ids(oof["id"], exp.train["id"].tolist())  # each training id once: else it is no CV
     write_table(oof, run.path("oof.csv"))
-    fold_scores = [score(g["label"], g["pred"], labels)[cfg.metric] for _, g in oof.groupby("fold")]
-    overall = score(oof["label"], oof["pred"], labels)
     cv = {
-        "metric": cfg.metric,
-        "mean": float(np.mean(fold_scores)),
-        "std": float(np.std(fold_scores)),
-        "folds": fold_scores,
-        "accuracy": overall["accuracy"],
-        "macro_f1": overall["macro_f1"],
-        "n_oof": len(oof),
+        **cv_summary(oof, labels, cfg.metric),
         "config_hash": config_hash(cfg),
         "git_sha": exp.prov["git"]["sha"],
     }
+    fold_scores = cv["folds"]
     if exp.comp.tree:
         # Two-level labels: the parents' scores beside the full paths', e.g. level1 macro_f1 0.95 vs 0.81.
         cv["levels"] = level_scores(oof["label"], oof["pred"], exp.comp.tree)

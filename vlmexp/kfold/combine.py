@@ -22,7 +22,7 @@ from vlmexp import leaderboard
 from vlmexp.config import Config, ConfigError
 from vlmexp.kfold.calibrate import calibrate_run
 from vlmexp.kfold.calibrate import summary as calibration_summary
-from vlmexp.metrics import score
+from vlmexp.metrics import cv_summary, score
 from vlmexp.rundir import RunDir, check_run_name, git_state
 from vlmexp.submit import make_submission
 from vlmexp.tables import PROB_PREFIX, prob_columns, probs, read_table, write_json, write_table
@@ -117,17 +117,9 @@ def ensemble_runs(
     oof = oof.reset_index(drop=True)
 
     same_folds = all((t["fold"] == oofs[0]["fold"]).all() for t in oofs[1:])
-    folds = [score(g["label"], g["pred"], labels)[metric] for _, g in oof.groupby("fold")]
-    overall = score(oof["label"], oof["pred"], labels)
     member_cv = [m.cv() for m in members]
     cv = {
-        "metric": metric,
-        "mean": float(np.mean(folds)),
-        "std": float(np.std(folds)),
-        "folds": folds,
-        "accuracy": overall["accuracy"],
-        "macro_f1": overall["macro_f1"],
-        "n_oof": len(oof),
+        **cv_summary(oof, labels, metric),
         "members": names,
         "members_cv": [c.get("mean") for c in member_cv],
         "same_folds": same_folds,  # False: per-fold scores follow the first run's folds
