@@ -16,13 +16,19 @@ MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "te
 
 
 def _adapter(cfg, out_dir):
-    """A saved LoRA adapter whose B weights are random, so it is not the identity."""
+    """A saved LoRA adapter whose B weights are random, so it is not the identity.
+
+    Seeded (LoRA's A is drawn from the global RNG) and of a trained adapter's size: B ~ N(0, 0.5^2)
+    with alpha/r = 16 made the delta ~8x the base weights, attention scores in the thousands, and
+    fp32 rounding alone moved a logit by 7e-4 on CI's CPU (seed 3 here). At 0.05 the merge check
+    sees ~1e-6 while the adapter still moves logits by > 0.5."""
+    torch.manual_seed(0)
     model = load_model(cfg, training=True)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     model.save_pretrained(out_dir)
     return out_dir
 
@@ -85,3 +91,17 @@ def test_export_merged_on_cuda(tmp_path):
     cfg = load_config(["model.name=tiny:qwen2_vl", f"model.cache_dir={tmp_path / 'cache'}"])
     adapter = _adapter(cfg, tmp_path / "adapter")
     assert export_merged(cfg, adapter, tmp_path / "merged")["max_abs_diff"] < 1e-4
+
+
+def test_export_refuses_a_merge_that_lost_the_adapter(tmp_path, monkeypatch):
+    """The logit check can fail: a merge that drops the adapter (peft's `unload`) is not saved."""
+    from peft import PeftModel
+
+    # merge_and_unload lives on the tuner, reached through __getattr__; a class attribute wins
+    monkeypatch.setattr(PeftModel, "merge_and_unload", lambda self, *a, **k: self.unload(), raising=False)
+    cfg = load_config(["model.name=tiny:llava", f"model.cache_dir={tmp_path / 'cache'}", "lora.r=2"])
+    adapter = _adapter(cfg, tmp_path / "adapter")
+    with pytest.raises(RuntimeError, match="differs from base"):
+        export_merged(cfg, adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []

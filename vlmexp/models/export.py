@@ -21,7 +21,8 @@ from vlmexp.engine.cls_head import copy_head
 from vlmexp.engine.samples import template_kwargs
 from vlmexp.models.load import load_for_inference, load_processor
 
-# Logits of the merged model must match base+adapter this closely in fp32.
+# Logits of the merged model must match base+adapter this closely in fp32, relative to the
+# logits' scale: a 7B model's logits reach ~30, where fp32 rounding of W + BA alone is ~1e-5 per unit.
 TOLERANCE = 1e-4
 
 
@@ -107,10 +108,11 @@ def export_merged(
         diff = max(
             float((a - b).abs().max()) for a, b in zip(reference, _logits(reloaded, inputs), strict=True)
         )
-        if not diff < TOLERANCE:
+        bound = TOLERANCE * max(1.0, max(float(r.abs().max()) for r in reference))
+        if not diff < bound:
             raise RuntimeError(
                 f"merged model differs from base+adapter {adapter_dir}: max |logit diff| = {diff:.3g} "
-                f">= {TOLERANCE}; not saved to {out_dir}"
+                f">= {bound:.3g}; not saved to {out_dir}"
             )
         if out_dir.exists():
             shutil.rmtree(out_dir)
