@@ -216,3 +216,19 @@ def test_environment_values_never_reach_names_files_or_the_leaderboard(tmp_path,
     monkeypatch.delenv("H2_TEST_KEY")
     with pytest.raises(ConfigError, match="predict.server_model"):
         load_config([f"predict.server_model={written}"])
+
+
+@pytest.mark.parametrize("prompt", ["reason_label", "cot", "describe_classify"])
+def test_cls_head_refuses_a_reasoning_prompt(prompt):
+    # the head reads the prompt only: a reason-then-label answer would be silently dropped
+    with pytest.raises(ConfigError, match=r"model.head=cls reads only the prompt.*label_desc"):
+        load_config(["model.head=cls", f"prompt={prompt}"])
+    assert load_config(["model.head=cls", "prompt=label_desc"]).model.head == "cls"
+    assert load_config(["model.head=lm", f"prompt={prompt}"]).prompt == prompt
+
+
+def test_cls_head_refuses_a_server_backend_and_generation():
+    with pytest.raises(ConfigError) as e:
+        load_config(["model.head=cls", "predict.backend=openai", "predict.base_url=http://h:1/v1",
+                     "predict.mode=generate"])  # fmt: skip
+    assert "predict.backend=local" in str(e.value) and "predict.mode=score" in str(e.value)

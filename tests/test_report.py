@@ -171,3 +171,33 @@ def test_latin_labels_are_drawn_as_they_are(tmp_path, caplog):
 
     assert plots.tick_names(["cat", "dog"]) == (["cat", "dog"], {})
     assert caplog.text == ""
+
+
+def test_a_calibrated_run_is_compared_on_the_table_it_submits(tmp_path):
+    """ensemble.calibrate=bias submits calibrated predictions: the report compares oof_calibrated.csv
+    (its CV from that table), and --raw (calibrated=False) the raw argmax table."""
+    y, pa, pb = _preds(4, 150, 0.55, 0.9)
+    folds = np.arange(150) % 3
+    base = _fake_run(tmp_path, "base", pa, y, folds, {"prompt": "baseline"})
+    cal = _fake_run(tmp_path, "cal", pa, y, folds, {"prompt": "baseline", "ensemble": {"calibrate": "bias"}})
+    # raw OOF equals the baseline's; the calibrated table is the much better pb
+    pd.read_csv(cal / "oof.csv").assign(pred=pb).to_csv(cal / "oof_calibrated.csv", index=False)
+    cv = json.loads((cal / "cv.json").read_text())
+    (cal / "cv.json").write_text(json.dumps(cv | {"calibrated": {"mean": 0.9, "std": 0.0, "folds": []}}))
+
+    rows = _rows(write_report([base, cal], None, tmp_path / "rep").read_text())
+    assert "significant improvement" in rows["`cal` *(calibrated)*"]
+    per_fold = [f1_score(y[folds == k], pb[folds == k], labels=LABELS, average="macro") for k in range(3)]
+    want = np.mean(per_fold)
+    assert f"{want:.4f}" in rows["`cal` *(calibrated)*"]
+
+    raw = _rows(write_report([base, cal], None, tmp_path / "raw", calibrated=False).read_text())
+    assert "0/0, p=1" in raw["`cal`"]
+
+    (cal / "oof_calibrated.csv").unlink()
+    with pytest.raises(ReportError, match="oof_calibrated.csv"):
+        write_report([base, cal], None, tmp_path / "rep2")
+
+
+def _rows(md: str) -> dict[str, str]:
+    return {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| `")}

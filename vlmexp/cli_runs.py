@@ -32,6 +32,7 @@ def report(
     baseline: str = typer.Option(None, "--baseline", help="run to compare against; default the first"),
     out: Path = typer.Option(None, "--out", help="report folder; default <runs_dir>/_reports/<runs>"),
     runs_dir: Path = typer.Option(None, "--runs-dir", hidden=True, help="same as runs_dir=DIR"),
+    raw: bool = typer.Option(False, "--raw", help="compare calibrated runs on their raw OOF table"),
 ) -> None:
     """Ablation report: CV deltas, paired bootstrap CI, McNemar, plots."""
     _setup_logging()
@@ -42,7 +43,7 @@ def report(
     dirs = [_find(r, cfg) for r in names]
     base = _find(baseline, cfg) if baseline else None
     out = out or Path(cfg.runs_dir) / "_reports" / "-vs-".join(d.name for d in dirs)[:120]
-    console.print(f"report: {write_report(dirs, baseline=base, out=out)}")
+    console.print(f"report: {write_report(dirs, baseline=base, out=out, calibrated=not raw)}")
 
 
 @app.command(name="leaderboard")

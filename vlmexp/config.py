@@ -454,7 +454,7 @@ def _to_config(cfg: DictConfig, source: str) -> Config:
 
 def _check_prompt(cfg: Config) -> None:
     """`prompt=NAME` must name a template (shipped or in prompts.dir): refused here, before any data loads."""
-    from vlmexp.prompts.render import SHIPPED_DIR, available_templates  # jinja only: no import cycle
+    from vlmexp.prompts.render import SHIPPED_DIR, available_templates, load_template  # jinja only
 
     if cfg.prompts.dir and not Path(cfg.prompts.dir).is_dir():
         raise ConfigError(
@@ -469,6 +469,28 @@ def _check_prompt(cfg: Config) -> None:
             f"'prompt={cfg.prompt}': no template {name}.jinja in {where}; did you mean '{near[0]}'? "
             f"(templates: {', '.join(have)}; add your own with prompts.dir=DIR)"
         )
+    if cfg.model.head == "cls" and (marker := load_template(name, cfg.prompts.dir).marker):
+        # e.g. reason_label's answer "Reason: red tag\nLabel: sale": the head reads the prompt only, so the
+        # reasons would be neither trained nor generated and the run would measure another prompt.
+        raise ConfigError(
+            f"'prompt={cfg.prompt}' answers with reasoning before {marker.strip()!r}, but model.head=cls "
+            f"reads only the prompt and never sees the answer; use a label-only template "
+            f"({', '.join(_label_only(have, cfg.prompts.dir))}) or model.head=lm"
+        )
+
+
+def _label_only(names: list[str], user_dir: str) -> list[str]:
+    """The templates among `names` whose answer is the label alone (marker ""); broken ones left out."""
+    from vlmexp.prompts.render import PromptError, load_template
+
+    out = []
+    for name in names:
+        try:
+            if not load_template(name, user_dir).marker:
+                out.append(name)
+        except PromptError:
+            continue  # a user template with its own problem is reported when it is the one picked
+    return out
 
 
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
@@ -524,6 +546,7 @@ def validate(cfg: Config) -> None:
             f"'ensemble.vote={cfg.ensemble.vote}' ignores; use ensemble.vote=soft"
         )
     problems += _sharding_problems(cfg)
+    problems += _head_problems(cfg)
     if problems:
         raise ConfigError(
             problems[0] if len(problems) == 1 else "bad config values:\n- " + "\n- ".join(problems)
@@ -536,6 +559,26 @@ def validate(cfg: Config) -> None:
         check_trainer_args(cfg.train.args)
     if cfg.predict.backend == "openai":
         _check_model_per_fold(cfg.predict.model_per_fold)
+
+
+def _head_problems(cfg: Config) -> list[str]:
+    """model.head=cls answers from its own softmax in one local forward (engine/cls_head.py): what
+    cannot reach that head is refused here rather than silently scored another way."""
+    if cfg.model.head != "cls":
+        return []
+    out = []
+    if cfg.predict.backend != "local":
+        out.append(
+            f"model.head=cls with predict.backend={cfg.predict.backend}: a server (vLLM) answers from the LM "
+            "head this run never trains, and its parsed text gives no probabilities; use "
+            "predict.backend=local (or `exp serve RUN`, which loads each fold's head)"
+        )
+    if cfg.predict.mode != "score":
+        out.append(
+            f"model.head=cls with predict.mode={cfg.predict.mode}: the head generates no text, its "
+            "softmax is the prediction; use predict.mode=score"
+        )
+    return out
 
 
 def _sharding_problems(cfg: Config) -> list[str]:

@@ -132,6 +132,7 @@ class Run:
     cv: dict
     oof: pd.DataFrame
     labels: list[str]
+    calibrated: bool = False  # oof/cv are the bias-calibrated table (ensemble.calibrate=bias)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -145,7 +146,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def load_run(run_dir: Path) -> Run:
+def load_run(run_dir: Path, calibrated: bool = True) -> Run:
+    """A finished run's OOF table and CV. A run made with ensemble.calibrate=bias (or `exp ensemble
+    --calibrate bias`) submits calibrated predictions, so by default its cross-fitted calibrated OOF
+    (oof_calibrated.csv) is what is compared; `calibrated=False` compares the raw argmax table."""
     run = RunDir(Path(run_dir))
     if not run.root.is_dir():
         raise ReportError(f"{run.root} is not a run folder")
@@ -160,7 +164,18 @@ def load_run(run_dir: Path) -> Run:
     labels = [c[len(PROB_PREFIX) :] for c in oof.columns if c.startswith(PROB_PREFIX)]
     labels = labels or sorted(oof["label"].dropna().astype(str).unique())
     config = _flat(OmegaConf.to_container(OmegaConf.load(run.config_path)) or {})
-    return Run(run.root.name, config, run.cv(), oof, labels)
+    cv = run.cv()
+    if calibrated and "calibrated" in cv:
+        path = run.path("oof_calibrated.csv")
+        if not path.exists():
+            raise ReportError(
+                f"{run.root}'s cv.json has a calibrated CV but no {path.name}: rerun `exp ensemble "
+                f"{run.root} --calibrate bias --force`, or compare the raw table with --raw"
+            )
+        oof = read_table(path)
+        cv = metrics.cv_summary(oof, labels, cv.get("metric", "macro_f1"))
+        return Run(run.root.name, config, cv, oof, labels, calibrated=True)
+    return Run(run.root.name, config, cv, oof, labels)
 
 
 def _diff(run: Run, base: Run) -> str:
@@ -196,10 +211,11 @@ def _compare(run: Run, base: Run, metric: str) -> dict:
     return dict(n=len(shared), delta=delta, lo=lo, hi=hi, b=b, c=c, stat=stat, p=p, fold_delta=fold_delta)
 
 
-def write_report(run_dirs: list[Path], baseline: Path | None, out: Path) -> Path:
+def write_report(run_dirs: list[Path], baseline: Path | None, out: Path, calibrated: bool = True) -> Path:
     """Markdown report + PNG plots comparing each run with the baseline (default: the first run).
 
     `out` is a folder (report.md goes inside) or a .md path (plots go beside it). Returns the .md path.
+    `calibrated`: a bias-calibrated run is compared on its calibrated OOF (what it submits); False: raw.
     """
     if not run_dirs:
         raise ReportError("no run folders given")
@@ -207,7 +223,7 @@ def write_report(run_dirs: list[Path], baseline: Path | None, out: Path) -> Path
     base_dir = Path(baseline) if baseline else dirs[0]
     if base_dir.resolve() not in [d.resolve() for d in dirs]:
         dirs.insert(0, base_dir)
-    runs = [load_run(d) for d in dirs]
+    runs = [load_run(d, calibrated) for d in dirs]
     base = next(r for r, d in zip(runs, dirs, strict=True) if d.resolve() == base_dir.resolve())
     metric = base.cv.get("metric", "macro_f1")
     out = Path(out)
@@ -227,10 +243,18 @@ def write_report(run_dirs: list[Path], baseline: Path | None, out: Path) -> Path
         "| McNemar b/c, p | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    if any(r.calibrated for r in runs):
+        lines[4:4] = [
+            "Runs marked *(calibrated)* are compared on their cross-fitted bias-calibrated OOF table "
+            "(oof_calibrated.csv), the predictions their submission uses; `exp report --raw` compares the "
+            "raw argmax tables instead.",
+            "",
+        ]
     comps, fold_lines = {}, []
     for run in runs:
         cv = f"{_num(run.cv.get('mean'))} ± {_num(run.cv.get('std'))}"
-        head = f"| `{run.name}` | {_diff(run, base) if run is not base else 'baseline'} | {cv} | "
+        name = f"`{run.name}`" + " *(calibrated)*" * run.calibrated
+        head = f"| {name} | {_diff(run, base) if run is not base else 'baseline'} | {cv} | "
         head += f"{_num(run.cv.get('accuracy'))} | {_num(run.cv.get('macro_f1'))} | "
         if run is base:
             lines.append(head + "— | — | baseline |")
