@@ -155,3 +155,15 @@ def test_rows_from_before_the_data_column_get_their_data_dir(tmp_path):
     assert load(path).set_index("run")["data"].to_dict() == {"d": "demo_data", "m": "mycomp"}
     md = to_markdown(load(path), data="demo_data")
     assert "| d " in md and "| m " not in md
+
+
+def test_counts_stay_whole_numbers_beside_rows_that_lack_them(tmp_path):
+    # an `exp ensemble` row has no train_size: the column must not turn 400 into "400.0000"
+    path = tmp_path / "lb.csv"
+    append(_row("solo", 0.7, train_size=400, pseudo_count=12), path)
+    append(_row("ens-1", 0.8), path)
+    df = load(path).set_index("run")
+    assert df.loc["solo", "train_size"] == 400 and pd.isna(df.loc["ens-1", "train_size"])
+    row = next(ln for ln in to_markdown(load(path)).splitlines() if "| solo |" in ln)
+    cells = [c.strip() for c in row.split("|")]
+    assert "400" in cells and "12" in cells and "400.0000" not in row

@@ -142,7 +142,21 @@ def load(path: Path = DEFAULT_PATH) -> pd.DataFrame:
         raise FileNotFoundError(f"no leaderboard at {path}: finish a run first (exp run ...)")
     with _locked(path, fcntl.LOCK_SH):
         df = pd.read_csv(path, dtype={c: str for c in _TEXT}, keep_default_na=False, na_values=[""])
-    return _legacy_columns(df)
+    return _whole_numbers(_legacy_columns(df))
+
+
+# Counts stay integers when some rows lack them: an `exp ensemble` row has no train_size, and pandas
+# would otherwise read the column as float and print 400 as "400.0000".
+_COUNTS = ("train_size", "pseudo_round", "pseudo_count")
+
+
+def _whole_numbers(df: pd.DataFrame) -> pd.DataFrame:
+    for col in _COUNTS:
+        if col in df.columns:
+            values = pd.to_numeric(df[col], errors="coerce")
+            if (values.dropna() % 1 == 0).all():
+                df[col] = values.astype("Int64")
+    return df
 
 
 def _legacy_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -187,7 +201,7 @@ def same_data(df: pd.DataFrame, data_dir: str | Path) -> pd.Series:
 
 
 def _fmt(v: object) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return ""
     if isinstance(v, float):
         return f"{v:.4f}"
