@@ -282,6 +282,36 @@ def test_server_without_guided_choice_is_asked_again_and_parsed(run):
     assert out["raw"].tolist() == ["B.", "no idea"]
 
 
+class _Recorder(_NoGuidedChoice):
+    """Accepts every field and keeps each request body."""
+
+    bodies: list = []
+
+    def do_POST(self):  # noqa: N802
+        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        msg = {"role": "assistant", "content": "Reason: x\nLabel: b"}
+        self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                         "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]})  # fmt: skip
+
+
+def test_every_request_asks_for_the_non_thinking_template_and_label_prompts_for_guided_choice(run):
+    """A Qwen3.5 server renders "<think>" unless told otherwise; the folds were trained non-thinking."""
+    import dataclasses
+
+    from vlmexp.serve import running
+
+    cfg, _, labels, samples, _ = run
+    reasoning = dataclasses.replace(samples[1]["rendered"], marker="Label: ")
+    asked = [samples[0], {**samples[1], "rendered": reasoning}]
+    with running(ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)) as srv:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        with make_client(url, timeout=TIMEOUT_S) as client:
+            predict_openai(openai_cfg(cfg, url), asked, labels, concurrency=1, progress=False, client=client)
+    label_only, reason = _Recorder.bodies
+    assert label_only["chat_template_kwargs"] == reason["chat_template_kwargs"] == {"enable_thinking": False}
+    assert label_only["guided_choice"] == labels and "guided_choice" not in reason
+
+
 def test_close_joins_handler_threads_despite_an_idle_keepalive_client(run):
     """Issue 15: a handler thread left running at exit frees the model after Python stops handing out
     the GIL, and the process aborts (rc 134) after every test passed. Closing must join them all."""

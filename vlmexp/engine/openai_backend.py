@@ -8,8 +8,10 @@ generation is, and the table has the columns of local `predict`: id, pred, p:<la
 For label-only prompts (marker "") the request also asks the server to answer with one of the
 labels (guided choice). vLLM spells this `guided_choice` up to v0.11 and `structured_outputs.choice`
 from v0.10.2 on (the old field was removed in v0.12); each version ignores, with a warning, the
-field it does not know, so both are sent. A server that refuses them outright (400, e.g. OpenAI's
-own API: "Unrecognized request argument") is asked again without, and the answer is parsed.
+field it does not know, so both are sent. Every request also asks for the chat template's
+non-thinking form (`chat_template_kwargs`), the form the folds were trained on. A server that refuses
+these outright (400, e.g. OpenAI's own API: "Unrecognized request argument") is asked again without
+any of them, and the answer is parsed.
 
 In a run (`exp run predict.backend=openai`) fold k's out-of-fold rows and its test rows go to fold k's
 own model, named by `predict.model_per_fold` ("{run}/fold{k}", the names `exp serve RUN` gives, or
@@ -32,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from vlmexp.config import Config
+from vlmexp.engine.samples import NON_THINKING
 from vlmexp.openai_client import (
     ServerError,
     chat,
@@ -199,12 +202,20 @@ def choice_body(labels: list[str]) -> dict:
     return {"guided_choice": list(labels), "structured_outputs": {"choice": list(labels)}}
 
 
+def vllm_body(labels: list[str] | None) -> dict:
+    """vLLM's request extras: the chat template rendered non-thinking, as every fold was trained
+    (`samples.template_kwargs`; a Qwen3.5 server would otherwise open "<think>" and spend max_tokens
+    on a thought before any label; templates without the switch ignore it), plus guided choice for
+    label-only prompts (`labels`)."""
+    return {"chat_template_kwargs": dict(NON_THINKING)} | (choice_body(labels) if labels else {})
+
+
 class _Asker:
-    """One chat request per sample; drops guided choice for good after the server refuses it once."""
+    """One chat request per sample; drops vLLM's extras for good after the server refuses them once."""
 
     def __init__(self, client, model: str, labels: list[str], max_tokens: int):
         self.client, self.model, self.labels, self.max_tokens = client, model, labels, max_tokens
-        self.guided = True
+        self.extras = True
         self._lock = threading.Lock()
 
     def __call__(self, sample: dict) -> tuple[str, dict | None]:
@@ -215,20 +226,24 @@ class _Asker:
             "temperature": 0.0,
             "max_tokens": self.max_tokens,
         }
-        if marker == "" and self.guided:
-            try:
-                return self._send(kwargs, extra_body=choice_body(self.labels))
-            except ServerError as e:
-                if e.status != 400:
-                    raise
-                # Ask again without; if that fails too, the request was bad for another reason: raise that.
-                answer = self._send(kwargs, extra_body=None)
-                with self._lock:
-                    if self.guided:
-                        log.warning("server refused guided choice (%s); asking without, parsing answers", e)
-                    self.guided = False
-                return answer
-        return self._send(kwargs, extra_body=None)
+        if not self.extras:
+            return self._send(kwargs, extra_body=None)
+        try:
+            return self._send(kwargs, extra_body=vllm_body(self.labels if marker == "" else None))
+        except ServerError as e:
+            if e.status != 400:
+                raise
+            # Ask again without; if that fails too, the request was bad for another reason: raise that.
+            answer = self._send(kwargs, extra_body=None)
+            with self._lock:
+                if self.extras:
+                    log.warning(
+                        "server refused vLLM's request fields (guided choice, chat_template_kwargs): %s; "
+                        "asking without, parsing answers",
+                        e,
+                    )
+                self.extras = False
+            return answer
 
     def _send(self, kwargs: dict, extra_body: dict | None) -> tuple[str, dict | None]:
         reply = chat(self.client, **kwargs, extra_body=extra_body)

@@ -35,7 +35,7 @@ _SENTINEL = "ANSWER"
 # "<think>\n\n</think>\n\n" and the answer (a label, or reason_label/cot's "Reason: ...\nLabel: x")
 # follows at once, as with every other family. Only templates that read the switch get it (transformers
 # warns about a keyword a template does not use).
-_NON_THINKING = {"enable_thinking": False}
+NON_THINKING = {"enable_thinking": False}
 
 
 def template_kwargs(processor) -> dict:
@@ -43,7 +43,7 @@ def template_kwargs(processor) -> dict:
     reads that switch (Qwen3.5, Gemma 4), else none."""
     template = getattr(processor, "chat_template", None) or ""
     template = " ".join(template.values()) if isinstance(template, dict) else template
-    return dict(_NON_THINKING) if "enable_thinking" in template else {}
+    return dict(NON_THINKING) if "enable_thinking" in template else {}
 
 
 def resize_image(img: Image.Image, cfg: Config) -> Image.Image:
