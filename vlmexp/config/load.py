@@ -1,0 +1,165 @@
+"""Loading: defaults < `experiments/<experiment>.yaml` < `key=value` arguments, merged by OmegaConf;
+unknown keys name the nearest valid one, environment values never name a run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from vlmexp.config.checks import check_prompt, validate
+from vlmexp.config.schema import Config, ConfigError, _all_keys, _field, nearest_key
+
+EXPERIMENTS_DIR = Path("experiments")
+
+
+def _check_keys(dotlist: list[str], source: str) -> None:
+    valid = set(_all_keys())
+    for item in dotlist:
+        if "=" not in item:
+            raise ConfigError(f"{source}: '{item}' is not key=value; write e.g. prompt=label_desc")
+        key = item.split("=", 1)[0].lstrip("+")
+        if key not in valid and not key.startswith("train.args."):  # trainer options: checked in validate
+            raise ConfigError(f"{source}: unknown key '{key}'; did you mean '{nearest_key(key)}'?")
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v) if isinstance(v, list) else v}")
+    return out
+
+
+def experiment_path(name: str, experiments_dir: Path | None = None) -> Path:
+    d = experiments_dir or EXPERIMENTS_DIR
+    path = d / f"{name}.yaml"
+    if not path.exists():
+        have = sorted(p.stem for p in d.glob("*.yaml")) if d.exists() else []
+        raise ConfigError(
+            f"experiment '{name}': no file {path}; experiments here: {', '.join(have) or 'none'}"
+        )
+    return path
+
+
+def load_config(overrides: list[str] | None = None, experiments_dir: Path | None = None) -> Config:
+    """Resolve defaults < experiment YAML < key=value overrides into a validated Config."""
+    overrides = list(overrides or [])
+    _check_keys(overrides, "argument")
+    cfg: DictConfig = OmegaConf.structured(Config)
+    cli = _merge(OmegaConf.structured(Config), _dotlist(overrides), "argument")
+    _refuse_env_names(_env_values(OmegaConf.to_container(cli, resolve=False)), "argument")
+    experiment = cli.experiment
+    if experiment:
+        path = experiment_path(experiment, experiments_dir)
+        raw = _cleared(OmegaConf.to_container(OmegaConf.load(path)) or {})
+        _check_keys(_flatten(raw), str(path))
+        cfg = _merge(cfg, OmegaConf.create(raw), str(path))
+    cfg = _merge(cfg, _dotlist(overrides), "argument")
+    cfg.experiment = experiment
+    config = _to_config(cfg, "argument")
+    check_prompt(config)
+    return config
+
+
+def load_config_file(path: Path, overrides: list[str] | None = None) -> Config:
+    """The Config saved in a run folder's config.yaml (a full dump), plus optional key=value overrides."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    if overrides:
+        _check_keys(overrides, "argument")
+        cfg = _merge(cfg, _dotlist(overrides), "argument")
+    return _to_config(cfg, str(path))
+
+
+def _dotlist(overrides: list[str]) -> DictConfig:
+    try:
+        layer = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"argument: cannot parse {' '.join(overrides)!r}: {str(e).splitlines()[0]}; "
+            "quote values with brackets or colons, e.g. 'lora.target_modules=[q_proj,v_proj]'"
+        ) from None
+    return OmegaConf.create(_cleared(layer))
+
+
+def _cleared(layer: dict, prefix: str = "") -> dict:
+    """An empty value clears a text option to "" and a list option to [] (`data.answers_csv=` turns the
+    answers file off) instead of failing on None; other fields keep None, which their type refuses."""
+    out = {}
+    keys = set(_all_keys())
+    for k, v in layer.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            v = _cleared(v, key + ".")
+        elif v is None and key in keys:
+            kind = str(_field(key).type)
+            v = {"str": "", "list": [], "dict": {}}.get(kind.split("[")[0])
+        out[k] = v
+    return out
+
+
+# A value read from outside the config calls a resolver, e.g. "${oc.env:OPENAI_API_KEY}"; "${prompt}"
+# (another key's value) does not.
+_RESOLVER = re.compile(r"\$\{\s*[\w.]+\s*:")
+
+
+# Keys that become folder names and leaderboard rows: they must be written out, not read from outside.
+_NAMING = ("name", "experiment", "prompt")
+
+
+def _env_values(raw: dict, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value as written} of every value that calls a resolver, at any depth of `raw`."""
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if key == "interpolations":
+            continue
+        if isinstance(v, dict):
+            out |= _env_values(v, key + ".")
+        elif any(isinstance(x, str) and _RESOLVER.search(x) for x in (v if isinstance(v, list) else [v])):
+            out[key] = v
+    return out
+
+
+def _refuse_env_names(written: dict[str, Any], source: str) -> None:
+    for key in _NAMING:
+        if key in written:
+            raise ConfigError(
+                f"{source}: '{key}={written[key]}': {key} becomes part of the run folder name and the "
+                f"leaderboard, so it cannot come from the environment; write it out, e.g. {key}=my-run"
+            )
+
+
+def _to_config(cfg: DictConfig, source: str) -> Config:
+    """The validated Config of a merged DictConfig; environment values resolved, and kept as written in
+    `Config.interpolations` for everything printed (names, config.yaml, overrides.json, the leaderboard)."""
+    written = _env_values(OmegaConf.to_container(cfg, resolve=False))
+    _refuse_env_names(written, source)
+    try:
+        config: Config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(
+            f"{source}: cannot resolve '{e.full_key}': {str(e).splitlines()[0]}; "
+            "e.g. export the environment variable it reads"
+        ) from None
+    config.interpolations = written
+    validate(config)
+    return config
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except (ValidationError, ConfigKeyError) as e:
+        key = e.full_key or "?"
+        want = getattr(_field(key), "type", "?") if key in set(_all_keys()) else "?"
+        raise ConfigError(
+            f"{source}: bad value for '{key}': {e.msg.splitlines()[0]} (expected {want})"
+        ) from None
