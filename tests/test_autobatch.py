@@ -9,7 +9,7 @@ import math
 import pytest
 
 from vlmexp.config import ConfigError, load_config
-from vlmexp.engine import autobatch, fast
+from vlmexp.engine import autobatch, memory
 from vlmexp.models.load import load_model, load_processor
 
 
@@ -47,8 +47,8 @@ def test_auto_takes_the_largest_batch_that_fits_and_scales_lr(tiny_models):
     cfg = _auto(tiny_models, lr_rule="sqrt")
     model = load_model(cfg, training=True)
     tokens, patches = 600, 64
-    need_24 = fast.activation_bytes(model, 24, tokens, patches)
-    need_32 = fast.activation_bytes(model, 32, tokens, patches)
+    need_24 = memory.activation_bytes(model, 24, tokens, patches)
+    need_32 = memory.activation_bytes(model, 32, tokens, patches)
     free = int(need_24 * autobatch.MARGIN) + 1  # 24 fits with the margin, 32 does not
     assert need_32 * autobatch.MARGIN > free
     out = autobatch.resolve(cfg, model, (tokens, patches), free_bytes=free)

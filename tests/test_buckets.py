@@ -110,7 +110,7 @@ def test_bucketed_prompt_widths_give_the_same_probabilities(tiny_models, tmp_pat
 
     assert width_rule(model) == 1  # eager layers: no extra padding
     net = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    net[0]._vlmexp_compiled = True  # as fast.compile_blocks marks a compiled layer
+    net[0]._vlmexp_compiled = True  # as compile.compile_blocks marks a compiled layer
     assert width_rule(net) is bucket_width
     layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
     layer._vlmexp_compiled = True  # marked as compiled (on the CPU predict compiles nothing itself)

@@ -12,13 +12,14 @@ from transformers import set_seed
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from vlmexp.config import Config
-from vlmexp.engine import fast
+from vlmexp.engine import vision_cache
 from vlmexp.engine.encode import Encoder, RunCaches, image_key, rope_index_fn
 from vlmexp.engine.predict import _encode, predict
 from vlmexp.engine.samples import build_samples, split_turn
 from vlmexp.engine.train import build_trainer, train_fold, training_dataset
 from vlmexp.models import tiny
 from vlmexp.models.load import load_model, load_processor
+from vlmexp.models.parts import unwrap
 from vlmexp.prompts.render import load_template
 from vlmexp.tables import prob_columns
 
@@ -139,9 +140,7 @@ def test_run_caches_change_speed_not_training(family, tiny_models, table, tmp_pa
     sample = next(s for s in samples if caches.encoder._key(s["images"][0]) == key)
     pixels = processor.image_processor(images=sample["images"], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        tower = fast.unwrap(model).model.get_image_features(
-            pixels, row["image_grid_thw"][:1], return_dict=True
-        )
+        tower = unwrap(model).model.get_image_features(pixels, row["image_grid_thw"][:1], return_dict=True)
     # every feature the language model takes from the tower: merged tokens, then deepstack levels
     want = (tower.pooler_output[0], *(level[0] for level in getattr(tower, "deepstack_features", None) or []))
     assert len(caches.vision._store[key]) == len(want) == (2 if family == "qwen3_vl" else 1)
@@ -171,7 +170,7 @@ def test_vision_cache_is_skipped_or_refused_when_the_tower_trains(tiny_models, t
     cfg.lora.vision = True
     processor = load_processor(cfg)
     model = load_model(cfg, training=True)
-    assert not fast.vision_frozen(model)
+    assert not vision_cache.vision_frozen(model)
     caches = RunCaches.for_run(cfg, processor)  # auto: quietly off for a training tower
     assert caches.vision_for(model) is None and caches.vision_for(model, training=False) is None
     cfg.speed.vision_cache = "on"

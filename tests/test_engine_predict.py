@@ -161,7 +161,7 @@ def _bench_tiny():
 @pytest.mark.parametrize("layout", ["tree", "repeat"])
 def test_score_candidates_on_cached_vision_features_equals_scoring_from_scratch(layout, attn):
     from vlmexp.bench.synth import candidate_ids, collate_prompts, labels
-    from vlmexp.engine.fast import VisionFeatureCache
+    from vlmexp.engine.vision_cache import VisionFeatureCache
 
     model, processor, samples = _bench_tiny()
     model.set_attn_implementation(attn)

@@ -241,7 +241,7 @@ def test_trainer_loss_is_the_plain_full_logits_loss_with_the_same_gradients(
 ):
     # trl 1.16 scores only the supervised positions through its fused LM head (compact on CUDA,
     # chunked here); it must give what transformers' full-logits loss gives, gradients included.
-    from vlmexp.engine import fast
+    from vlmexp.bench.answer_only_loss import answer_only_loss
 
     cfg = _cfg(tiny_models, family)
     processor = load_processor(cfg)
@@ -267,11 +267,11 @@ def test_trainer_loss_is_the_plain_full_logits_loss_with_the_same_gradients(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     if family == "qwen2_5_vl":  # the bench's loop-side loss is the same function too
         with torch.no_grad():
-            torch.testing.assert_close(fast.answer_only_loss(model, batch), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(answer_only_loss(model, batch), want, rtol=1e-5, atol=1e-6)
 
 
 def test_checkpointing_decision_from_the_probed_shape(tiny_models, colours, tmp_path):
-    from vlmexp.engine import fast
+    from vlmexp.engine import memory
     from vlmexp.engine.train import _probe_shape
 
     cfg = _cfg(tiny_models, "qwen2_5_vl")
@@ -283,13 +283,15 @@ def test_checkpointing_decision_from_the_probed_shape(tiny_models, colours, tmp_
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     assert tokens == batch["input_ids"].shape[1]  # the longest row, as the collator pads it
     assert patches == int(batch["image_grid_thw"][0].prod()) > 0
-    need = fast.activation_bytes(model, cfg.train.batch_size, tokens, patches)
-    decide = fast.gradient_checkpointing_needed
+    need = memory.activation_bytes(model, cfg.train.batch_size, tokens, patches)
+    decide = memory.gradient_checkpointing_needed
     assert decide("auto", model, cfg.train.batch_size, tokens, patches, free_bytes=need)[0] is True
     assert decide("auto", model, cfg.train.batch_size, tokens, patches, free_bytes=2 * need)[0] is False
     cfg.model.finetune = "full"  # full fine-tuning adds 12 bytes per weight (gradient + AdamW moments)
     full = load_model(cfg, training=True)
     n_full = sum(p.numel() for p in full.parameters())
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    gap = fast.activation_bytes(full, 4, tokens, patches) - fast.activation_bytes(model, 4, tokens, patches)
+    gap = memory.activation_bytes(full, 4, tokens, patches) - memory.activation_bytes(
+        model, 4, tokens, patches
+    )
     assert gap > 12 * (n_full - n_lora)  # and the vision tower's activations, now that it trains

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vlmexp.config import Config, load_config
-from vlmexp.engine import fast
+from vlmexp.engine import vision_cache, vision_speed
 from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import _cut_at_marker, after_think
 from vlmexp.engine.samples import build_samples, split_turn
@@ -122,7 +122,7 @@ def test_vision_cache_is_off_with_a_reason_where_the_forward_takes_no_features(f
     cfg = _cfg(tiny_models, family)
     processor = load_processor(cfg)
     model = load_model(cfg, training=True)
-    assert "takes no precomputed image features" in fast.vision_cache_unsupported(model)
+    assert "takes no precomputed image features" in vision_cache.vision_cache_unsupported(model)
     caches = RunCaches.for_run(cfg, processor)
     with caplog.at_level(logging.INFO, logger="vlmexp.engine.encode"):
         assert caches.vision_for(model) is None and caches.vision_for(model, training=False) is None
@@ -136,7 +136,7 @@ def test_vision_cache_is_off_with_a_reason_where_the_forward_takes_no_features(f
 def test_vision_cache_serves_the_qwen3_towers(family, tiny_models):
     cfg = _cfg(tiny_models, family)
     model = load_model(cfg, training=True)
-    assert fast.vision_cache_unsupported(model) is None
+    assert vision_cache.vision_cache_unsupported(model) is None
     assert RunCaches.for_run(cfg, load_processor(cfg)).vision_for(model) is not None
 
 
@@ -145,7 +145,7 @@ def test_window_patch_only_where_the_tower_has_windows(family, tiny_models):
     # Qwen2.5-VL's tower attends within windows; Qwen3-VL/3.5 attend over each whole image, Gemma's
     # SigLIP towers over the whole image too: nothing to batch there
     model = load_model(_cfg(tiny_models, family), training=False)
-    assert fast.patch_vision_attention(model) == (1 if family == "qwen2_5_vl" else 0)
+    assert vision_speed.patch_vision_attention(model) == (1 if family == "qwen2_5_vl" else 0)
 
 
 # -- a K-fold run end to end, one per family --------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from vlmexp.bench import profile
 from vlmexp.bench.synth import candidate_ids, collate_prompts
 from vlmexp.config import Config
-from vlmexp.engine import fast
+from vlmexp.engine.compile import uncompile_blocks
 from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
 from vlmexp.tables import prob_columns
@@ -120,5 +120,5 @@ def score_row(
         MODES[mode], seconds, n, batch_size=batch_size, caches=mode, vision_cache=mode.startswith("warm")
     )
     if cfg.speed.compile:  # later rows run eagerly again
-        fast.uncompile_blocks(model)
+        uncompile_blocks(model)
     return row, outs

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from vlmexp.bench import flops, predict_bench, train_bench
+from vlmexp.bench.answer_only_loss import answer_only_loss
 from vlmexp.bench.shapes import build_model, build_processor, count_params, get_shape
 from vlmexp.bench.synth import collate_train, labels, make_samples
-from vlmexp.engine import fast
+from vlmexp.engine import vision_speed
 from vlmexp.tables import write_json
 
 KINDS = ("train", "predict")
@@ -209,7 +210,7 @@ def run_bench(
         if reference:
             add(predict_bench.generate_row(model, processor, samples[:n], names, batch_size=bs, warmup=1))
         model.eval().requires_grad_(False)
-        fast.patch_vision_attention(model)
+        vision_speed.patch_vision_attention(model)
         scores = None
         for b in (bs, *predict_batch_sizes):
             modes = [
@@ -258,7 +259,7 @@ def qlora_memory(
     )
     model = load_model(cfg, training=True)
     weights_gib = torch.cuda.max_memory_allocated() / 2**30
-    fast.patch_vision_attention(model)
+    vision_speed.patch_vision_attention(model)
     samples = make_samples(processor, batch_size * steps, resolution, tokens, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
@@ -267,7 +268,7 @@ def qlora_memory(
         b = collate_train(processor, samples[i * batch_size : (i + 1) * batch_size])
         b = {k: v.cuda() for k, v in b.items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = fast.answer_only_loss(model, b)
+            loss = answer_only_loss(model, b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -25,7 +25,8 @@ from transformers import TrainerCallback
 
 from vlmexp.bench import profile
 from vlmexp.config import Config, LoraConfig
-from vlmexp.engine import fast
+from vlmexp.engine import vision_speed
+from vlmexp.engine.compile import uncompile_blocks
 from vlmexp.engine.train import build_trainer, training_dataset
 from vlmexp.models.lora import select_target_modules
 
@@ -62,7 +63,7 @@ def _restore(peft_model) -> torch.nn.Module:
     base.gradient_checkpointing_disable()
     for module in base.modules():  # drop patch_vision_attention's instance-level forward
         module.__dict__.pop("forward", None)
-    fast.uncompile_blocks(base)
+    uncompile_blocks(base)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -237,7 +238,7 @@ def project_row(
         getattr(trainer.args, "activation_checkpointing", None) or trainer.args.gradient_checkpointing
     )
     patched = sum(
-        getattr(m.__dict__.get("forward"), "__func__", None) is fast._batched_window_forward
+        getattr(m.__dict__.get("forward"), "__func__", None) is vision_speed._batched_window_forward
         for m in peft_model.modules()
     )
     trainer_vision = trainer.vision_cache

@@ -1,6 +1,6 @@
 """`exp bench vision SHAPE`: the vision tower alone on new images, one lever added per row.
 
-Rows: `eager` (transformers' own attention), `batched-windows` (fast.patch_vision_attention, what
+Rows: `eager` (transformers' own attention), `batched-windows` (vision_speed.patch_vision_attention, what
 runs today), `padded` (+ vision_speed.pad_vision_mlp), `padded-compiled` (+ compile_vision_blocks).
 Each row: the first call's seconds (compilation included), then images/s over `reps` calls after a
 device sync, and the largest absolute difference of its features from the `eager` row's.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmexp.engine import fast, vision_speed
+from vlmexp.engine import vision_speed
 
 ROWS = ("eager", "batched-windows", "padded", "padded-compiled")
 
@@ -51,7 +51,7 @@ def vision_bench(shape: str = "qwen2.5-vl-3b", n_images: int = 32, resolution: i
     first = None
     for name in ROWS:
         if name == "batched-windows":
-            fast.patch_vision_attention(model)
+            vision_speed.patch_vision_attention(model)
         elif name == "padded":
             vision_speed.pad_vision_mlp(model)
         elif name == "padded-compiled":

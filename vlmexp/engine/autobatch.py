@@ -1,7 +1,7 @@
 """`train.batch_size=auto`: the largest batch whose step fits in free GPU memory, and the one place
 where the learning rate follows the batch size (`train.lr_rule`).
 
-Choice: the largest of CANDIDATES whose estimated training step (`fast.activation_bytes`, the same
+Choice: the largest of CANDIDATES whose estimated training step (`memory.activation_bytes`, the same
 estimate `train.gradient_checkpointing=auto` uses) times MARGIN fits in the free memory, so the step
 runs without checkpointing (which costs 1.75x time). On an H200 with the Qwen2.5-VL-3B shape (570
 tokens, language-only LoRA) batch 24 is estimated at 90.8 GiB x 1.3 <= 131.1 GiB free and batch 32
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from vlmexp.engine import fast
+from vlmexp.engine import memory
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,13 @@ def choose(model, tokens: int, patches: int, free_bytes: int | None = None) -> t
         if not torch.cuda.is_available():
             return BASE_BATCH, f"no GPU: the default {BASE_BATCH}"
         free_bytes = torch.cuda.mem_get_info()[0]
-    fits = [b for b in CANDIDATES if fast.activation_bytes(model, b, tokens, patches) * MARGIN <= free_bytes]
+    fits = [
+        b for b in CANDIDATES if memory.activation_bytes(model, b, tokens, patches) * MARGIN <= free_bytes
+    ]
     if not fits:
         free = free_bytes / 2**30
         return BASE_BATCH, f"even batch {CANDIDATES[0]} exceeds {free:.1f} GiB free (checkpointing decides)"
-    need = fast.activation_bytes(model, fits[-1], tokens, patches)
+    need = memory.activation_bytes(model, fits[-1], tokens, patches)
     return fits[-1], f"~{need / 2**30:.1f} GiB x {MARGIN} fit in {free_bytes / 2**30:.1f} GiB free"
 
 

@@ -51,7 +51,7 @@ def fill_rows(rows: list[dict], size: int) -> list[dict]:
 
 
 def width_rule(model):
-    """`bucket_width` when any of `model`'s layers is compiled (fast.compile_blocks marks them), else 1
+    """`bucket_width` when any of `model`'s layers is compiled (compile.compile_blocks marks them), else 1
     (no extra padding for eager layers, which gain nothing from it). Asked per batch, not cached: the
     bench compiles and uncompiles one model (a scan stops at the first compiled layer, ~50 us)."""
     return bucket_width if any(getattr(m, "_vlmexp_compiled", False) for m in model.modules()) else 1

@@ -9,7 +9,8 @@ batches by padding those rows: the same tensors a batched call gives (tests/test
 and every later epoch, fold and prediction of the run reuses them.
 
 Image pixels are kept once per image, by content hash (`image_key`), so a training row, the same
-image's prediction prompt and its cached vision features (`fast.VisionFeatureCache`) share one key.
+image's prediction prompt and its cached vision features (`vision_cache.VisionFeatureCache`) share
+one key.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from vlmexp.engine import fast
 from vlmexp.engine.samples import split_turn
+from vlmexp.engine.vision_cache import VisionFeatureCache, vision_cache_unsupported, vision_frozen
+from vlmexp.models.parts import unwrap
 from vlmexp.timing import phase
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ class Encoder:
         memory (448 px: 2.4 MB an image instead of 4.8) and changes nothing."""
         fn = rope_index_fn(model)
         self._rope = weakref.WeakMethod(fn) if fn is not None else None
-        visual = getattr(getattr(fast.unwrap(model), "model", None), "visual", None)
+        visual = getattr(getattr(unwrap(model), "model", None), "visual", None)
         if visual is not None and self.pixel_dtype is None and visual.dtype.is_floating_point:
             self.pixel_dtype = visual.dtype
 
@@ -286,7 +288,7 @@ class RunCaches:
     """What a run computes once and reuses in every fold: encoded rows and vision features."""
 
     encoder: Encoder | None  # None: speed.encode_once=false, the processor runs every batch
-    vision: fast.VisionFeatureCache | None  # None: speed.vision_cache=off (or no encoder)
+    vision: VisionFeatureCache | None  # None: speed.vision_cache=off (or no encoder)
     setting: str = "auto"
     vision_trains: bool | None = None  # learnt from the first training model; unknown until then
     _told: bool = False  # the reason the cache is off has been logged
@@ -295,19 +297,19 @@ class RunCaches:
     def for_run(cls, cfg, processor) -> RunCaches:
         encoder = Encoder(processor, cfg.train.max_length) if cfg.speed.encode_once else None
         use_vision = encoder is not None and cfg.speed.vision_cache != "off"
-        vision = fast.VisionFeatureCache(max_gib=cfg.speed.vision_cache_gib) if use_vision else None
+        vision = VisionFeatureCache(max_gib=cfg.speed.vision_cache_gib) if use_vision else None
         return cls(encoder, vision, cfg.speed.vision_cache)
 
     def bind(self, model) -> None:
         if self.encoder is not None:
             self.encoder.bind(model)
 
-    def vision_for(self, model, training: bool = True) -> fast.VisionFeatureCache | None:
+    def vision_for(self, model, training: bool = True) -> VisionFeatureCache | None:
         """The feature cache when `model`'s vision tower is frozen, else None. A training model tells
         (requires_grad); an inference model cannot, so prediction uses what training learnt."""
         if self.vision is None:
             return None
-        if (why := fast.vision_cache_unsupported(model)) is not None:
+        if (why := vision_cache_unsupported(model)) is not None:
             if self.setting == "on":
                 raise ValueError(f"speed.vision_cache=on, but {why}. Use speed.vision_cache=auto or off.")
             if not self._told:  # once a run, not once a fold
@@ -315,7 +317,7 @@ class RunCaches:
                 self._told = True
             return None
         if training:
-            self.vision_trains = not fast.vision_frozen(model)
+            self.vision_trains = not vision_frozen(model)
             if self.vision_trains and self.setting == "on":
                 raise ValueError(
                     "speed.vision_cache=on, but this model's vision tower trains (lora.vision=true, a vision "

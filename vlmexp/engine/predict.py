@@ -25,7 +25,8 @@ import torch
 from rich.progress import Progress
 
 from vlmexp.config import Config
-from vlmexp.engine import buckets, fast, vision_speed
+from vlmexp.engine import buckets, vision_speed
+from vlmexp.engine.compile import compile_blocks
 from vlmexp.engine.encode import RunCaches, append_left_padded, stackable
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.engine.scoring import score_candidates
@@ -51,10 +52,12 @@ def predict(
         raise ValueError("predict() got no samples")
     model.eval()
     if next(model.parameters()).is_cuda:
-        fast.patch_vision_attention(model)  # same features; one batched attention call per window size
+        vision_speed.patch_vision_attention(
+            model
+        )  # same features; one batched attention call per window size
         vision_speed.prepare_tower(model, cfg)  # MLP padded, blocks compiled: same features
         if cfg.speed.compile:
-            fast.compile_blocks(model)
+            compile_blocks(model)
     if cfg.model.head == "cls":  # the head's softmax in one forward; no label tokens scored
         from vlmexp.engine.cls_head import predict_head
 

@@ -33,7 +33,7 @@ def score_candidates(
 ) -> torch.Tensor:
     """Summed log-probabilities (B, n), on the CPU, of each row's n candidate token-id sequences after
     its left-padded context `ctx` (processor output on the model's device; `mm_encoder_outputs` may
-    stand in for `pixel_values`, e.g. features a `fast.VisionFeatureCache` computed earlier).
+    stand in for `pixel_values`, e.g. features a `vision_cache.VisionFeatureCache` computed earlier).
     `layout`: tree, repeat, or auto (tree where the attention takes a 4D mask)."""
     if bool((ctx["attention_mask"][:, -1] == 0).any()):
         raise ValueError("score_candidates needs left-padded contexts: encode with padding_side='left'")

@@ -39,11 +39,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from vlmexp.config import Config
-from vlmexp.engine import autobatch, buckets, cls_head, fast, vision_speed
+from vlmexp.engine import autobatch, buckets, cls_head, vision_speed
 from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeatedSave
+from vlmexp.engine.compile import compile_blocks
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.samples import load_images, to_prompt_completion
 from vlmexp.engine.train_args import sft_config
+from vlmexp.engine.vision_cache import VisionFeatureCache
 from vlmexp.launch import fsdp as fsdp_launch
 from vlmexp.rundir import RunDir
 from vlmexp.tables import read_json, write_json
@@ -267,7 +269,7 @@ class _SFTTrainer(SFTTrainer):
     """trl's SFTTrainer, with cached vision features standing in for pixel_values (frozen tower), and
     validation by real accuracy/macro-F1 (EvalCallback) instead of an eval loss."""
 
-    vision_cache: fast.VisionFeatureCache | None = None
+    vision_cache: VisionFeatureCache | None = None
     encoder: Encoder | None = None
     evaluator: EvalCallback | None = None
 
@@ -325,11 +327,11 @@ def build_trainer(
     shape = _probe_shape(cfg, processor, examples) if auto_gc or auto_batch else None
     cfg = autobatch.resolve(cfg, model, shape)  # train.batch_size=auto: a number, lr per train.lr_rule
     if vision_patch and cuda:
-        fast.patch_vision_attention(model)
+        vision_speed.patch_vision_attention(model)
     if cuda:
         vision_speed.prepare_tower(model, cfg)
     if cfg.speed.compile and cuda:
-        fast.compile_blocks(model)
+        compile_blocks(model)
     vision = caches.vision_for(model)
     args = sft_config(
         cfg, output_dir, model, shape=shape, run_name=run_name, group=group, evaluating=evaluator is not None

@@ -23,7 +23,7 @@ import torch
 from trl import SFTConfig
 
 from vlmexp.config import Config, ConfigError
-from vlmexp.engine import fast
+from vlmexp.engine.memory import gradient_checkpointing_needed
 from vlmexp.launch import fsdp as fsdp_launch
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def sft_config(
     # Checkpointing cuts activation memory but costs 1.75x time (3B, batch 8: 19.1 vs 33.6 samples/s):
     # auto turns it on only when the estimated step would not fit in the GPU's free memory.
     tokens, patches = shape or (t.max_length, 0)
-    checkpointing, why = fast.gradient_checkpointing_needed(
+    checkpointing, why = gradient_checkpointing_needed(
         t.gradient_checkpointing, model, t.batch_size, tokens, patches
     )
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)

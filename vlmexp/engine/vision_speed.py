@@ -2,8 +2,11 @@
 
 The tower's first pass over an image (fold 0's training, validation, the test set's first
 prediction) is what the feature cache cannot save: on an H200 new images were predicted at 43
-images/s against 113 for cached ones (Qwen2.5-VL-3B shape, docs/performance.md). Two levers:
+images/s against 113 for cached ones (Qwen2.5-VL-3B shape, docs/performance.md). Three levers:
 
+- `patch_vision_attention`: Qwen-VL vision towers under sdpa loop over every attention window in
+  Python (8 images at 448 px = 128 windows x 28 window layers = 3584 tiny kernel calls a forward);
+  windows of equal length go through one batched sdpa call instead (flash-attention already packs).
 - `pad_vision_mlp`: Qwen2.5-VL's vision MLP has intermediate size 3420, for which cuBLAS picks
   Ampere-generation kernels: 224-254 TFLOP/s against 758-784 at 3456, the next multiple of 128
   (/work/shared/ENVIRONMENT.md, December). Zero rows appended to gate/up (weights and biases) give
@@ -19,17 +22,21 @@ images/s against 113 for cached ones (Qwen2.5-VL-3B shape, docs/performance.md).
   each image attends only within itself, so the real images' features are unchanged. Batches of
   mixed image sizes (a new patch count each time) run the eager blocks instead of recompiling.
 
-`prepare_tower(model, cfg)` applies what `speed.*` switches on; training and prediction call it on
-CUDA (engine/train.py `build_trainer`, engine/predict.py `predict`), once per model (it is idempotent).
+`prepare_tower(model, cfg)` applies the MLP padding and the compile as `speed.*` switches them on;
+`engine/speed.py` (`prepare`, called by engine/train.py `build_trainer` and engine/predict.py
+`predict`) applies it and the window attention on CUDA, once per base model.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import types
 
 import torch
+import torch.nn.functional as F
 
-from vlmexp.engine.fast import unwrap
+from vlmexp.models.parts import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,48 @@ def tower_is_plain(model: torch.nn.Module) -> tuple[bool, str]:
     if any(p.requires_grad for p in visual.parameters()):
         return False, "the vision tower trains (finetune=full)"
     return True, ""
+
+
+_PATCHABLE = {"Qwen2_5_VLVisionAttention", "VisionAttention"}  # Qwen2.5-VL, Qwen2-VL
+
+
+def _batched_window_forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    # Same computation as the module's own non-flash branch, with windows of equal length batched:
+    # (1, heads, S, d) -> (n_windows, heads, L, d). 448 px: 16 windows of 64 patches per image.
+    seq = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = self._vlmexp_rope(q, k, cos, sin)  # (S, heads, d)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    outs, start, i = [], 0, 0
+    while i < len(lengths):
+        j = i
+        while j < len(lengths) and lengths[j] == lengths[i]:
+            j += 1
+        n, span = j - i, lengths[i] * (j - i)
+        qkv = [
+            t[start : start + span].reshape(n, lengths[i], self.num_heads, -1).transpose(1, 2)
+            for t in (q, k, v)
+        ]
+        o = F.scaled_dot_product_attention(*qkv, scale=self.scaling)  # (n, heads, L, d)
+        outs.append(o.transpose(1, 2).reshape(span, -1))
+        start, i = start + span, j
+    return self.proj(torch.cat(outs) if len(outs) > 1 else outs[0])
+
+
+def patch_vision_attention(model: torch.nn.Module) -> int:
+    """Batch the vision tower's windowed attention (sdpa/eager only; flash-attention already packs).
+    Patches instances, not the class, so other models in the process are untouched. Returns the count."""
+    patched = 0
+    for module in unwrap(model).modules():
+        if type(module).__name__ not in _PATCHABLE or not hasattr(module, "qkv"):
+            continue
+        if "flash" in (module.config._attn_implementation or ""):
+            continue
+        module._vlmexp_rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        module.forward = types.MethodType(_batched_window_forward, module)
+        patched += 1
+    return patched
 
 
 def _mlps(visual: torch.nn.Module):

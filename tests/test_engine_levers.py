@@ -1,4 +1,6 @@
-"""The fast path gives the plain path's loss, gradients, image features and label scores (tiny model)."""
+"""The speed levers give the plain path's loss, gradients and image features (tiny model): the bench's
+answer-only loss (bench/answer_only_loss.py), the batched vision window attention (engine/vision_speed.py),
+the vision feature cache (engine/vision_cache.py), the checkpointing decision (engine/memory.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from vlmexp.bench.answer_only_loss import answer_only_loss
 from vlmexp.bench.shapes import build_model, build_processor, get_shape
 from vlmexp.bench.synth import collate_train, make_samples
-from vlmexp.engine import fast
+from vlmexp.engine import memory, vision_cache, vision_speed
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def test_answer_only_loss_equals_plain_loss_and_gradients(tiny):
     plain.backward()
     g_plain = _grads(model)
     model.zero_grad()
-    quick = fast.answer_only_loss(model, batch)
+    quick = answer_only_loss(model, batch)
     quick.backward()
     g_fast = _grads(model)
     model.zero_grad()
@@ -49,8 +52,8 @@ def test_answer_only_loss_respects_num_items_in_batch(tiny):
     batch = collate_train(processor, samples)
     n = int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():
-        mean = fast.answer_only_loss(model, batch)
-        summed = fast.answer_only_loss(model, batch, num_items_in_batch=2 * n)
+        mean = answer_only_loss(model, batch)
+        summed = answer_only_loss(model, batch, num_items_in_batch=2 * n)
     torch.testing.assert_close(summed, mean / 2)
 
 
@@ -65,7 +68,7 @@ def test_batched_vision_attention_equals_the_window_loop():
     pix = processor.image_processor(images, return_tensors="pt")
     with torch.no_grad():
         before = model.model.get_image_features(pix["pixel_values"], pix["image_grid_thw"]).pooler_output
-        assert fast.patch_vision_attention(model) == shape.vision["depth"]
+        assert vision_speed.patch_vision_attention(model) == shape.vision["depth"]
         after = model.model.get_image_features(pix["pixel_values"], pix["image_grid_thw"]).pooler_output
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
@@ -78,13 +81,13 @@ def test_vision_feature_cache_gives_the_same_loss_and_hits(tiny):
     for p in model.model.visual.parameters():
         p.requires_grad_(False)
     try:
-        cache = fast.VisionFeatureCache()
+        cache = vision_cache.VisionFeatureCache()
         mm = cache.encoder_outputs(model, batch["pixel_values"], batch["image_grid_thw"], keys)
         mm2 = cache.encoder_outputs(model, batch["pixel_values"], batch["image_grid_thw"], keys)
         assert (cache.misses, cache.hits, len(cache)) == (3, 3, 3)
         with torch.no_grad():
             plain = model(**batch).loss
-            cached = fast.answer_only_loss(model, batch, mm_encoder_outputs=mm2)
+            cached = answer_only_loss(model, batch, mm_encoder_outputs=mm2)
         torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)
         assert mm["image"].pooler_output[0] is mm2["image"].pooler_output[0]
     finally:
@@ -96,38 +99,38 @@ def test_vision_feature_cache_refuses_a_trained_vision_tower(tiny):
     model, processor, samples = tiny
     batch = collate_train(processor, samples[:1])
     with pytest.raises(ValueError, match="frozen vision tower"):
-        fast.VisionFeatureCache().encoder_outputs(
+        vision_cache.VisionFeatureCache().encoder_outputs(
             model, batch["pixel_values"], batch["image_grid_thw"], ["a"]
         )
 
 
 def test_gradient_checkpointing_decision(tiny):
     model, _, _ = tiny
-    assert fast.gradient_checkpointing_needed("on", model, 8, 570, 1024) == (
+    assert memory.gradient_checkpointing_needed("on", model, 8, 570, 1024) == (
         True,
         "train.gradient_checkpointing=on",
     )
-    assert fast.gradient_checkpointing_needed("off", model, 8, 570, 1024)[0] is False
-    need = fast.activation_bytes(model, 8, 570, 1024)
+    assert memory.gradient_checkpointing_needed("off", model, 8, 570, 1024)[0] is False
+    need = memory.activation_bytes(model, 8, 570, 1024)
     assert need > 0
-    assert fast.gradient_checkpointing_needed("auto", model, 8, 570, 1024, free_bytes=need)[0] is True
-    assert fast.gradient_checkpointing_needed("auto", model, 8, 570, 1024, free_bytes=2 * need)[0] is False
+    assert memory.gradient_checkpointing_needed("auto", model, 8, 570, 1024, free_bytes=need)[0] is True
+    assert memory.gradient_checkpointing_needed("auto", model, 8, 570, 1024, free_bytes=2 * need)[0] is False
     # twice the batch, twice the activations (the trained weights' 12 bytes each come once)
     weights = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert fast.activation_bytes(model, 16, 570, 1024) - weights == 2 * (need - weights)
+    assert memory.activation_bytes(model, 16, 570, 1024) - weights == 2 * (need - weights)
 
 
 def test_activation_estimate_counts_what_trains(tiny):
     model, _, _ = tiny
-    full = fast.activation_bytes(model, 8, 570, 1024)
+    full = memory.activation_bytes(model, 8, 570, 1024)
     vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
     try:
         for p in vision:
             p.requires_grad_(False)
-        frozen_vision = fast.activation_bytes(model, 8, 570, 1024)
+        frozen_vision = memory.activation_bytes(model, 8, 570, 1024)
         for p in model.parameters():
             p.requires_grad_(False)
-        nothing = fast.activation_bytes(model, 8, 570, 1024)
+        nothing = memory.activation_bytes(model, 8, 570, 1024)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -147,5 +150,5 @@ def test_answer_only_loss_on_gpu_bf16():
     batch = {k: v.cuda() for k, v in collate_train(processor, make_samples(processor, 2, 224, 120)).items()}
     with torch.no_grad():
         torch.testing.assert_close(
-            fast.answer_only_loss(model, batch), model(**batch).loss.float(), rtol=2e-2, atol=2e-2
+            answer_only_loss(model, batch), model(**batch).loss.float(), rtol=2e-2, atol=2e-2
         )

@@ -1,0 +1,140 @@
+"""Vision features of a frozen tower, once per image per run (speed.vision_cache).
+
+A frozen vision tower (language-only LoRA) gives the same features for an image every epoch and fold:
+a 5-fold run with E epochs otherwise runs the tower 4E+1 times per image. `VisionFeatureCache` keeps
+them by image key (`encode.image_key`) and hands them to the language model through
+`mm_encoder_outputs` instead of `pixel_values`. 448 px in Qwen2.5-VL-3B: 256 x 2048 bf16 = 1 MiB per
+image. `engine/encode.py` (`RunCaches.vision_for`) decides per model whether the cache serves it
+(`vision_cache_unsupported`, `vision_frozen`); the trainer's `compute_loss` and `predict` use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vlmexp.models.parts import unwrap, vlm_parts
+from vlmexp.timing import phase
+
+
+def vision_cache_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the feature cache cannot serve `model`, or None when it can: the cache hands the language
+    model per-image features through `mm_encoder_outputs`, which only the Qwen-VL family's forward takes
+    (Qwen2/2.5/3-VL, Qwen3.5). Gemma 3/4, LLaVA and SmolVLM run their tower inside forward on
+    pixel_values, so nothing computed earlier can stand in for it."""
+    core = getattr(unwrap(model), "model", None)
+    if getattr(core, "visual", None) is not None and hasattr(core, "get_image_features"):
+        return None
+    return (
+        f"{type(unwrap(model)).__name__} takes no precomputed image features (its forward runs the vision "
+        "tower on pixel_values itself); the vision feature cache is off for it"
+    )
+
+
+def vision_frozen(model: torch.nn.Module) -> bool:
+    """True for a Qwen-VL-style model (`.model.visual`, features by `get_image_features`) whose vision
+    tower and merger train no weight (language-only LoRA), so an image's features never change."""
+    core = getattr(unwrap(model), "model", None)
+    visual = getattr(core, "visual", None)
+    return visual is not None and not any(p.requires_grad for p in visual.parameters())
+
+
+@dataclass
+class _DeepstackOutput(BaseModelOutputWithPooling):
+    """What Qwen3-VL's forward reads from `mm_encoder_outputs["image"]`: the merged tokens per image
+    and `deepstack_features[level][image]` (transformers' own class lives in the Qwen3-VL module)."""
+
+    deepstack_features: list[tuple[torch.Tensor, ...]] | None = None
+
+
+class VisionFeatureCache:
+    """Image features of a frozen vision tower by image key (`encode.image_key`), computed once: the
+    merged tokens and, for Qwen3-VL, every deepstack level the decoder layers take from the tower.
+
+    A 5-fold run with E epochs otherwise runs the tower 4E+1 times per image. 448 px in Qwen2.5-VL-3B:
+    256 x 2048 bf16 = 1 MiB per image, so 10k images take ~10 GiB on `device` (use "cpu" to spill);
+    past `max_gib` new features are used but not kept. Only for one base model's tower: make a new
+    cache per run (the recipe does), never share one across models."""
+
+    def __init__(self, device: str | torch.device | None = None, max_gib: float = 16.0):
+        self.device = device
+        self.max_bytes = int(max_gib * 2**30)
+        self._store: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._store
+
+    def keys(self) -> set[str]:
+        return set(self._store)
+
+    def features(
+        self,
+        model: torch.nn.Module,
+        keys: Sequence[str],
+        image_grid_thw: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        pixel_index: Sequence[int] = (),
+    ) -> dict:
+        """`mm_encoder_outputs` for the model's forward, one feature tensor per image of `keys`.
+        `pixel_values` holds the patches of the images `pixel_index` (positions in `keys`), the ones
+        not cached when the batch was built; the tower runs on those alone, without gradients."""
+        core, _ = vlm_parts(model)
+        if not vision_frozen(model):
+            raise ValueError("VisionFeatureCache needs a frozen vision tower; lora.vision=true trains it")
+        if len(keys) != len(image_grid_thw):
+            raise ValueError(f"{len(keys)} keys for {len(image_grid_thw)} images: give one key per image")
+        fresh: dict[int, tuple[torch.Tensor, ...]] = {}
+        if len(pixel_index):
+            with torch.no_grad(), phase("vision_tower"):
+                out = core.get_image_features(
+                    pixel_values, image_grid_thw[list(pixel_index)], return_dict=True
+                )
+            # Qwen3-VL: deepstack_features[level][image], e.g. 3 levels of (256, 4096) for an 8B image at
+            # 448 px, added to the hidden states of decoder layers 0-2; Qwen2/2.5-VL and Qwen3.5 have none.
+            levels = getattr(out, "deepstack_features", None) or []
+            for j, i in enumerate(pixel_index):
+                fresh[i] = tuple(f.detach() for f in (out.pooler_output[j], *(lv[j] for lv in levels)))
+                self._keep(keys[i], fresh[i])
+        missing = [k for i, k in enumerate(keys) if i not in fresh and k not in self._store]
+        if missing:
+            raise KeyError(f"no pixels and no cached features for {len(missing)} image(s), e.g. {missing[0]}")
+        self.misses += len(fresh)
+        self.hits += len(keys) - len(fresh)
+        device = image_grid_thw.device
+        feats = [
+            fresh[i] if i in fresh else tuple(t.to(device) for t in self._store[k])
+            for i, k in enumerate(keys)
+        ]
+        pooled = tuple(f[0] for f in feats)
+        if len(feats[0]) == 1:
+            return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+        deepstack = [tuple(f[level] for f in feats) for level in range(1, len(feats[0]))]
+        return {"image": _DeepstackOutput(pooler_output=pooled, deepstack_features=deepstack)}
+
+    def encoder_outputs(
+        self,
+        model: torch.nn.Module,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        keys: Sequence[str],
+    ) -> dict:
+        """`features` from a whole batch's pixel_values (every image's patches, in batch order)."""
+        sizes = image_grid_thw.prod(-1).tolist()
+        chunks = pixel_values.split(sizes)
+        todo = [i for i, k in enumerate(keys) if k not in self._store]
+        pix = torch.cat([chunks[i] for i in todo]) if todo else None
+        return self.features(model, keys, image_grid_thw, pix, todo)
+
+    def _keep(self, key: str, feats: tuple[torch.Tensor, ...]) -> None:
+        size = sum(f.numel() * f.element_size() for f in feats)
+        if key not in self._store and self._bytes + size <= self.max_bytes:
+            self._store[key] = tuple(f.to(self.device) for f in feats) if self.device is not None else feats
+            self._bytes += size
