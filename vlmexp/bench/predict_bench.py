@@ -16,6 +16,7 @@ import torch
 from vlmexp.bench import profile
 from vlmexp.bench.synth import candidate_ids, collate_prompts
 from vlmexp.config import Config
+from vlmexp.engine import speed
 from vlmexp.engine.compile import uncompile_blocks
 from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
@@ -97,6 +98,8 @@ def score_row(
     cfg = Config()
     cfg.predict.batch_size, cfg.predict.mode = batch_size, "score"
     cfg.speed.compile = mode == "warm-compile"
+    if cfg.speed.compile:  # earlier rows prepared the model without compiling: predict prepares it anew
+        speed.forget(model)
     caches = None
     if mode != "plain":
         caches = RunCaches.for_run(cfg, processor)
@@ -121,4 +124,5 @@ def score_row(
     )
     if cfg.speed.compile:  # later rows run eagerly again
         uncompile_blocks(model)
+        speed.forget(model)
     return row, outs

@@ -27,6 +27,7 @@ from vlmexp.bench import profile
 from vlmexp.config import Config, LoraConfig
 from vlmexp.engine import vision_speed
 from vlmexp.engine.compile import uncompile_blocks
+from vlmexp.engine.speed import forget as forget_prepared
 from vlmexp.engine.train import build_trainer, training_dataset
 from vlmexp.models.lora import select_target_modules
 
@@ -64,6 +65,7 @@ def _restore(peft_model) -> torch.nn.Module:
     for module in base.modules():  # drop patch_vision_attention's instance-level forward
         module.__dict__.pop("forward", None)
     uncompile_blocks(base)
+    forget_prepared(base)  # the next row's build_trainer prepares the base by its own settings
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -25,8 +25,7 @@ import torch
 from rich.progress import Progress
 
 from vlmexp.config import Config
-from vlmexp.engine import buckets, vision_speed
-from vlmexp.engine.compile import compile_blocks
+from vlmexp.engine import buckets, speed
 from vlmexp.engine.encode import RunCaches, append_left_padded, stackable
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.engine.scoring import score_candidates
@@ -51,13 +50,7 @@ def predict(
     if not samples:
         raise ValueError("predict() got no samples")
     model.eval()
-    if next(model.parameters()).is_cuda:
-        vision_speed.patch_vision_attention(
-            model
-        )  # same features; one batched attention call per window size
-        vision_speed.prepare_tower(model, cfg)  # MLP padded, blocks compiled: same features
-        if cfg.speed.compile:
-            compile_blocks(model)
+    speed.prepare(model, cfg)  # CUDA levers, same features and scores; a no-op on a prepared base
     if cfg.model.head == "cls":  # the head's softmax in one forward; no label tokens scored
         from vlmexp.engine.cls_head import predict_head
 

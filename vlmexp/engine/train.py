@@ -39,9 +39,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from vlmexp.config import Config
-from vlmexp.engine import autobatch, buckets, cls_head, vision_speed
+from vlmexp.engine import autobatch, buckets, cls_head, speed
 from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeatedSave
-from vlmexp.engine.compile import compile_blocks
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.samples import load_images, to_prompt_completion
 from vlmexp.engine.train_args import sft_config
@@ -315,8 +314,11 @@ def build_trainer(
     """trl's SFTTrainer with the project's settings and speed levers (measured in docs/performance.md):
     rows encoded once and padded per batch (speed.encode_once), a frozen vision tower's features once
     per image (speed.vision_cache), gradient checkpointing only when activations would not fit
-    (train.gradient_checkpointing=auto), the batched vision window attention on CUDA (`vision_patch=False`
-    keeps the stock loop, for the bench), and trl 1.16's own answer-only LM head.
+    (train.gradient_checkpointing=auto, decided here for every fold: it depends on the fold's batch
+    shape), trl 1.16's own answer-only LM head, and on CUDA the model's speed levers (`speed.prepare`:
+    batched vision window attention, vision tower levers, compiled decoder layers), applied once per
+    base model, so a base shared by the folds is prepared at the first fold only (`vision_patch=False`
+    keeps the stock window loop, for the bench).
     `run_name`/`group`: a fold's tracker run, which also turns on checkpoints (sft_config);
     `evaluator`: the fold's EvalCallback (also in `callbacks`), which the trainer's `evaluate` asks."""
     caches = caches if caches is not None else RunCaches.for_run(cfg, processor)
@@ -326,12 +328,7 @@ def build_trainer(
     auto_batch = cuda and cfg.train.batch_size == "auto"
     shape = _probe_shape(cfg, processor, examples) if auto_gc or auto_batch else None
     cfg = autobatch.resolve(cfg, model, shape)  # train.batch_size=auto: a number, lr per train.lr_rule
-    if vision_patch and cuda:
-        vision_speed.patch_vision_attention(model)
-    if cuda:
-        vision_speed.prepare_tower(model, cfg)
-    if cfg.speed.compile and cuda:
-        compile_blocks(model)
+    speed.prepare(model, cfg, vision_patch=vision_patch)  # once per base model: later calls change nothing
     vision = caches.vision_for(model)
     args = sft_config(
         cfg, output_dir, model, shape=shape, run_name=run_name, group=group, evaluating=evaluator is not None

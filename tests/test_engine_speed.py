@@ -1,0 +1,120 @@
+"""The model is prepared for speed once per base model (engine/speed.py): a second `prepare`, a new
+adapter on the same base, and the next fold of a run on a shared base (speed.reuse_base) apply nothing.
+
+The levers are CUDA-only, so these tests pretend CUDA (`speed.on_cuda`) and count the lever calls."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from vlmexp.config import load_config
+from vlmexp.engine import speed
+
+
+@pytest.fixture()
+def counted(monkeypatch) -> dict[str, int]:
+    """CUDA pretended and every lever replaced by a counter: {lever: calls}."""
+    calls = {"vision_attention": 0, "tower": 0, "compile": 0}
+
+    def attention(model):
+        calls["vision_attention"] += 1
+        return 4
+
+    def tower(model, cfg):
+        calls["tower"] += 1
+        return {"vision_pad": 4}
+
+    def compile_blocks(model):
+        calls["compile"] += 1
+        return 2
+
+    monkeypatch.setattr(speed, "on_cuda", lambda model: True)
+    monkeypatch.setattr(speed, "patch_vision_attention", attention)
+    monkeypatch.setattr(speed, "prepare_tower", tower)
+    monkeypatch.setattr(speed, "compile_blocks", compile_blocks)
+    return calls
+
+
+def _model(tiny_models, family: str = "qwen2_5_vl"):
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_pretrained(tiny_models(family), dtype=torch.float32)
+
+
+def test_a_second_prepare_applies_nothing(tiny_models, counted, caplog):
+    from vlmexp.models.lora import apply_lora
+
+    cfg = load_config([f"model.name={tiny_models('qwen2_5_vl')}", "speed.compile=true"])
+    model = _model(tiny_models)
+    caplog.set_level(logging.DEBUG, logger="vlmexp.engine.speed")
+    first = speed.prepare(model, cfg)
+    assert first == {"vision_attention": 4, "vision_pad": 4, "compile": 2}
+    assert counted == {"vision_attention": 1, "tower": 1, "compile": 1}
+    assert speed.prepare(model, cfg) == first
+    # a LoRA adapter on the same base (the next fold on a shared base): the base is prepared already
+    assert speed.prepare(apply_lora(model, cfg), cfg) == first
+    # other settings later keep the first decision, said at debug level only
+    plain = load_config([f"model.name={tiny_models('qwen2_5_vl')}", "speed.compile=false"])
+    assert speed.prepare(model, plain, vision_patch=False) == first
+    assert counted == {"vision_attention": 1, "tower": 1, "compile": 1}
+    said = [r for r in caplog.records if r.name == "vlmexp.engine.speed"]
+    assert [r.levelno for r in said if r.message.startswith("speed levers:")] == [logging.INFO]
+    assert "speed levers: vision_attention=4 vision_pad=4 compile=2" in caplog.text
+    assert any(r.levelno == logging.DEBUG and "keeping them" in r.message for r in said)
+    speed.forget(model)  # what the bench does after undoing the levers: the next prepare applies them
+    assert speed.prepared(model) is None
+    assert speed.prepare(model, plain, vision_patch=False) == {"vision_pad": 4}
+    assert counted == {"vision_attention": 1, "tower": 2, "compile": 1}
+
+
+def test_off_cuda_nothing_is_applied_or_recorded(tiny_models, monkeypatch):
+    def refuse(*args):
+        raise AssertionError("a CUDA lever ran on the CPU")
+
+    for name in ("patch_vision_attention", "prepare_tower", "compile_blocks"):
+        monkeypatch.setattr(speed, name, refuse)
+    cfg = load_config([f"model.name={tiny_models('qwen2_5_vl')}", "speed.compile=true"])
+    model = _model(tiny_models)
+    assert speed.prepare(model, cfg) == {}
+    assert speed.prepared(model) is None  # moved to a GPU later, it would still be prepared there
+
+
+def test_the_real_levers_run_once(tiny_models, monkeypatch):
+    """Real window attention and MLP padding (both work on the CPU): the second call leaves the patched
+    forwards and the padded weights exactly as the first call made them."""
+    monkeypatch.setattr(speed, "on_cuda", lambda model: True)
+    cfg = load_config([f"model.name={tiny_models('qwen2_5_vl')}"])  # speed.compile off: no inductor here
+    model = _model(tiny_models).eval().requires_grad_(False)
+    blocks = model.model.visual.blocks
+    done = speed.prepare(model, cfg)
+    assert done == {"vision_attention": len(blocks), "vision_pad": len(blocks)}
+    forwards = [b.attn.__dict__["forward"] for b in blocks]
+    weights = [b.mlp.down_proj.weight for b in blocks]
+    assert speed.prepare(model, cfg) is done
+    assert all(b.attn.__dict__["forward"] is f for b, f in zip(blocks, forwards, strict=True))
+    assert all(b.mlp.down_proj.weight is w for b, w in zip(blocks, weights, strict=True))
+
+
+@pytest.mark.slow
+def test_a_base_shared_by_two_folds_is_prepared_once(tmp_path, counted, monkeypatch):
+    """A 2-fold run on a shared base: training, validation and test predictions of both folds ask for
+    the levers, and they are applied once."""
+    from vlmexp.demo import make_demo
+    from vlmexp.recipe import run_experiment
+
+    asked = []
+    real = speed.prepare
+    monkeypatch.setattr(speed, "prepare", lambda model, cfg, **kw: asked.append(1) or real(model, cfg, **kw))
+    demo = make_demo(tmp_path / "data", seed=0, n_train=24, n_test=12)
+    cfg = load_config(
+        [f"data.dir={demo}", f"runs_dir={tmp_path / 'runs'}", f"leaderboard={tmp_path / 'lb.csv'}",
+         f"model.cache_dir={Path(tmp_path) / 'tiny'}", "folds=2", "train.epochs=1", "train.eval=true",
+         "train.batch_size=8", "predict.batch_size=8", "train.report_to=none", "speed.reuse_base=true"]
+    )  # fmt: skip
+    run_experiment(cfg)
+    assert len(asked) >= 6  # per fold: build_trainer, the validation evaluation, OOF and test predictions
+    assert counted == {"vision_attention": 1, "tower": 1, "compile": 0}

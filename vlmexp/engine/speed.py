@@ -1,0 +1,91 @@
+"""The model prepared for speed once per run: the CUDA-only levers, applied once per base model.
+
+Training (`engine/train.py` `build_trainer`) and prediction (`engine/predict.py` `predict`) both call
+`prepare(model, cfg)`. On CUDA it applies, each equal in result to the plain model:
+- the batched vision window attention (`vision_speed.patch_vision_attention`; `vision_patch=False`
+  keeps the stock window loop, for the bench's rows),
+- the vision tower levers `speed.vision_pad` and `speed.vision_compile` (`vision_speed.prepare_tower`,
+  which does nothing when the run trains the tower: lora.vision=true or finetune=full),
+- torch.compile of the decoder layers when `speed.compile` (`compile.compile_blocks`),
+and records what it applied on the unwrapped base module (attribute `_vlmexp_speed`, {lever: count}).
+Every later call on a model over the same base returns that record and changes nothing: the fold's
+validation and test predictions on its trained model, and with `speed.reuse_base` (`models/base_once.py`)
+every later fold's adapter on the run's one base, so a run prepares its base once and logs it once
+("speed levers: vision_attention=32 vision_pad=32 compile=36"). A fold that loads its own model
+(speed.reuse_base=false, full fine-tunes) has a new base, prepared anew.
+
+A later call that asks for other levers (another `cfg.speed`, `vision_patch=False` after True) keeps
+the first decision and says so at debug level: levers are not taken off a live model here. The bench,
+which compares levers on one model, undoes them itself (`compile.uncompile_blocks`, the patched
+forwards dropped) and then calls `forget` so the next row is prepared by its own settings. Off CUDA
+nothing is applied and nothing recorded (a model moved to the GPU later is still prepared there).
+
+Not here, per fold: gradient checkpointing (`memory.gradient_checkpointing_needed`, through
+`train_args.sft_config`) and train.batch_size=auto (`autobatch.resolve`) depend on the fold's batch
+shape and the free GPU memory, so `build_trainer` decides them every time. The other levers of a run
+live with what they serve: encoded rows (`encode.py`), the vision feature cache (`vision_cache.py`),
+length buckets (`buckets.py`), KV-shared label scoring (`scoring.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vlmexp.engine.compile import compile_blocks
+from vlmexp.engine.vision_speed import patch_vision_attention, prepare_tower
+from vlmexp.models.parts import unwrap
+
+log = logging.getLogger(__name__)
+
+_APPLIED = "_vlmexp_speed"  # {lever: count} on the base module, once prepared
+_ASKED = "_vlmexp_speed_asked"  # the settings that first call asked for, to tell a different later ask
+
+
+def on_cuda(model: torch.nn.Module) -> bool:
+    """Whether the levers apply: CUDA is there and the model's weights are on it."""
+    return torch.cuda.is_available() and next(model.parameters()).is_cuda
+
+
+def prepared(model: torch.nn.Module) -> dict | None:
+    """What `prepare` applied to `model`'s base, or None when it has not prepared it."""
+    return unwrap(model).__dict__.get(_APPLIED)
+
+
+def prepare(model: torch.nn.Module, cfg, *, vision_patch: bool = True) -> dict:
+    """Apply the CUDA levers `cfg.speed` switches on to `model`'s base, once; {lever: count} applied
+    (the first call's record on every later call; {} off CUDA). See the module docstring."""
+    base = unwrap(model)
+    asked = {
+        "vision_patch": vision_patch,
+        "vision_pad": cfg.speed.vision_pad,
+        "vision_compile": cfg.speed.vision_compile,
+        "compile": cfg.speed.compile,
+    }
+    done = base.__dict__.get(_APPLIED)
+    if done is not None:
+        first = base.__dict__.get(_ASKED)
+        if first != asked:
+            log.debug(
+                "speed levers already applied for %s; keeping them (this call asked for %s)", first, asked
+            )
+        return done
+    if not on_cuda(model):
+        return {}
+    done = {}
+    if vision_patch:
+        done["vision_attention"] = patch_vision_attention(model)
+    done |= prepare_tower(model, cfg)
+    if cfg.speed.compile:
+        done["compile"] = compile_blocks(model)
+    base.__dict__[_APPLIED], base.__dict__[_ASKED] = done, asked
+    log.info("speed levers: %s", " ".join(f"{k}={v}" for k, v in done.items()) or "none")
+    return done
+
+
+def forget(model: torch.nn.Module) -> None:
+    """Drop the record, so the next `prepare` applies levers again (the bench, after undoing them)."""
+    base = unwrap(model)
+    base.__dict__.pop(_APPLIED, None)
+    base.__dict__.pop(_ASKED, None)
