@@ -7,8 +7,8 @@
 # levers: language-only rows: reference at batch 8 and 16, project, project with speed.compile at 8 and 16;
 # predict-compile: predict plus a warm speed.compile=true row at batch 32; levers32: a compiled
 # batch-32 row; predict64: prediction at batch 8 and 64; predict32: at batch 32 only (reference too);
-# levers24: a compiled batch-24 row alone; gputests: the CUDA-only tests of tests/test_engine_encode.py and
-# tests/test_vision_speed.py.
+# levers24: a compiled batch-24 row alone; gputests: every gpu-marked test under tests/; smoke: a tiny-model
+# `exp run` on CUDA with speed.compile=true (the levers logged once a run).
 # equal: reference and project only, 16 steps, for the loss-curve comparison.
 # parallel (on nvidia-h200-x2): `exp run folds=2` with gpus=2 against gpus=1, wall time of each.
 # Whole runs (`exp bench run`, one part per device call: each stays under the 10-minute limit):
@@ -65,8 +65,14 @@ for part in $parts; do
     run-ref) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts reference --reference-folds 1)
         limit=500 ;;
     vision) cmd=(vision qwen2.5-vl-3b --images 32); limit=300 ;;
-    gputests) echo "== gputests"; timeout 200 python3 -m pytest -q -m gpu tests/test_engine_encode.py tests/test_vision_speed.py 2>&1 | tail -5
+    gputests) echo "== gputests"; timeout 200 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/ 2>&1 | tail -12
         continue ;;
+    smoke) echo "== smoke: a tiny-model exp run on CUDA with speed.compile (levers prepared once a run)"
+        python3 -m vlmexp.cli demo /tmp/demo > /dev/null 2>&1
+        timeout 200 python3 -m vlmexp.cli run model.name=tiny:qwen2_5_vl data.dir=/tmp/demo data.limit=60 folds=2 \
+          train.epochs=1 speed.compile=true runs_dir=/tmp/runs leaderboard=/tmp/lb.csv > "$OUT/smoke.log" 2>&1
+        echo "exit $? speed-levers-lines $(grep -c 'speed levers' "$OUT/smoke.log")"; grep "speed levers" "$OUT/smoke.log"
+        tail -4 "$OUT/smoke.log"; continue ;;
     predict32) cmd=(predict qwen2.5-vl-3b --images 160 --batch-size 32); limit=200 ;;
     predict64) cmd=(predict qwen2.5-vl-3b --images 192 --predict-batch-sizes 64); limit=200 ;;
     predict-compile) cmd=(predict qwen2.5-vl-3b --images 128 --predict-batch-sizes 32 --compile); limit=230 ;;

@@ -118,3 +118,29 @@ def test_a_base_shared_by_two_folds_is_prepared_once(tmp_path, counted, monkeypa
     run_experiment(cfg)
     assert len(asked) >= 6  # per fold: build_trainer, the validation evaluation, OOF and test predictions
     assert counted == {"vision_attention": 1, "tower": 1, "compile": 0}
+
+
+@pytest.mark.gpu
+def test_prepare_on_cuda_applies_the_real_levers_once_and_keeps_the_logits(tiny_models):
+    """On the GPU: the real window patch, MLP pad and compiled decoder layers, once; same logits."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlmexp.engine.compile import uncompile_blocks
+
+    cfg = load_config([f"model.name={tiny_models('qwen2_5_vl')}", "speed.compile=true"])
+    model = _model(tiny_models).cuda().eval()
+    processor = AutoProcessor.from_pretrained(tiny_models("qwen2_5_vl"))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which label?"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[Image.new("RGB", (112, 84), (200, 30, 30))], return_tensors="pt")
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        done = speed.prepare(model, cfg)
+        assert done["compile"] == model.config.text_config.num_hidden_layers
+        assert done["vision_attention"] >= 1 and "vision_pad" in done
+        assert speed.prepare(model, cfg) is done  # the second call applies nothing
+        fast = model(**inputs).logits
+    uncompile_blocks(model)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
