@@ -123,3 +123,64 @@ def test_bucketed_prompt_widths_give_the_same_probabilities(tiny_models, tmp_pat
     cols = [c for c in plain.columns if c.startswith("p:")]
     np.testing.assert_allclose(padded[cols].to_numpy(), plain[cols].to_numpy(), atol=1e-5)
     assert (padded["pred"] == plain["pred"]).all()
+
+
+def test_compiled_prediction_tops_up_short_batches_and_drops_the_copies(tiny_models, tmp_path):
+    """11 rows at batch 4: the last batch (3 rows) is topped up to 4, so compiled layers meet one batch
+    shape (run O hit dynamo's recompile limit in validation); the table is the eager one, once per id."""
+    from vlmexp.engine.encode import RunCaches
+    from vlmexp.engine.predict import predict
+
+    cfg = Config()
+    cfg.model.name = str(tiny_models("qwen2_vl"))
+    cfg.predict.batch_size = 4
+    processor, model = load_processor(cfg), load_model(cfg, training=False)
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(11):
+        Image.fromarray(rng.integers(0, 255, (40 + 4 * i, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"id": str(i), "image": str(tmp_path / f"{i}.png")})
+    labels = ["red", "green", "blue"]
+    tpl = load_template("baseline")
+    samples = build_samples(
+        pd.DataFrame(rows), labels=labels, descriptions={}, template=tpl, cfg=cfg, with_answer=False
+    )
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    batch_dims: set[int] = set()
+
+    def run(compiled: bool):
+        for layer in layers:
+            layer._vlmexp_compiled = compiled  # as compile.compile_blocks marks it; the CPU compiles nothing
+        batch_dims.clear()
+        return predict(
+            cfg, model, processor, samples, labels, progress=False, caches=RunCaches.for_run(cfg, processor)
+        )
+
+    hook = layers[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: batch_dims.add((args[0] if args else kwargs["hidden_states"]).shape[0]),
+        with_kwargs=True,
+    )
+    plain = run(False)
+    assert batch_dims == {3, 4}  # eager: the short batch as it is
+    filled = run(True)
+    hook.remove()
+    assert batch_dims == {4}
+    assert filled["id"].tolist() == [str(i) for i in range(11)]
+    cols = [c for c in plain.columns if c.startswith("p:")]
+    np.testing.assert_allclose(filled[cols].to_numpy(), plain[cols].to_numpy(), atol=1e-5)
+
+
+def test_compiling_raises_dynamos_recompile_limit_for_the_runs_shapes():
+    from vlmexp.engine.compile import RECOMPILE_LIMIT, compile_blocks
+
+    class DecoderLayer(torch.nn.Linear):  # named like e.g. Qwen2VLDecoderLayer
+        pass
+
+    limits = torch._dynamo.config
+    saved = limits.recompile_limit
+    limits.recompile_limit = 8
+    try:
+        assert compile_blocks(torch.nn.Sequential(DecoderLayer(2, 2))) == 1
+        assert limits.recompile_limit == RECOMPILE_LIMIT
+    finally:
+        limits.recompile_limit = saved

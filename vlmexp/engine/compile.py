@@ -20,6 +20,11 @@ from vlmexp.models.parts import unwrap
 
 _BLOCKS = ("DecoderLayer",)
 COMPILE_PAD_MULTIPLE = 64  # batches are padded to a multiple of this many tokens when compiling
+# Shapes one run's decoder layers meet: training widths of the bucket ladder (a few of its 24 up to
+# 8192 tokens), the same again without gradients for validation and prediction, and the candidates'
+# pass. Dynamo's default limit of 8 was hit in fold 0's validation on an H200 (run O), after which
+# every new shape ran eagerly; each shape compiles once per run and every later fold reuses it.
+RECOMPILE_LIMIT = 64
 
 
 def compile_blocks(model: torch.nn.Module) -> int:
@@ -28,6 +33,8 @@ def compile_blocks(model: torch.nn.Module) -> int:
     so the 36 decoder layers of a 3B model compile once per batch length; static shapes (dynamic ones
     hit the inductor bug above), with batches padded to COMPILE_PAD_MULTIPLE tokens so a run sees a
     handful of lengths (400-700 tokens: 5). Returns the count."""
+    limits = torch._dynamo.config
+    limits.recompile_limit = max(limits.recompile_limit, RECOMPILE_LIMIT)
     n = 0
     for module in unwrap(model).modules():
         if type(module).__name__.endswith(_BLOCKS) and not getattr(module, "_vlmexp_compiled", False):

@@ -62,16 +62,20 @@ def predict(
     # Each prompt's layout is rendered once per run (two chat-template renders) when the run caches it.
     turn_of = encoder.turn if encoder is not None else functools.partial(split_turn, processor)
     rows: list[dict] = []
+    # Compiled layers compile once per batch shape: every batch, the last too, has batch_size rows.
+    fill = cfg.predict.batch_size if buckets.compiled(model) else 0
     with torch.inference_mode(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"predict ({mode})", total=len(samples))
-        for batch in _chunks(samples, cfg.predict.batch_size):
+        for real in _chunks(samples, cfg.predict.batch_size):
+            batch = buckets.fill_samples(real, fill)
             turns = [turn_of(prompt_messages(s["messages"])) for s in batch]
             marker = batch[0]["rendered"].marker
             if mode == "generate":
-                rows += _generate_rows(cfg, model, processor, batch, turns, labels, marker)
+                out = _generate_rows(cfg, model, processor, batch, turns, labels, marker)
             else:
-                rows += _score_rows(cfg, model, processor, batch, turns, labels, marker, caches)
-            bar.advance(task, len(batch))
+                out = _score_rows(cfg, model, processor, batch, turns, labels, marker, caches)
+            rows += out[: len(real)]
+            bar.advance(task, len(real))
     df = pd.DataFrame(rows)
     if mode == "generate":
         failures = int(df["pred"].isna().sum())
