@@ -80,23 +80,32 @@ def test_bucketed_padding_gives_the_same_loss(tiny_models, tmp_path):
         assert abs(float(model(**batch).loss) - plain) < 1e-5
 
 
+def _prediction_setup(tiny_models, tmp_path, rows: int, step: int):
+    """A tiny Qwen2-VL, its processor and `rows` prediction samples whose images grow by `step` px,
+    so prompts of one batch pad to different widths."""
+    cfg = Config()
+    cfg.model.name = str(tiny_models("qwen2_vl"))
+    processor, model = load_processor(cfg), load_model(cfg, training=False)
+    rng = np.random.default_rng(rows)
+    table = []
+    for i in range(rows):
+        Image.fromarray(rng.integers(0, 255, (40 + step * i, 56, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+        table.append({"id": str(i), "image": str(tmp_path / f"{i}.png")})
+    labels = ["red", "green", "blue"]
+    samples = build_samples(
+        pd.DataFrame(table), labels=labels, descriptions={}, template=load_template("baseline"), cfg=cfg,
+        with_answer=False,
+    )  # fmt: skip
+    return cfg, processor, model, samples, labels
+
+
 def test_bucketed_prompt_widths_give_the_same_probabilities(tiny_models, tmp_path, monkeypatch):
     from vlmexp.engine.encode import RunCaches
     from vlmexp.engine.predict import predict
 
-    cfg = Config()
-    cfg.model.name = str(tiny_models("qwen2_vl"))
-    processor, model = load_processor(cfg), load_model(cfg, training=False)
-    rng = np.random.default_rng(2)
-    rows = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        rows.append({"id": str(i), "image": str(tmp_path / f"{i}.png")})
-    labels = ["red", "green", "blue"]
-    tpl = load_template("baseline")
-    samples = build_samples(
-        pd.DataFrame(rows), labels=labels, descriptions={}, template=tpl, cfg=cfg, with_answer=False
-    )
+    cfg, processor, model, samples, labels = _prediction_setup(tiny_models, tmp_path, rows=4, step=8)
     plain = predict(
         cfg, model, processor, samples, labels, progress=False, caches=RunCaches.for_run(cfg, processor)
     )
@@ -131,20 +140,8 @@ def test_compiled_prediction_tops_up_short_batches_and_drops_the_copies(tiny_mod
     from vlmexp.engine.encode import RunCaches
     from vlmexp.engine.predict import predict
 
-    cfg = Config()
-    cfg.model.name = str(tiny_models("qwen2_vl"))
+    cfg, processor, model, samples, labels = _prediction_setup(tiny_models, tmp_path, rows=11, step=4)
     cfg.predict.batch_size = 4
-    processor, model = load_processor(cfg), load_model(cfg, training=False)
-    rng = np.random.default_rng(3)
-    rows = []
-    for i in range(11):
-        Image.fromarray(rng.integers(0, 255, (40 + 4 * i, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        rows.append({"id": str(i), "image": str(tmp_path / f"{i}.png")})
-    labels = ["red", "green", "blue"]
-    tpl = load_template("baseline")
-    samples = build_samples(
-        pd.DataFrame(rows), labels=labels, descriptions={}, template=tpl, cfg=cfg, with_answer=False
-    )
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     batch_dims: set[int] = set()
 
