@@ -35,6 +35,8 @@ class Shape:
     tie_word_embeddings: bool
     notes: str = ""
     defaults: dict = field(default_factory=dict)  # bench defaults for this shape, e.g. resolution
+    # Gemma 3 only: soft tokens per image after average pooling, e.g. 4096 patches -> 256 in the 4B
+    mm_tokens_per_image: int | None = None
 
 
 # Values from the hub checkpoints' config.json (Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen2-VL-7B-Instruct).
@@ -142,8 +144,8 @@ SHAPES: dict[str, Shape] = {
     ),
     # google/gemma-3-4b-it's config.json: 4.30 B parameters; SigLIP-so400m at a fixed 896 px
     # (4096 patches of 14 px, pooled to 256 soft tokens), 5 sliding-window layers (1024) to 1 global.
-    # Built for parameter and memory checks: the bench rows (run.py, synth.py, flops.py) assume
-    # Qwen-VL's patch grid (image_grid_thw) and do not run it yet.
+    # The bench rows run it (train and predict; flops.py counts its sliding layers and pooled tower);
+    # tiny-gemma3 below is the same layout for the CPU tests.
     "gemma-3-4b": Shape(
         name="gemma-3-4b",
         family="gemma3",
@@ -175,6 +177,43 @@ SHAPES: dict[str, Shape] = {
         tie_word_embeddings=True,
         notes="4.30 B parameters",
         defaults={"resolution": 896, "tokens": 330, "batch_size": 8},
+        mm_tokens_per_image=256,
+    ),
+    # CPU tests of the Gemma 3 path: one sliding (window 32, shorter than the ~90-token samples) and one
+    # global layer, tied embeddings, SigLIP at a fixed 112 px = 8x8 patches of 14 px pooled 2x2 to 16
+    # soft tokens.
+    "tiny-gemma3": Shape(
+        name="tiny-gemma3",
+        family="gemma3",
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            vocab_size=1024,
+            sliding_window=32,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=4096,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=112,
+            patch_size=14,
+            vision_use_head=False,
+        ),
+        tie_word_embeddings=True,
+        defaults={"resolution": 112, "tokens": 90, "batch_size": 2},
+        mm_tokens_per_image=16,
     ),
     # CPU tests: Qwen2.5-VL layout with windowed *and* full vision attention (depth 2), 112 px images.
     "tiny": Shape(
@@ -267,7 +306,7 @@ def build_config(shape: Shape):
         return Gemma3Config(
             text_config=text,
             vision_config=dict(shape.vision),
-            mm_tokens_per_image=256,
+            mm_tokens_per_image=shape.mm_tokens_per_image,
             tie_word_embeddings=shape.tie_word_embeddings,
             **ids,
         )
@@ -283,13 +322,10 @@ def build_config(shape: Shape):
 
 
 def build_processor(shape: Shape, resolution: int):
-    """The family's processor, resizing every image to `resolution` x `resolution` (a multiple of one
-    merged patch: 28 px in Qwen2/2.5-VL, 32 px in Qwen3-VL)."""
+    """The family's processor, resizing every image to `resolution` x `resolution` (Qwen: a multiple of
+    one merged patch, 28 px in Qwen2/2.5-VL, 32 px in Qwen3-VL; Gemma 3: its fixed image size only)."""
     if shape.family == "gemma3":
-        raise ValueError(
-            f"bench shape {shape.name}: the bench rows are built on Qwen-VL's patch grid; Gemma 3 resizes "
-            "every image to 896 px itself. Use build_model for its parameters and memory."
-        )
+        return _gemma3_processor(shape, resolution)
     processor = AutoProcessor.from_pretrained(_tiny_dir(shape.family))
     step = processor.image_processor.patch_size * processor.image_processor.merge_size
     if resolution % step:
@@ -299,6 +335,23 @@ def build_processor(shape: Shape, resolution: int):
     # {shortest_edge: min_pixels, longest_edge: max_pixels}: a square image of exactly this area stays as is.
     processor.image_processor.size = {"shortest_edge": step * step, "longest_edge": resolution * resolution}
     return processor
+
+
+def _gemma3_processor(shape: Shape, resolution: int):
+    """The tiny Gemma 3 processor loaded with the shape's sizes: every image resized to the tower's
+    image_size (896 px in the 4B) and expanded to mm_tokens_per_image soft tokens (256) between
+    <start_of_image> and <end_of_image>; Gemma3Processor builds that sequence from image_seq_length."""
+    size = shape.vision["image_size"]
+    if resolution != size:
+        raise ValueError(
+            f"resolution={resolution}: {shape.name} resizes every image to {size} px (its position "
+            f"embeddings cover {size // shape.vision['patch_size']}^2 patches); pass resolution={size}"
+        )
+    return AutoProcessor.from_pretrained(
+        _tiny_dir(shape.family),
+        size={"height": size, "width": size},
+        image_seq_length=shape.mm_tokens_per_image,
+    )
 
 
 def build_model(
