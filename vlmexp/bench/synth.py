@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmexp.engine.samples import split_turn
 from vlmexp.prompts.render import Rendered
 
 FILLER = "Classify the image. Answer with one label from the list below. Labels: "
@@ -26,9 +27,25 @@ def _messages(prompt: str, answer: str | None) -> list[dict]:
     return msgs
 
 
+def _probe_image(resolution: int) -> Image.Image:
+    return Image.fromarray(np.zeros((resolution, resolution, 3), dtype=np.uint8))
+
+
 def image_tokens(processor, resolution: int) -> int:
-    ip = processor.image_processor
-    return (resolution // ip.patch_size) ** 2 // ip.merge_size**2
+    """Image tokens the model reads for one image, counted in a processed sample, e.g. 256 for Qwen2.5-VL
+    at 448 px (32x32 patches merged 2x2) and for Gemma 3 (4096 patches pooled to 256 soft tokens)."""
+    text = processor.apply_chat_template(_messages("x", None), tokenize=False, add_generation_prompt=True)
+    ids = processor(text=[text], images=[[_probe_image(resolution)]])["input_ids"][0]
+    return sum(int(i) in processor.image_token_ids for i in ids)
+
+
+def _image_expansion(processor, resolution: int) -> int:
+    """Tokens one image adds to a sample beyond its placeholder in the rendered chat: Qwen expands one
+    <|image_pad|> to 256 (+255), Gemma 3 one <start_of_image> to "\n\n", it, 256 soft tokens,
+    <end_of_image> and "\n\n" (+261); measured, so every family's layout is counted."""
+    text = processor.apply_chat_template(_messages("x", None), tokenize=False, add_generation_prompt=True)
+    processed = processor(text=[text], images=[[_probe_image(resolution)]])["input_ids"][0]
+    return len(processed) - len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def make_prompt(processor, resolution: int, tokens: int, label_names: list[str]) -> str:
@@ -36,7 +53,7 @@ def make_prompt(processor, resolution: int, tokens: int, label_names: list[str])
     tok = processor.tokenizer
     words = FILLER + ", ".join(label_names) + ". "
     prompt = words
-    budget = tokens - image_tokens(processor, resolution) + 1  # the template holds one <|image_pad|>
+    budget = tokens - _image_expansion(processor, resolution)
 
     def length(p: str) -> int:
         text = processor.apply_chat_template(_messages(p, label_names[0]), tokenize=False)
@@ -73,8 +90,9 @@ def make_samples(
 
 
 def collate_train(processor, samples: list[dict]) -> dict:
-    """Right-padded batch with labels on the assistant turn only: the answer, "<|im_end|>" and the
-    template's "\n" after it, the same tokens trl's assistant_only_loss supervises."""
+    """Right-padded batch with labels on the assistant turn only: the answer, the end-of-turn token
+    ("<|im_end|>", "<end_of_turn>") and the template's "\n" after it, the tokens trl's
+    assistant_only_loss supervises."""
     tok = processor.tokenizer
     full = [processor.apply_chat_template(s["messages"], tokenize=False) for s in samples]
     prompts = [
@@ -110,7 +128,8 @@ def collate_prompts(processor, samples: list[dict]) -> dict:
 
 
 def candidate_ids(processor, label_names: list[str]) -> list[list[int]]:
-    """Token ids of each label's answer: the label, then the end-of-turn token."""
+    """Token ids of each label's answer: the label, then the template's end-of-turn token, read off a
+    rendered assistant turn (Qwen "<|im_end|>", Gemma 3 "<end_of_turn>")."""
     tok = processor.tokenizer
-    eot = tok.convert_tokens_to_ids("<|im_end|>")
-    return [tok(name, add_special_tokens=False)["input_ids"] + [eot] for name in label_names]
+    turn = split_turn(processor, _messages("x", None))
+    return [tok(turn.completion(name), add_special_tokens=False)["input_ids"] for name in label_names]
