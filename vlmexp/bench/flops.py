@@ -47,9 +47,14 @@ class FlopCount:
         return self.vision_fwd + self.language_fwd + self.lm_head_per_token
 
 
-def count(config, text_tokens: int, grid_thw: tuple[int, int, int]) -> FlopCount:
-    """FLOPs of one sample of `text_tokens` tokens (image tokens included) and one image of `grid_thw`
-    patches (t, h, w), for a Qwen2-VL / Qwen2.5-VL config."""
+def count(config, text_tokens: int, grid_thw: tuple[int, int, int] | None = None) -> FlopCount:
+    """FLOPs of one sample of `text_tokens` tokens (image tokens included) and one image: `grid_thw`
+    patches (t, h, w) for a Qwen2-VL / Qwen2.5-VL / Qwen3-VL config; Gemma 3 resizes every image to its
+    tower's fixed size, so it takes no grid."""
+    if config.model_type == "gemma3":
+        return _count_gemma3(config, text_tokens)
+    if grid_thw is None:
+        raise ValueError(f"{config.model_type}: flops.count needs the image's grid_thw")
     tc, vc = config.text_config, config.vision_config
     h, inter, layers = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
     kv = tc.num_key_value_heads * (h // tc.num_attention_heads)
@@ -83,6 +88,42 @@ def count(config, text_tokens: int, grid_thw: tuple[int, int, int]) -> FlopCount
     # Qwen3-VL runs one more merger per deepstack level (3 in the 8B) on the same patches
     merger = (1 + deepstack) * 2 * merged * (d * merge**2) * (d * merge**2 + out)
     vision = vc.depth * per_patch * patches + vis_attn + patch_embed + merger
+    return FlopCount(vision, language, lm_head, vis_attn, lang_attn)
+
+
+def _causal_pairs(tokens: int, window: int | None = None) -> float:
+    """(query, key) pairs of causal attention over `tokens`, each query seeing at most `window` keys:
+    T^2 / 2 unwindowed, e.g. 330 tokens with Gemma 3's window of 1024 -> 54450."""
+    if window is None or window >= tokens:
+        return tokens * tokens / 2
+    return window * window / 2 + (tokens - window) * window
+
+
+def _count_gemma3(config, text_tokens: int) -> FlopCount:
+    """Gemma 3: heads of head_dim (8 x 256 = 2048 wide in the 4B, not its hidden 2560), sliding layers
+    attending over at most `sliding_window` keys, image tokens attending to each other both ways; the
+    SigLIP tower at its fixed size (896 px: 4096 patches, full attention, fc1/fc2 MLP), average-pooled to
+    mm_tokens_per_image (256) before one vision -> text projection; lm_head tied, same FLOPs."""
+    tc, vc = config.text_config, config.vision_config
+    h, inter = tc.hidden_size, tc.intermediate_size
+    q, kv = tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim
+    per_token = 2 * (h * q * 2 + h * kv * 2 + 3 * h * inter)  # q, o; k, v; gate, up, down
+    m = config.mm_tokens_per_image
+    both_ways = m * m / 2  # the causal half the image block adds, e.g. 256^2 / 2
+    lang_attn = sum(
+        2 * 2 * q * (_causal_pairs(text_tokens, tc.sliding_window if kind == "sliding_attention" else None))
+        + 2 * 2 * q * both_ways
+        for kind in tc.layer_types
+    )
+    language = tc.num_hidden_layers * per_token * text_tokens + lang_attn
+    lm_head = 2 * h * tc.vocab_size
+
+    d, patches = vc.hidden_size, (vc.image_size // vc.patch_size) ** 2
+    per_patch = 2 * (4 * d * d + 2 * d * vc.intermediate_size)  # q, k, v, o; fc1, fc2
+    vis_attn = vc.num_hidden_layers * 2 * 2 * patches * patches * d
+    patch_embed = 2 * patches * (vc.num_channels * vc.patch_size**2) * d
+    projector = 2 * m * d * h  # after pooling: 256 tokens, not 4096
+    vision = vc.num_hidden_layers * per_patch * patches + vis_attn + patch_embed + projector
     return FlopCount(vision, language, lm_head, vis_attn, lang_attn)
 
 
