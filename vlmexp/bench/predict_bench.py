@@ -4,7 +4,8 @@ The reference decodes as many tokens as the longest label answer (label + end-of
 trained model does before it stops; random weights never stop on their own, so min_new_tokens pins it.
 The reference and the `plain` and `fresh` rows process every image and run the vision tower on it;
 the `warm` row is the steady state of a K-fold run, where each fold re-predicts the same test images:
-their encodings and vision features were computed by the first fold.
+their encodings and vision features were computed by the first fold (vision features for Qwen-VL only:
+Gemma 3 runs its tower inside forward, so its warm rows keep only the encodings).
 """
 
 from __future__ import annotations
@@ -119,8 +120,16 @@ def score_row(
     if torch.cuda.is_available() and profile.enabled() and mode != "fresh":  # fresh would be warm by now
         name = f"predict-{mode}-b{batch_size}"
         profile.profile_calls(name, step, list(range(min(2, len(batches)))), per_item=batch_size)
+    # warm caches skip the tower only where the feature cache serves the model (Qwen-VL); Gemma 3 runs
+    # its tower inside forward, so its warm rows still pay for the vision forward
+    served = caches is not None and caches.vision_for(model, training=False) is not None
     row = _row(
-        MODES[mode], seconds, n, batch_size=batch_size, caches=mode, vision_cache=mode.startswith("warm")
+        MODES[mode],
+        seconds,
+        n,
+        batch_size=batch_size,
+        caches=mode,
+        vision_cache=mode.startswith("warm") and served,
     )
     if cfg.speed.compile:  # later rows run eagerly again
         uncompile_blocks(model)

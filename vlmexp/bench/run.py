@@ -18,7 +18,7 @@ import torch
 from vlmexp.bench import flops, predict_bench, train_bench
 from vlmexp.bench.answer_only_loss import answer_only_loss
 from vlmexp.bench.shapes import build_model, build_processor, count_params, get_shape
-from vlmexp.bench.synth import collate_train, labels, make_samples
+from vlmexp.bench.synth import collate_train, image_tokens, labels, make_samples
 from vlmexp.engine import vision_speed
 from vlmexp.tables import write_json
 
@@ -101,7 +101,8 @@ def run_bench(
     out: Path | None = None,
 ) -> dict:
     """Benchmark `kind` (train or predict) on `shape` (see bench/shapes.py: qwen2.5-vl-3b, qwen2-vl-7b,
-    tiny); rows for the reference recipe and the project's path in the same process."""
+    qwen3-vl-8b, gemma-3-4b, tiny, tiny-qwen3-vl, tiny-gemma3); rows for the reference recipe and the
+    project's path in the same process."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: choose one of {', '.join(KINDS)}")
     sh = get_shape(shape)
@@ -119,7 +120,8 @@ def run_bench(
     probe = collate_train(processor, samples[:bs])
     tok_per_sample = float(probe["attention_mask"].sum(1).float().mean())
     answer_tokens = float((probe["labels"] != -100).sum(1).float().mean())
-    grid = tuple(int(x) for x in probe["image_grid_thw"][0])
+    # Qwen: the image's patch grid, e.g. (1, 32, 32) at 448 px; Gemma 3 has none (a fixed 896 px)
+    grid = tuple(int(x) for x in probe["image_grid_thw"][0]) if "image_grid_thw" in probe else None
     count = flops.count(model.config, round(tok_per_sample), grid)
     result = {
         "kind": kind,
@@ -131,6 +133,7 @@ def run_bench(
             "tokens_per_sample": tok_per_sample,
             "answer_tokens": answer_tokens,
             "image_grid_thw": grid,
+            "image_tokens": image_tokens(processor, res),
             "batch_size": bs,
             "steps": steps,
             "warmup": warmup,

@@ -3,10 +3,12 @@
 Both rows start from the same random base weights, the same LoRA init (seeded), the same samples in the
 same order, lr 2e-4 constant, AdamW, clipping 1.0 and LoRA dropout 0; the result carries both loss
 curves. They supervise slightly different tokens: the reference (messages + assistant_only_loss) also
-the template's "\n" after "<|im_end|>", the project (prompt-completion) only answer + "<|im_end|>", so
-the curves differ by that token's share, not by noise alone. Timing: wall clock from the end of the
-warm-up steps to the end of the last step, after a device sync, so data collation and optimizer steps
-are included.
+the template's "\n" after the end of turn ("<|im_end|>", Gemma's "<end_of_turn>"), the project
+(prompt-completion) only answer + end of turn, so the curves differ by that token's share, not by noise
+alone. trl swaps the hub templates it knows (Qwen2-VL's, Gemma 3's) for copies with {% generation %}
+markers, which assistant_only_loss needs, so the reference row runs unchanged on both families.
+Timing: wall clock from the end of the warm-up steps to the end of the last step, after a device sync,
+so data collation and optimizer steps are included.
 """
 
 from __future__ import annotations
