@@ -8,7 +8,8 @@
 # predict-compile: predict plus a warm speed.compile=true row at batch 32; levers32: a compiled
 # batch-32 row; predict64: prediction at batch 8 and 64; predict32: at batch 32 only (reference too);
 # levers24: a compiled batch-24 row alone; gputests: every gpu-marked test under tests/; smoke: a tiny-model
-# `exp run` on CUDA with speed.compile=true (the levers logged once a run).
+# `exp run` on CUDA with speed.compile=true (the levers logged once a run); gemma-train, gemma-predict:
+# the Gemma-3-4B shape's rows (issue 16).
 # equal: reference and project only, 16 steps, for the loss-curve comparison.
 # parallel (on nvidia-h200-x2): `exp run folds=2` with gpus=2 against gpus=1, wall time of each.
 # Whole runs (`exp bench run`, one part per device call: each stays under the 10-minute limit):
@@ -79,6 +80,8 @@ for part in $parts; do
     compile) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --modules language --no-reference --compile); limit=300 ;;
     equal) cmd=(train qwen2.5-vl-3b --steps 14 --warmup 2); limit=250 ;;
     predict) cmd=(predict qwen2.5-vl-3b --images 128 --predict-batch-sizes 32); limit=170 ;;
+    gemma-train) cmd=(train gemma-3-4b --steps 8 --warmup 2 --modules language); limit=300 ;;
+    gemma-predict) cmd=(predict gemma-3-4b --images 128 --predict-batch-sizes 32); limit=200 ;;
     qlora) cmd=(qlora qwen2-vl-7b --batch-size 1 --steps 4); limit=200 ;;
     *) echo "unknown part $part"; continue ;;
   esac

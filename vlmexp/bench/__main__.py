@@ -8,11 +8,13 @@ import argparse
 import json
 from pathlib import Path
 
+from vlmexp.bench.shapes import SHAPES
+
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m vlmexp.bench")
     p.add_argument("kind", choices=["train", "predict", "qlora", "run", "vision"])
-    p.add_argument("shape", nargs="?", help="qwen2.5-vl-3b, qwen2-vl-7b or tiny (run: or tiny:qwen2_vl)")
+    p.add_argument("shape", nargs="?", help=f"one of {', '.join(SHAPES)} (run: also tiny:<family>)")
     p.add_argument("--model", help="run: a bench shape or tiny:<family> (same as SHAPE)")
     p.add_argument("--folds", type=int, default=5, help="run: K")
     p.add_argument("--epochs", type=float, default=2.0, help="run: train.epochs")
