@@ -89,6 +89,11 @@ class Encoder:
         if visual is not None and self.pixel_dtype is None and visual.dtype.is_floating_point:
             self.pixel_dtype = visual.dtype
 
+    def key(self, img: Image.Image) -> str:
+        """`image_key(img)`, computed once per image object (the vision pre-pass keys the fold's images
+        first, training and prediction then find them here)."""
+        return self._key(img)
+
     @property
     def rope_fn(self):
         return self._rope() if self._rope is not None else None

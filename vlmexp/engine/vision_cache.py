@@ -72,6 +72,11 @@ class VisionFeatureCache:
     def __contains__(self, key: str) -> bool:
         return key in self._store
 
+    @property
+    def bytes_left(self) -> int:
+        """Room left under `max_gib`, e.g. 0 once 16 GiB are kept: features computed now are not kept."""
+        return self.max_bytes - self._bytes
+
     def keys(self) -> set[str]:
         return set(self._store)
 

@@ -1,0 +1,174 @@
+"""Every image of a fold through the frozen vision tower once, in batches of equal-size images, before
+training starts (`speed.vision_prepass`).
+
+Without it the feature cache (`vision_cache.VisionFeatureCache`) fills lazily: a few images of mixed
+sizes inside each training and prediction batch. On an H200 that first pass of a whole run went at ~36
+images/s while the tower alone ran 170 images/s batched and 307 compiled with static shapes (issue 12,
+docs/performance.md); the compiled blocks (`speed.vision_compile`) need a call of equal-size images,
+which a mixed batch never is. Here the images are grouped by their patch grid (t, h, w), up to
+`max_images` per tower call, and the cache is filled through `VisionFeatureCache.features`, the code path
+training and prediction use, so they then find every image cached and compute the same features.
+With `speed.vision_compile` each (grid, image-count bucket) pair compiles once: worth it for images of
+one size (`image.resize=448`), costly on mixed sizes (the demo's 20 grids would be ~40 compilations).
+
+Pixels are computed as the processor computes them inside a row (its own keyword merge, then its image
+processor, as transformers' `ProcessorMixin.__call__` does); tests/test_vision_prepass.py checks them
+against `Encoder.train_row` and `prompt_row`. A batch's pixels are built on the CPU while the GPU still
+runs the previous call (CUDA kernels are queued, nothing here waits for them).
+
+Only where the cache serves the model (`RunCaches.vision_for`: a frozen Qwen-VL-style tower, Qwen2/2.5/3-VL
+and Qwen3.5); Gemma, LLaVA and SmolVLM run their tower inside forward and get nothing here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+import torch
+from PIL import Image
+from rich.progress import Progress
+
+from vlmexp.engine import speed
+from vlmexp.engine.encode import Encoder, image_key
+from vlmexp.engine.vision_cache import VisionFeatureCache
+from vlmexp.engine.vision_speed import vision_tower
+from vlmexp.timing import phase
+
+log = logging.getLogger(__name__)
+
+
+def fold_images(cfg, train: list[dict], val: list[dict], test: list[dict]) -> list[Image.Image]:
+    """The images the fold's local model meets: training rows, validation rows (per-epoch validation or
+    OOF prediction) and the test set. An OpenAI-compatible backend (predict.backend=openai) predicts on
+    its server, so validation counts only with train.eval and the test set not at all."""
+    local = cfg.predict.backend == "local"
+    groups = [train, val if local or cfg.train.eval else [], test if local else []]
+    return [img for samples in groups for s in samples for img in s["images"]]
+
+
+def prepass_fold(exp, model: torch.nn.Module, train: list[dict], val: list[dict], run_progress=None) -> dict:
+    """`encode_images` over the fold's images (`fold_images`, with `exp.test_samples`) when
+    `speed.vision_prepass` is on and the run's feature cache (`exp.caches`) serves the fold's training
+    model; {} otherwise. The first fold computes every image; later folds find them cached.
+    `exp`: recipe.Experiment; `run_progress`: the run's RunProgress, whose live display gets the bar."""
+    cfg, caches = exp.cfg, exp.caches
+    if not cfg.speed.vision_prepass or caches is None or cfg.model.head != "lm":
+        return {}  # model.head=cls trains and predicts without the feature cache
+    if cfg.train.gpus_per_fold > 1:
+        return {}  # a sharded fold: every rank would run the whole pass; its batches do it lazily
+    cache = caches.vision_for(model)  # a training model: learns whether the tower trains, as training does
+    if cache is None:
+        return {}
+    caches.bind(model)
+    # The tower levers (window attention, MLP padding, compiled blocks) before its first call; recorded
+    # on the base, so the trainer's own `prepare` changes nothing afterwards.
+    speed.prepare(model, cfg)
+    images = fold_images(cfg, train, val, exp.test_samples)
+    bar = run_progress.progress if run_progress is not None else False
+    return encode_images(model, exp.processor, images, cache, encoder=caches.encoder, progress=bar)
+
+
+def encode_images(
+    model: torch.nn.Module,
+    processor,
+    images: Iterable[Image.Image],
+    cache: VisionFeatureCache,
+    *,
+    max_images: int = 32,
+    progress: bool | Progress = True,
+    encoder: Encoder | None = None,
+) -> dict:
+    """Cache the features of every image of `images` not cached yet (duplicates once), in tower calls
+    of equal-size images. `progress`: True draws its own bar, a rich Progress (e.g. the run's) gets a
+    task, False none. `encoder`: the run's Encoder, whose key memo is used and whose kept pixels of the
+    cached images are let go. Returns {"images": computed, "calls": tower calls, "sizes": distinct grids,
+    "budget_full": whether the cache's byte budget (speed.vision_cache_gib) stopped the pass}."""
+    key_of = encoder.key if encoder is not None else image_key
+    todo: dict[str, Image.Image] = {}
+    for img in images:
+        k = key_of(img)
+        if k not in cache and k not in todo:
+            todo[k] = img
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for k, img in todo.items():
+        groups[_grid_guess(processor.image_processor, img)].append(k)
+    counts = {"images": 0, "calls": 0, "sizes": 0, "budget_full": False}
+    if not todo:
+        return counts
+    visual = vision_tower(model)
+    param = next(visual.parameters())
+    grids: set[tuple[int, ...]] = set()
+    own = progress is True
+    bar = Progress(transient=True) if own else (progress or None)
+    with phase("vision_tower"), bar if own else nullcontext():
+        task = bar.add_task("vision pre-pass", total=len(todo)) if bar else None
+        for keys in (g[i : i + max_images] for g in groups.values() for i in range(0, len(g), max_images)):
+            if cache.bytes_left <= 0:
+                counts["budget_full"] = True
+                break
+            with phase("encode"):
+                inputs = image_inputs(processor, [todo[k] for k in keys])
+            grid, pixels = inputs["image_grid_thw"], inputs["pixel_values"]
+            chunks = pixels.split(grid.prod(-1).tolist())
+            # Normally one call: a guessed group whose real grids differ (a processor setting the guess
+            # does not know) is split, so every call still sees one image size.
+            by_grid: dict[tuple, list[int]] = defaultdict(list)
+            for i, g in enumerate(grid.tolist()):
+                by_grid[tuple(g)].append(i)
+            for g, idx in by_grid.items():
+                sub = [keys[i] for i in idx]
+                pix = torch.cat([chunks[i] for i in idx]).to(param.device, param.dtype)
+                cache.features(model, sub, grid[idx].to(param.device), pix, range(len(sub)))
+                grids.add(g)
+                counts["calls"] += 1
+                counts["images"] += len(sub)
+                if encoder is not None:
+                    encoder.forget_pixels(k for k in sub if k in cache)
+                if any(k not in cache for k in sub):
+                    counts["budget_full"] = True
+                    break
+            if bar:
+                bar.advance(task, len(keys))
+            if counts["budget_full"]:
+                break
+        if bar and not own:
+            bar.remove_task(task)
+    counts["sizes"] = len(grids)
+    if counts["budget_full"]:
+        log.info(
+            "vision pre-pass stopped after %d of %d images: the feature cache is full "
+            "(speed.vision_cache_gib=%.3g); the rest are computed in their batches",
+            counts["images"],
+            len(todo),
+            cache.max_bytes / 2**30,
+        )
+    n, calls = counts["images"], counts["calls"]
+    log.info("vision pre-pass: %d images in %d tower calls, %d sizes", n, calls, len(grids))
+    return counts
+
+
+def image_inputs(processor, images: list[Image.Image]) -> dict:
+    """pixel_values and image_grid_thw of `images`, as the processor computes them inside a row: its
+    keyword merge (defaults, the tokenizer's init kwargs), then `image_processor(images, **images_kwargs)`
+    (transformers 5 `ProcessorMixin.__call__`). Each image's patches follow from that image alone."""
+    tokenizer_kwargs = processor.tokenizer.init_kwargs
+    merged = processor._merge_kwargs(tokenizer_init_kwargs=tokenizer_kwargs, return_tensors="pt")
+    return processor.image_processor(images, **merged["images_kwargs"])
+
+
+def _grid_guess(image_processor, img: Image.Image) -> tuple:
+    """The patch grid (h, w) the Qwen image processor will give `img`, from its size alone, to group
+    images before computing any pixels: different sizes often share a grid (48x48 and 56x48 px, height
+    x width, both give 4x4 patches in the tiny models; the demo's 600 images have 579 pixel sizes and 20
+    grids at Qwen2.5-VL's settings). A processor without these settings groups by pixel size instead."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    size = dict(getattr(image_processor, "size", None) or {})  # a SizeDict in transformers 5
+    patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
+    if not (patch and merge and size.get("shortest_edge") and size.get("longest_edge")):
+        return (img.height, img.width)
+    h, w = smart_resize(img.height, img.width, patch * merge, size["shortest_edge"], size["longest_edge"])
+    return (h // patch, w // patch)
