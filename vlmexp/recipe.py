@@ -23,6 +23,7 @@ from vlmexp import leaderboard
 from vlmexp.balance import resample
 from vlmexp.config import Config, ConfigError, config_hash, diff_from_defaults, run_name
 from vlmexp.data import Competition, preflight, read_answers
+from vlmexp.engine import vision_prepass
 from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
 from vlmexp.engine.samples import build_samples
@@ -223,19 +224,22 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
     exp.base = exp.base or BaseModel(cfg)
     with phase("load_model"):
         model = exp.base.for_training(seed=cfg.seed + k)
+    train_samples, val_samples = exp.samples(train_split, True), exp.samples(val_split, False)
+    # speed.vision_prepass: the frozen tower over every image first (fold 0 computes them, later folds none)
+    vision_prepass.prepass_fold(exp, model, train_samples, val_samples, progress)
     result = train_fold(
         cfg,
         model,
         exp.processor,
-        exp.samples(train_split, True),
-        exp.samples(val_split, False),
+        train_samples,
+        val_samples,
         labels,
         FoldOutputs.for_fold(exp.run, k),
         on_log=progress.on_log if progress else None,
         caches=exp.caches,
     )
     trained = model if exp.base.shared else None  # else freed before the prediction model loads
-    del model
+    del model, train_samples
     _free_memory()
     if not fsdp.is_main_process():
         return  # a sharded fold's other ranks only train; rank 0 predicts and writes the fold's files
