@@ -15,7 +15,8 @@
 # Whole runs (`exp bench run`, one part per device call: each stays under the 10-minute limit):
 # run: `exp run folds=5 train.epochs=2` on the demo with the random-weight 3B saved locally, wall time by
 # phase, plus the step bench's steady state on the same rows; run-levers: the same run with
-# speed.compile=true train.batch_size=auto speed.vision_compile=true; run-ref: the tutorial recipe
+# speed.compile=true train.batch_size=auto speed.vision_compile=true; run-prepass: the defaults plus
+# speed.vision_prepass=true; run-ref: the tutorial recipe
 # (trl defaults, generate) on fold 0 of the same split, scaled to 5 folds; vision: the vision tower
 # alone (32 images of 448 px), plain / MLP padded / padded + blocks compiled, images/s and max difference.
 set -uo pipefail
@@ -63,6 +64,8 @@ for part in $parts; do
     run) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project,steady); limit=570 ;;
     run-levers) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project
         --set speed.compile=true train.batch_size=auto speed.vision_compile=true); limit=570 ;;
+    run-prepass) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project
+        --set speed.vision_prepass=true); limit=570 ;;
     run-ref) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts reference --reference-folds 1)
         limit=500 ;;
     vision) cmd=(vision qwen2.5-vl-3b --images 32); limit=300 ;;

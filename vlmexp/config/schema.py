@@ -166,7 +166,7 @@ class SpeedConfig:
     compile: bool = False  # torch.compile each decoder layer (CUDA only; each new batch length compiles)
     vision_pad: bool = True  # CUDA: zero-pad a frozen vision MLP 3420 -> 3456 (x128): same output, faster
     vision_compile: bool = False  # CUDA: compile each frozen vision block, static shapes, image-count buckets
-    vision_prepass: bool = True  # cached tower features: a fold's new images go first, one image size a call
+    vision_prepass: bool = False  # tower over a fold's new images first, one size a call (not yet GPU-timed)
     reuse_base: bool = True  # LoRA runs: load the base once per run, a fresh adapter per fold (base_once.py)
 
 

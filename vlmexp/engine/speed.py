@@ -1,7 +1,8 @@
 """The model prepared for speed once per run: the CUDA-only levers, applied once per base model.
 
-Training (`engine/train.py` `build_trainer`) and prediction (`engine/predict.py` `predict`) both call
-`prepare(model, cfg)`. On CUDA it applies, each equal in result to the plain model:
+Training (`engine/train.py` `build_trainer`), prediction (`engine/predict.py` `predict`) and the vision
+pre-pass (`engine/vision_prepass.py`) call `prepare(model, cfg)`. On CUDA it applies, each equal in
+result to the plain model:
 - the batched vision window attention (`vision_speed.patch_vision_attention`; `vision_patch=False`
   keeps the stock window loop, for the bench's rows),
 - the vision tower levers `speed.vision_pad` and `speed.vision_compile` (`vision_speed.prepare_tower`,
