@@ -183,10 +183,12 @@ def test_a_calibrated_run_is_compared_on_the_table_it_submits(tmp_path):
     # raw OOF equals the baseline's; the calibrated table is the much better pb
     pd.read_csv(cal / "oof.csv").assign(pred=pb).to_csv(cal / "oof_calibrated.csv", index=False)
     cv = json.loads((cal / "cv.json").read_text())
-    (cal / "cv.json").write_text(json.dumps(cv | {"calibrated": {"mean": 0.9, "std": 0.0, "folds": []}}))
+    cv |= {"calibrated": {"mean": 0.9, "std": 0.0, "folds": []}, "members": ["base"]}  # as exp ensemble
+    (cal / "cv.json").write_text(json.dumps(cv))
 
     rows = _rows(write_report([base, cal], None, tmp_path / "rep").read_text())
     assert "significant improvement" in rows["`cal` *(calibrated)*"]
+    assert "exp ensemble base --calibrate bias" in rows["`cal` *(calibrated)*"]
     per_fold = [f1_score(y[folds == k], pb[folds == k], labels=LABELS, average="macro") for k in range(3)]
     want = np.mean(per_fold)
     assert f"{want:.4f}" in rows["`cal` *(calibrated)*"]

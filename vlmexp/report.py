@@ -133,6 +133,7 @@ class Run:
     oof: pd.DataFrame
     labels: list[str]
     calibrated: bool = False  # oof/cv are the bias-calibrated table (ensemble.calibrate=bias)
+    members: tuple[str, ...] = ()  # an `exp ensemble` run's member runs (its config.yaml is the first's)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -165,6 +166,7 @@ def load_run(run_dir: Path, calibrated: bool = True) -> Run:
     labels = labels or sorted(oof["label"].dropna().astype(str).unique())
     config = _flat(OmegaConf.to_container(OmegaConf.load(run.config_path)) or {})
     cv = run.cv()
+    members = tuple(cv.get("members") or ())
     if calibrated and "calibrated" in cv:
         path = run.path("oof_calibrated.csv")
         if not path.exists():
@@ -174,11 +176,13 @@ def load_run(run_dir: Path, calibrated: bool = True) -> Run:
             )
         oof = read_table(path)
         cv = metrics.cv_summary(oof, labels, cv.get("metric", "macro_f1"))
-        return Run(run.root.name, config, cv, oof, labels, calibrated=True)
-    return Run(run.root.name, config, cv, oof, labels)
+        return Run(run.root.name, config, cv, oof, labels, calibrated=True, members=members)
+    return Run(run.root.name, config, cv, oof, labels, members=members)
 
 
 def _diff(run: Run, base: Run) -> str:
+    if run.members:  # its config.yaml is its first member's: the members are the difference
+        return "exp ensemble " + " ".join(run.members) + " --calibrate bias" * run.calibrated
     keys = sorted(set(run.config) | set(base.config))
     parts = [f"{k}={run.config.get(k)}" for k in keys if run.config.get(k) != base.config.get(k)]
     return ", ".join(parts) or "(same config)"
