@@ -12,9 +12,10 @@ from PIL import Image
 from transformers import set_seed
 
 from vlmexp.config import Config
+from vlmexp.engine.mix import mix_samples
 from vlmexp.engine.predict import predict
 from vlmexp.engine.samples import build_samples, split_turn
-from vlmexp.engine.train import build_trainer, mix_samples, train_fold, training_dataset
+from vlmexp.engine.train import build_trainer, train_fold, training_dataset
 from vlmexp.metrics import score
 from vlmexp.models.load import load_for_inference, load_model, load_processor
 from vlmexp.prompts.render import load_template
