@@ -117,7 +117,7 @@ def test_generated_think_blocks_are_skipped():
     assert after_think("blue") == "blue"
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+@pytest.mark.parametrize("family", ["gemma4"])
 def test_vision_cache_is_off_with_a_reason_where_the_forward_takes_no_features(family, tiny_models, caplog):
     cfg = _cfg(tiny_models, family)
     processor = load_processor(cfg)
@@ -132,8 +132,8 @@ def test_vision_cache_is_off_with_a_reason_where_the_forward_takes_no_features(f
         RunCaches.for_run(cfg, processor).vision_for(model)
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
-def test_vision_cache_serves_the_qwen3_towers(family, tiny_models):
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma3"])
+def test_vision_cache_serves_the_qwen3_and_gemma3_towers(family, tiny_models):
     cfg = _cfg(tiny_models, family)
     model = load_model(cfg, training=True)
     assert vision_cache.vision_cache_unsupported(model) is None

@@ -120,8 +120,8 @@ def score_row(
     if torch.cuda.is_available() and profile.enabled() and mode != "fresh":  # fresh would be warm by now
         name = f"predict-{mode}-b{batch_size}"
         profile.profile_calls(name, step, list(range(min(2, len(batches)))), per_item=batch_size)
-    # warm caches skip the tower only where the feature cache serves the model (Qwen-VL); Gemma 3 runs
-    # its tower inside forward, so its warm rows still pay for the vision forward
+    # warm caches skip the tower only where the feature cache serves the model (Qwen-VL, Gemma 3); where
+    # it does not (Gemma 4, LLaVA, SmolVLM) the tower runs inside forward and warm rows pay for it
     served = caches is not None and caches.vision_for(model, training=False) is not None
     row = _row(
         MODES[mode],

@@ -310,7 +310,8 @@ class RunCaches:
             self.encoder.bind(model)
 
     def vision_for(self, model, training: bool = True) -> VisionFeatureCache | None:
-        """The feature cache when `model`'s vision tower is frozen, else None. A training model tells
+        """The feature cache when `model`'s vision tower is frozen (Qwen-VL, Gemma 3), else None (also for
+        Gemma 4, LLaVA, SmolVLM: `vision_cache_unsupported`). A training model tells
         (requires_grad); an inference model cannot, so prediction uses what training learnt."""
         if self.vision is None:
             return None
@@ -326,7 +327,7 @@ class RunCaches:
             if self.vision_trains and self.setting == "on":
                 raise ValueError(
                     "speed.vision_cache=on, but this model's vision tower trains (lora.vision=true, a vision "
-                    "module in lora.modules_to_save, or finetune=full) or is not a Qwen-VL tower: its "
-                    "features change every step. Use speed.vision_cache=auto or off."
+                    "module in lora.modules_to_save, or finetune=full) or is not a Qwen-VL or Gemma 3 tower: "
+                    "its features change every step. Use speed.vision_cache=auto or off."
                 )
         return self.vision if self.vision_trains is False else None

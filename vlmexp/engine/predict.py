@@ -204,7 +204,13 @@ def _context(model, processor, prompts, images, extra, caches: RunCaches | None)
     ctx = encoder.pad_prompts(rows, skip_pixels=skip, multiple=buckets.width_rule(model))
     keys, index = ctx.pop("image_keys"), ctx.pop("pixel_index", ())
     ctx = {k: v.to(model.device) for k, v in ctx.items()}
-    if vision is not None and keys:
+    if vision is not None and keys and "image_grid_thw" not in ctx:
+        # Gemma 3: every image's pixels are in the batch; the tower runs on the uncached ones only
+        mm = vision.pixel_features(model, keys, ctx.get("pixel_values"))
+        if mm is not None:
+            ctx.pop("pixel_values")
+            ctx["mm_encoder_outputs"] = mm
+    elif vision is not None and keys:
         pixels = ctx.pop("pixel_values", None)
         ctx["mm_encoder_outputs"] = vision.features(model, keys, ctx["image_grid_thw"], pixels, index)
         encoder.forget_pixels(k for k in keys if k in vision)

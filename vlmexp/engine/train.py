@@ -273,7 +273,13 @@ class _SFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keys, index = inputs.pop("image_keys", None), inputs.pop("pixel_index", ())
-        if self.vision_cache is not None and keys:
+        if self.vision_cache is not None and keys and "image_grid_thw" not in inputs:
+            # Gemma 3: every image's pixels are in the batch; the tower runs on the uncached ones only
+            mm = self.vision_cache.pixel_features(model, keys, inputs.get("pixel_values"))
+            if mm is not None:
+                inputs.pop("pixel_values")
+                inputs["mm_encoder_outputs"] = mm
+        elif self.vision_cache is not None and keys:
             pixels = inputs.pop("pixel_values", None)
             mm = self.vision_cache.features(model, keys, inputs["image_grid_thw"], pixels, index)
             inputs["mm_encoder_outputs"] = mm

@@ -4,7 +4,12 @@ A frozen vision tower (language-only LoRA) gives the same features for an image 
 a 5-fold run with E epochs otherwise runs the tower 4E+1 times per image. `VisionFeatureCache` keeps
 them by image key (`encode.image_key`) and hands them to the language model through
 `mm_encoder_outputs` instead of `pixel_values`. 448 px in Qwen2.5-VL-3B: 256 x 2048 bf16 = 1 MiB per
-image. `engine/encode.py` (`RunCaches.vision_for`) decides per model whether the cache serves it
+image. Gemma 3 (transformers 5.24) takes `mm_encoder_outputs` too: its forward scatters the features
+into the image token positions exactly as it does the tower's own output, and its bidirectional image
+mask comes from `token_type_ids`, not from pixel_values (`embeds_with_features` is the same merge by
+hand; tests/test_vision_cache_gemma.py: equal logits). Its SigLIP tower is 5.5 TFLOP per 896 px image
+against 2.1 TFLOP for a 330-token Gemma-3-4B language forward (bench/flops.py).
+`engine/encode.py` (`RunCaches.vision_for`) decides per model whether the cache serves it
 (`vision_cache_unsupported`, `vision_frozen`); the trainer's `compute_loss` and `predict` use it.
 """
 
@@ -22,11 +27,14 @@ from vlmexp.timing import phase
 
 def vision_cache_unsupported(model: torch.nn.Module) -> str | None:
     """Why the feature cache cannot serve `model`, or None when it can: the cache hands the language
-    model per-image features through `mm_encoder_outputs`, which only the Qwen-VL family's forward takes
-    (Qwen2/2.5/3-VL, Qwen3.5). Gemma 3/4, LLaVA and SmolVLM run their tower inside forward on
-    pixel_values, so nothing computed earlier can stand in for it."""
+    model per-image features through `mm_encoder_outputs`, which the Qwen-VL family's forward takes
+    (Qwen2/2.5/3-VL, Qwen3.5), and Gemma 3's (prediction and training, tests/test_vision_cache_gemma.py).
+    Gemma 4, LLaVA and SmolVLM run their tower inside forward on pixel_values here, so nothing computed
+    earlier stands in for it."""
     core = getattr(unwrap(model), "model", None)
     if getattr(core, "visual", None) is not None and hasattr(core, "get_image_features"):
+        return None
+    if is_gemma3(model):
         return None
     return (
         f"{type(unwrap(model)).__name__} takes no precomputed image features (its forward runs the vision "
@@ -34,12 +42,54 @@ def vision_cache_unsupported(model: torch.nn.Module) -> str | None:
     )
 
 
-def vision_frozen(model: torch.nn.Module) -> bool:
-    """True for a Qwen-VL-style model (`.model.visual`, features by `get_image_features`) whose vision
-    tower and merger train no weight (language-only LoRA), so an image's features never change."""
+def is_gemma3(model: torch.nn.Module) -> bool:
+    """Gemma 3 (`Gemma3ForConditionalGeneration`): a SigLIP tower + projector taking pixel_values only,
+    one (mm_tokens_per_image, hidden) feature block per image crop."""
+    base = unwrap(model)
+    core = getattr(base, "model", None)
+    return (
+        getattr(base.config, "model_type", None) == "gemma3"
+        and getattr(core, "vision_tower", None) is not None
+        and getattr(core, "multi_modal_projector", None) is not None
+    )
+
+
+def _tower_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose weights make an image's features: Qwen-VL's `.visual` (tower + merger), Gemma
+    3's `.vision_tower` + `.multi_modal_projector`; [] for any other model."""
     core = getattr(unwrap(model), "model", None)
-    visual = getattr(core, "visual", None)
-    return visual is not None and not any(p.requires_grad for p in visual.parameters())
+    if getattr(core, "visual", None) is not None:
+        return [core.visual]
+    if is_gemma3(model):
+        return [core.vision_tower, core.multi_modal_projector]
+    return []
+
+
+def vision_frozen(model: torch.nn.Module) -> bool:
+    """True for a Qwen-VL-style model (`.model.visual`, features by `get_image_features`) or Gemma 3
+    whose vision tower and merger/projector train no weight (language-only LoRA), so an image's
+    features never change."""
+    parts = _tower_modules(model)
+    return bool(parts) and not any(p.requires_grad for m in parts for p in m.parameters())
+
+
+def embeds_with_features(
+    model: torch.nn.Module, input_ids: torch.Tensor, feats: torch.Tensor
+) -> torch.Tensor:
+    """Gemma 3's `inputs_embeds` with precomputed image features: the text embeddings of `input_ids`
+    (the image token id replaced by 0 where it is out of the vocabulary, as Gemma3Model.forward does)
+    with `feats` (images, mm_tokens_per_image, hidden), in order, at the image token positions. With
+    the batch's `token_type_ids` (which alone make the bidirectional image mask) and no pixel_values,
+    the model then gives the logits it gives on pixel_values (tests/test_vision_cache_gemma.py)."""
+    core, _ = vlm_parts(model)
+    image = input_ids == core.config.image_token_id
+    ids = input_ids
+    if core.config.image_token_id >= core.vocab_size:
+        ids = input_ids.masked_fill(image, 0)
+    embeds = core.get_input_embeddings()(ids)
+    if int(image.sum()) * embeds.shape[-1] != feats.numel():
+        raise ValueError(f"{int(image.sum())} image tokens for {feats.shape[0] * feats.shape[1]} features")
+    return embeds.masked_scatter(image[..., None], feats.to(embeds.device, embeds.dtype))
 
 
 @dataclass
@@ -123,6 +173,31 @@ class VisionFeatureCache:
             return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
         deepstack = [tuple(f[level] for f in feats) for level in range(1, len(feats[0]))]
         return {"image": _DeepstackOutput(pooler_output=pooled, deepstack_features=deepstack)}
+
+    def pixel_features(
+        self, model: torch.nn.Module, keys: Sequence[str], pixel_values: torch.Tensor | None
+    ) -> dict | None:
+        """`mm_encoder_outputs` for Gemma 3's forward from a batch's `pixel_values` (one crop per image,
+        in `keys` order): the tower runs, without gradients, on the images not cached yet only. None when
+        the batch has not one pixel row per image (pan-and-scan crops): it then runs on pixel_values."""
+        core, _ = vlm_parts(model)
+        if not vision_frozen(model):
+            raise ValueError("VisionFeatureCache needs a frozen vision tower; lora.vision=true trains it")
+        if pixel_values is None or pixel_values.shape[0] != len(keys):
+            return None
+        todo = [i for i, k in enumerate(keys) if k not in self._store]
+        fresh: dict[int, torch.Tensor] = {}
+        if todo:
+            with torch.no_grad(), phase("vision_tower"):
+                out = core.get_image_features(pixel_values[todo], return_dict=True).pooler_output
+            for j, i in enumerate(todo):
+                fresh[i] = out[j].detach()
+                self._keep(keys[i], (fresh[i],))
+        self.misses += len(fresh)
+        self.hits += len(keys) - len(fresh)
+        device = pixel_values.device
+        feats = [fresh[i] if i in fresh else self._store[k][0].to(device) for i, k in enumerate(keys)]
+        return {"image": BaseModelOutputWithPooling(pooler_output=torch.stack(feats))}
 
     def encoder_outputs(
         self,

@@ -17,7 +17,8 @@ against `Encoder.train_row` and `prompt_row`. A batch's pixels are built on the 
 runs the previous call (CUDA kernels are queued, nothing here waits for them).
 
 Only where the cache serves the model (`RunCaches.vision_for`: a frozen Qwen-VL-style tower, Qwen2/2.5/3-VL
-and Qwen3.5); Gemma, LLaVA and SmolVLM run their tower inside forward and get nothing here.
+and Qwen3.5). Gemma 3's cached features are computed by its first batches instead (one fixed-size crop per
+image: nothing to group); Gemma 4, LLaVA and SmolVLM run their tower inside forward and get nothing here.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from rich.progress import Progress
 
 from vlmexp.engine import speed
 from vlmexp.engine.encode import Encoder, image_key
-from vlmexp.engine.vision_cache import VisionFeatureCache
+from vlmexp.engine.vision_cache import VisionFeatureCache, is_gemma3
 from vlmexp.engine.vision_speed import vision_tower
 from vlmexp.timing import phase
 
@@ -60,8 +61,8 @@ def prepass_fold(exp, model: torch.nn.Module, train: list[dict], val: list[dict]
     if cfg.train.gpus_per_fold > 1:
         return {}  # a sharded fold: every rank would run the whole pass; its batches do it lazily
     cache = caches.vision_for(model)  # a training model: learns whether the tower trains, as training does
-    if cache is None:
-        return {}
+    if cache is None or is_gemma3(model):
+        return {}  # Gemma 3: one fixed-size crop per image, features computed lazily by the first batch
     caches.bind(model)
     # The tower levers (window attention, MLP padding, compiled blocks) before its first call; recorded
     # on the base, so the trainer's own `prepare` changes nothing afterwards.
