@@ -134,6 +134,7 @@ def test_prediction_on_cached_features_equals_prediction_on_pixels(tiny_models, 
     want = predict(cfg, model, processor, test, LABELS, progress=False)
     got = predict(cfg, model, processor, test, LABELS, progress=False, caches=caches)
     assert len(caches.vision) == 5 and caches.vision.misses == 5  # five distinct images, each once
+    assert caches.encoder.per_image and not caches.encoder.pixels  # features cached: pixels let go
     misses = caches.vision.misses
     again = predict(cfg, model, processor, test, LABELS, progress=False, caches=caches)  # a later fold
     assert caches.vision.misses == misses and caches.vision.hits >= 6  # no tower call the second time
@@ -157,6 +158,7 @@ def test_training_on_cached_features_gives_the_uncached_losses(tiny_models, tabl
     fast, model, caches = _losses(cfg, processor, samples, tmp_path / "fast")
     assert caches.vision is not None and len(caches.vision) == 5
     assert caches.vision.misses == 5 and caches.vision.hits == 7  # epoch 1: one repeat; epoch 2: all six
+    assert caches.encoder.per_image and not caches.encoder.pixels  # features cached: pixels let go
     cfg.speed.encode_once, cfg.speed.vision_cache = False, "off"
     plain, _, off = _losses(cfg, processor, samples, tmp_path / "plain")
     assert off.vision is None

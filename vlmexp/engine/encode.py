@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from vlmexp.engine.samples import split_turn
-from vlmexp.engine.vision_cache import VisionFeatureCache, vision_cache_unsupported, vision_frozen
+from vlmexp.engine.vision_cache import VisionFeatureCache, is_gemma3, vision_cache_unsupported, vision_frozen
 from vlmexp.models.parts import unwrap
 from vlmexp.timing import phase
 
@@ -74,6 +74,7 @@ class Encoder:
         self._turns: dict[str, object] = {}  # messages (JSON) -> samples.Turn
         self._ids: dict[str, list[int]] = {}  # completion text -> token ids
         self.pixels: dict[str, torch.Tensor] = {}  # image key -> its rows of pixel_values (grid models)
+        self.per_image = False  # see bind(): Gemma 3's pixels kept by image, as a grid model's are
         self.hits = self.misses = 0
 
     def bind(self, model) -> None:
@@ -82,10 +83,17 @@ class Encoder:
         Qwen-VL's 3D positions are then computed here, once per row on the CPU, instead of in every
         forward (transformers builds them in a Python loop per sample, with a device sync each). Pixels
         are kept in the vision tower's dtype, which it casts them to first anyway: bf16 halves their
-        memory (448 px: 2.4 MB an image instead of 4.8) and changes nothing."""
+        memory (448 px: 2.4 MB an image instead of 4.8) and changes nothing. Gemma 3's pixels (one
+        fixed-size crop per image, 896 px: 9.6 MB in fp32) are kept by image too, in its SigLIP tower's
+        dtype (which casts them first as well), so a batch can leave out the images whose features are
+        cached and their pixels can be let go (`forget_pixels`)."""
         fn = rope_index_fn(model)
         self._rope = weakref.WeakMethod(fn) if fn is not None else None
-        visual = getattr(getattr(unwrap(model), "model", None), "visual", None)
+        core = getattr(unwrap(model), "model", None)
+        visual = getattr(core, "visual", None)
+        if is_gemma3(model) and not self._rows:  # rows encoded before keep their layout
+            self.per_image = True
+            visual = core.vision_tower
         if visual is not None and self.pixel_dtype is None and visual.dtype.is_floating_point:
             self.pixel_dtype = visual.dtype
 
@@ -160,7 +168,16 @@ class Encoder:
             for k, pix in zip(keys, batch["pixel_values"].split(sizes), strict=True):
                 if k not in self.pixels:
                     self.pixels[k] = pix.to(self.pixel_dtype) if self.pixel_dtype else pix
-        else:  # LLaVA, SmolVLM, Gemma: the row's media tensors as they are, batched by concatenation
+        elif self.per_image and keys and len(batch.get("pixel_values", ())) == len(keys):
+            # Gemma 3: one crop per image (no pan-and-scan), kept by image like a grid model's patches
+            row["per_image"] = True
+            for k, pix in zip(keys, batch["pixel_values"].split(1), strict=True):
+                if k not in self.pixels:
+                    self.pixels[k] = pix.to(self.pixel_dtype) if self.pixel_dtype else pix
+            row["media"] = {
+                k: v for k, v in batch.items() if k not in row and k not in ("labels", "pixel_values")
+            }
+        else:  # LLaVA, SmolVLM, Gemma 4: the row's media tensors as they are, batched by concatenation
             row["media"] = {k: v for k, v in batch.items() if k not in row and k != "labels"}
         rope = self.rope_fn
         if rope is not None and grid is not None and "mm_token_type_ids" in row:
@@ -207,9 +224,13 @@ class Encoder:
             out["pixel_index"] = [i for i, k in enumerate(keys) if k not in skip_pixels]
             if out["pixel_index"]:
                 out["pixel_values"] = torch.cat([self.pixels[keys[i]] for i in out["pixel_index"]])
-        elif rows[0].get("media"):
-            for name in rows[0]["media"]:
-                out[name] = torch.cat([r["media"][name] for r in rows])
+            return out
+        if rows[0].get("per_image"):  # Gemma 3: the pixels of the images not skipped, in key order
+            out["pixel_index"] = [i for i, k in enumerate(keys) if k not in skip_pixels]
+            if out["pixel_index"]:
+                out["pixel_values"] = torch.cat([self.pixels[keys[i]] for i in out["pixel_index"]])
+        for name in rows[0].get("media") or {}:
+            out[name] = torch.cat([r["media"][name] for r in rows])
         return out
 
 
@@ -282,6 +303,8 @@ def stackable(rows: list[dict]) -> bool:
     for r in rows:
         media = r.get("media") or {}
         if ("image_grid_thw" in r) != ("image_grid_thw" in rows[0]) or media.keys() != first.keys():
+            return False
+        if bool(r.get("per_image")) != bool(rows[0].get("per_image")):
             return False
         if any(media[k].shape[1:] != first[k].shape[1:] for k in media):
             return False

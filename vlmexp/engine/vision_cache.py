@@ -175,27 +175,40 @@ class VisionFeatureCache:
         return {"image": _DeepstackOutput(pooler_output=pooled, deepstack_features=deepstack)}
 
     def pixel_features(
-        self, model: torch.nn.Module, keys: Sequence[str], pixel_values: torch.Tensor | None
+        self,
+        model: torch.nn.Module,
+        keys: Sequence[str],
+        pixel_values: torch.Tensor | None,
+        pixel_index: Sequence[int] | None = None,
     ) -> dict | None:
-        """`mm_encoder_outputs` for Gemma 3's forward from a batch's `pixel_values` (one crop per image,
-        in `keys` order): the tower runs, without gradients, on the images not cached yet only. None when
-        the batch has not one pixel row per image (pan-and-scan crops): it then runs on pixel_values."""
+        """`mm_encoder_outputs` for Gemma 3's forward, one (mm_tokens_per_image, hidden) block per image
+        of `keys`. `pixel_values` holds one crop per image of `pixel_index` (positions in `keys`; None:
+        every image, e.g. a processor batch); the tower runs, without gradients, on those not cached yet
+        only. None when a batch of every image has not one crop per image (pan-and-scan): it then runs on
+        pixel_values as before."""
         core, _ = vlm_parts(model)
         if not vision_frozen(model):
             raise ValueError("VisionFeatureCache needs a frozen vision tower; lora.vision=true trains it")
-        if pixel_values is None or pixel_values.shape[0] != len(keys):
-            return None
-        todo = [i for i, k in enumerate(keys) if k not in self._store]
+        if pixel_index is None:
+            if pixel_values is None or pixel_values.shape[0] != len(keys):
+                return None
+            pixel_index = range(len(keys))
+        elif len(pixel_index) != (0 if pixel_values is None else pixel_values.shape[0]):
+            raise ValueError(f"pixels of {len(pixel_index)} images expected, got {len(pixel_values)} crops")
+        todo = [(j, i) for j, i in enumerate(pixel_index) if keys[i] not in self._store]
         fresh: dict[int, torch.Tensor] = {}
         if todo:
             with torch.no_grad(), phase("vision_tower"):
-                out = core.get_image_features(pixel_values[todo], return_dict=True).pooler_output
-            for j, i in enumerate(todo):
-                fresh[i] = out[j].detach()
+                out = core.get_image_features(pixel_values[[j for j, _ in todo]], return_dict=True)
+            for (_, i), feat in zip(todo, out.pooler_output, strict=True):
+                fresh[i] = feat.detach()
                 self._keep(keys[i], (fresh[i],))
+        missing = [k for i, k in enumerate(keys) if i not in fresh and k not in self._store]
+        if missing:
+            raise KeyError(f"no pixels and no cached features for {len(missing)} image(s), e.g. {missing[0]}")
         self.misses += len(fresh)
         self.hits += len(keys) - len(fresh)
-        device = pixel_values.device
+        device = core.get_input_embeddings().weight.device
         feats = [fresh[i] if i in fresh else self._store[k][0].to(device) for i, k in enumerate(keys)]
         return {"image": BaseModelOutputWithPooling(pooler_output=torch.stack(feats))}
 
