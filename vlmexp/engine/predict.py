@@ -204,19 +204,8 @@ def _context(model, processor, prompts, images, extra, caches: RunCaches | None)
     ctx = encoder.pad_prompts(rows, skip_pixels=skip, multiple=buckets.width_rule(model))
     keys, index = ctx.pop("image_keys"), ctx.pop("pixel_index", None)
     ctx = {k: v.to(model.device) for k, v in ctx.items()}
-    if vision is not None and keys and "image_grid_thw" not in ctx:
-        # Gemma 3: the pixels of the images not cached when the batch was built (`index`; None: all)
-        pixels = ctx.pop("pixel_values", None)
-        mm = vision.pixel_features(model, keys, pixels, index)
-        if mm is None:  # pan-and-scan crops: the tower runs on them inside forward
-            ctx["pixel_values"] = pixels
-        else:
-            ctx["mm_encoder_outputs"] = mm
-            encoder.forget_pixels(k for k in keys if k in vision)
-    elif vision is not None and keys:
-        pixels = ctx.pop("pixel_values", None)
-        ctx["mm_encoder_outputs"] = vision.features(model, keys, ctx["image_grid_thw"], pixels, index or ())
-        encoder.forget_pixels(k for k in keys if k in vision)
+    if vision is not None and keys:
+        ctx = vision.fill(model, ctx, keys, index, encoder)
     return ctx
 
 

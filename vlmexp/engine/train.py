@@ -273,22 +273,8 @@ class _SFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keys, index = inputs.pop("image_keys", None), inputs.pop("pixel_index", None)
-        if self.vision_cache is not None and keys and "image_grid_thw" not in inputs:
-            # Gemma 3: the pixels of the images not cached when the batch was built (`index`; None: all)
-            pixels = inputs.pop("pixel_values", None)
-            mm = self.vision_cache.pixel_features(model, keys, pixels, index)
-            if mm is None:  # pan-and-scan crops: the tower runs on them inside forward
-                inputs["pixel_values"] = pixels
-            else:
-                inputs["mm_encoder_outputs"] = mm
-                if self.encoder is not None:
-                    self.encoder.forget_pixels(k for k in keys if k in self.vision_cache)
-        elif self.vision_cache is not None and keys:
-            pixels = inputs.pop("pixel_values", None)
-            mm = self.vision_cache.features(model, keys, inputs["image_grid_thw"], pixels, index or ())
-            inputs["mm_encoder_outputs"] = mm
-            if self.encoder is not None:
-                self.encoder.forget_pixels(k for k in keys if k in self.vision_cache)
+        if self.vision_cache is not None and keys:
+            inputs = self.vision_cache.fill(model, inputs, keys, index, self.encoder)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):

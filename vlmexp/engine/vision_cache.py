@@ -212,6 +212,25 @@ class VisionFeatureCache:
         feats = [fresh[i] if i in fresh else self._store[k][0].to(device) for i, k in enumerate(keys)]
         return {"image": BaseModelOutputWithPooling(pooler_output=torch.stack(feats))}
 
+    def fill(self, model: torch.nn.Module, inputs: dict, keys: Sequence[str], index, encoder=None) -> dict:
+        """A batch's inputs with cached features standing in for its pixels: the one step training
+        (`train._SFTTrainer.compute_loss`) and prediction (`predict._context`) share. `keys`: the batch's
+        image keys; `index`: positions in `keys` whose pixels the batch holds (None: all). Qwen-VL batches
+        carry `image_grid_thw` (`features`), Gemma 3's do not (`pixel_features`; pan-and-scan crops keep
+        their pixels). `encoder`: the run's Encoder, whose kept pixels of cached images are let go."""
+        pixels = inputs.pop("pixel_values", None)
+        if "image_grid_thw" in inputs:
+            mm = self.features(model, keys, inputs["image_grid_thw"], pixels, index or ())
+        else:
+            mm = self.pixel_features(model, keys, pixels, index)
+            if mm is None:  # pan-and-scan crops: the tower runs on them inside forward
+                inputs["pixel_values"] = pixels
+                return inputs
+        inputs["mm_encoder_outputs"] = mm
+        if encoder is not None:
+            encoder.forget_pixels(k for k in keys if k in self)
+        return inputs
+
     def encoder_outputs(
         self,
         model: torch.nn.Module,
