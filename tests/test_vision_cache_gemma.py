@@ -62,7 +62,7 @@ def test_cached_features_give_the_logits_of_pixel_values(tiny_models, images):
         again = model(**no_pixels, mm_encoder_outputs=cache.pixel_features(model, keys, enc["pixel_values"]))
         assert cache.misses == 2 and cache.hits == 2  # the second call ran no tower
         feats = mm["image"].pooler_output
-        embeds = vision_cache.embeds_with_features(model, enc["input_ids"], feats)
+        embeds = _embeds_with_features(model, enc["input_ids"], feats)
         by_embeds = model(
             inputs_embeds=embeds, attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"]
         ).logits
@@ -165,3 +165,22 @@ def test_training_on_cached_features_gives_the_uncached_losses(tiny_models, tabl
     assert len(fast) == len(plain) == 4
     np.testing.assert_allclose(fast, plain, rtol=1e-5)
     assert fast[-1] < fast[0]
+
+
+def _embeds_with_features(
+    model: torch.nn.Module, input_ids: torch.Tensor, feats: torch.Tensor
+) -> torch.Tensor:
+    """Gemma 3's `inputs_embeds` with precomputed image features: the text embeddings of `input_ids`
+    (the image token id replaced by 0 where it is out of the vocabulary, as Gemma3Model.forward does)
+    with `feats` (images, mm_tokens_per_image, hidden), in order, at the image token positions. With
+    the batch's `token_type_ids` (which alone make the bidirectional image mask) and no pixel_values,
+    the model then gives the logits it gives on pixel_values (tests/test_vision_cache_gemma.py)."""
+    core = model.model
+    image = input_ids == core.config.image_token_id
+    ids = input_ids
+    if core.config.image_token_id >= core.vocab_size:
+        ids = input_ids.masked_fill(image, 0)
+    embeds = core.get_input_embeddings()(ids)
+    if int(image.sum()) * embeds.shape[-1] != feats.numel():
+        raise ValueError(f"{int(image.sum())} image tokens for {feats.shape[0] * feats.shape[1]} features")
+    return embeds.masked_scatter(image[..., None], feats.to(embeds.device, embeds.dtype))

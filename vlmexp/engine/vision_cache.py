@@ -6,8 +6,8 @@ them by image key (`encode.image_key`) and hands them to the language model thro
 `mm_encoder_outputs` instead of `pixel_values`. 448 px in Qwen2.5-VL-3B: 256 x 2048 bf16 = 1 MiB per
 image. Gemma 3 (transformers 5.24) takes `mm_encoder_outputs` too: its forward scatters the features
 into the image token positions exactly as it does the tower's own output, and its bidirectional image
-mask comes from `token_type_ids`, not from pixel_values (`embeds_with_features` is the same merge by
-hand; tests/test_vision_cache_gemma.py: equal logits). Its SigLIP tower is 5.5 TFLOP per 896 px image
+mask comes from `token_type_ids`, not from pixel_values (tests/test_vision_cache_gemma.py does the
+same merge by hand: equal logits). Its SigLIP tower is 5.5 TFLOP per 896 px image
 against 2.1 TFLOP for a 330-token Gemma-3-4B language forward (bench/flops.py).
 `engine/encode.py` (`RunCaches.vision_for`) decides per model whether the cache serves it
 (`vision_cache_unsupported`, `vision_frozen`); the trainer's `compute_loss` and `predict` use it.
@@ -71,25 +71,6 @@ def vision_frozen(model: torch.nn.Module) -> bool:
     features never change."""
     parts = _tower_modules(model)
     return bool(parts) and not any(p.requires_grad for m in parts for p in m.parameters())
-
-
-def embeds_with_features(
-    model: torch.nn.Module, input_ids: torch.Tensor, feats: torch.Tensor
-) -> torch.Tensor:
-    """Gemma 3's `inputs_embeds` with precomputed image features: the text embeddings of `input_ids`
-    (the image token id replaced by 0 where it is out of the vocabulary, as Gemma3Model.forward does)
-    with `feats` (images, mm_tokens_per_image, hidden), in order, at the image token positions. With
-    the batch's `token_type_ids` (which alone make the bidirectional image mask) and no pixel_values,
-    the model then gives the logits it gives on pixel_values (tests/test_vision_cache_gemma.py)."""
-    core, _ = vlm_parts(model)
-    image = input_ids == core.config.image_token_id
-    ids = input_ids
-    if core.config.image_token_id >= core.vocab_size:
-        ids = input_ids.masked_fill(image, 0)
-    embeds = core.get_input_embeddings()(ids)
-    if int(image.sum()) * embeds.shape[-1] != feats.numel():
-        raise ValueError(f"{int(image.sum())} image tokens for {feats.shape[0] * feats.shape[1]} features")
-    return embeds.masked_scatter(image[..., None], feats.to(embeds.device, embeds.dtype))
 
 
 @dataclass
