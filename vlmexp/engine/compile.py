@@ -33,8 +33,7 @@ def compile_blocks(model: torch.nn.Module) -> int:
     so the 36 decoder layers of a 3B model compile once per batch length; static shapes (dynamic ones
     hit the inductor bug above), with batches padded to COMPILE_PAD_MULTIPLE tokens so a run sees a
     handful of lengths (400-700 tokens: 5). Returns the count."""
-    limits = torch._dynamo.config
-    limits.recompile_limit = max(limits.recompile_limit, RECOMPILE_LIMIT)
+    allow_recompiles(RECOMPILE_LIMIT)
     n = 0
     for module in unwrap(model).modules():
         if type(module).__name__.endswith(_BLOCKS) and not getattr(module, "_vlmexp_compiled", False):
@@ -42,6 +41,15 @@ def compile_blocks(model: torch.nn.Module) -> int:
             module._vlmexp_compiled = True
             n += 1
     return n
+
+
+def allow_recompiles(limit: int) -> None:
+    """Raise dynamo's per-function recompile limit (default 8) to at least `limit`, never lower it: the
+    decoder layers and the vision blocks each ask for what their bucketed shapes need."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
 
 
 def uncompile_blocks(model: torch.nn.Module) -> None:

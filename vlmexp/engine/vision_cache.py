@@ -139,16 +139,7 @@ class VisionFeatureCache:
             for j, i in enumerate(pixel_index):
                 fresh[i] = tuple(f.detach() for f in (out.pooler_output[j], *(lv[j] for lv in levels)))
                 self._keep(keys[i], fresh[i])
-        missing = [k for i, k in enumerate(keys) if i not in fresh and k not in self._store]
-        if missing:
-            raise KeyError(f"no pixels and no cached features for {len(missing)} image(s), e.g. {missing[0]}")
-        self.misses += len(fresh)
-        self.hits += len(keys) - len(fresh)
-        device = image_grid_thw.device
-        feats = [
-            fresh[i] if i in fresh else tuple(t.to(device) for t in self._store[k])
-            for i, k in enumerate(keys)
-        ]
+        feats = self._gather(keys, fresh, image_grid_thw.device)
         pooled = tuple(f[0] for f in feats)
         if len(feats[0]) == 1:
             return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
@@ -177,21 +168,15 @@ class VisionFeatureCache:
         elif len(pixel_index) != (0 if pixel_values is None else pixel_values.shape[0]):
             raise ValueError(f"pixels of {len(pixel_index)} images expected, got {len(pixel_values)} crops")
         todo = [(j, i) for j, i in enumerate(pixel_index) if keys[i] not in self._store]
-        fresh: dict[int, torch.Tensor] = {}
+        fresh: dict[int, tuple[torch.Tensor, ...]] = {}
         if todo:
             with torch.no_grad(), phase("vision_tower"):
                 out = core.get_image_features(pixel_values[[j for j, _ in todo]], return_dict=True)
             for (_, i), feat in zip(todo, out.pooler_output, strict=True):
-                fresh[i] = feat.detach()
-                self._keep(keys[i], (fresh[i],))
-        missing = [k for i, k in enumerate(keys) if i not in fresh and k not in self._store]
-        if missing:
-            raise KeyError(f"no pixels and no cached features for {len(missing)} image(s), e.g. {missing[0]}")
-        self.misses += len(fresh)
-        self.hits += len(keys) - len(fresh)
-        device = core.get_input_embeddings().weight.device
-        feats = [fresh[i] if i in fresh else self._store[k][0].to(device) for i, k in enumerate(keys)]
-        return {"image": BaseModelOutputWithPooling(pooler_output=torch.stack(feats))}
+                fresh[i] = (feat.detach(),)
+                self._keep(keys[i], fresh[i])
+        feats = self._gather(keys, fresh, core.get_input_embeddings().weight.device)
+        return {"image": BaseModelOutputWithPooling(pooler_output=torch.stack([f[0] for f in feats]))}
 
     def fill(self, model: torch.nn.Module, inputs: dict, keys: Sequence[str], index, encoder=None) -> dict:
         """A batch's inputs with cached features standing in for its pixels: the one step training
@@ -225,6 +210,21 @@ class VisionFeatureCache:
         todo = [i for i, k in enumerate(keys) if k not in self._store]
         pix = torch.cat([chunks[i] for i in todo]) if todo else None
         return self.features(model, keys, image_grid_thw, pix, todo)
+
+    def _gather(
+        self, keys: Sequence[str], fresh: dict[int, tuple[torch.Tensor, ...]], device: torch.device
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """Each image's features in `keys` order: computed now (`fresh`, by position) or cached (moved to
+        `device`); counts the hits and misses, and fails loud for an image that has neither."""
+        missing = [k for i, k in enumerate(keys) if i not in fresh and k not in self._store]
+        if missing:
+            raise KeyError(f"no pixels and no cached features for {len(missing)} image(s), e.g. {missing[0]}")
+        self.misses += len(fresh)
+        self.hits += len(keys) - len(fresh)
+        out = []
+        for i, k in enumerate(keys):
+            out.append(fresh[i] if i in fresh else tuple(t.to(device) for t in self._store[k]))
+        return out
 
     def _keep(self, key: str, feats: tuple[torch.Tensor, ...]) -> None:
         size = sum(f.numel() * f.element_size() for f in feats)

@@ -36,6 +36,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from vlmexp.engine.compile import allow_recompiles
 from vlmexp.models.parts import unwrap
 
 log = logging.getLogger(__name__)
@@ -195,10 +196,7 @@ def compile_vision_blocks(model: torch.nn.Module) -> int:
     blocks = getattr(visual, "blocks", None)
     if blocks is None or "forward" in blocks[0].__dict__:  # compiled already (the bench undoes it)
         return 0
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    allow_recompiles(RECOMPILE_LIMIT)
     state = {"static": False}
     bucket_images(model, state)
     for blk in blocks:
