@@ -46,3 +46,55 @@ def tiny_models(tmp_path_factory):
 def tiny_model_dir(tiny_models):
     """Alias of `tiny_models` under the name docs/design.md uses: `tiny_model_dir("llava") -> Path`."""
     return tiny_models
+
+
+@pytest.fixture
+def finished_folds():
+    """A factory of recipe.Experiment whose 2 folds are 'finished' with hand-written one-hot tables
+    (fold k holds rows k, k+2, ...), for `finalize` without a model:
+    `finished_folds(cfg, labels, gold, preds, test_preds, tree={}, prov={})`."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from vlmexp.recipe import Experiment
+    from vlmexp.rundir import RunDir
+    from vlmexp.tables import prob_columns, write_table
+
+    def table(ids: list[str], preds: list[str], labels: list[str]) -> pd.DataFrame:
+        df = pd.DataFrame({"id": ids, "pred": preds})
+        for label, col in zip(labels, prob_columns(labels), strict=True):
+            df[col] = [1.0 if p == label else 0.0 for p in preds]
+        return df
+
+    def make(cfg, labels, gold, preds, test_preds, tree=None, prov=None) -> Experiment:
+        run = RunDir.for_config(cfg)
+        started = {**run.start(cfg, {}), **(prov or {})}
+        ids = [f"t{i}" for i in range(len(gold))]
+        test = pd.DataFrame({"id": [f"x{i}" for i in range(len(test_preds))]})
+        for k in range(2):
+            rows = list(range(k, len(gold), 2))
+            oof = table([ids[i] for i in rows], [preds[i] for i in rows], labels)
+            oof.insert(1, "label", [gold[i] for i in rows])
+            oof.insert(2, "fold", k)
+            write_table(oof, run.fold_dir(k) / "oof.csv")
+            write_table(table(list(test["id"]), list(test_preds), labels), run.fold_dir(k) / "test.csv")
+            run.mark_fold_done(k, {"fold": k})
+        comp = SimpleNamespace(labels=labels, descriptions={}, test=test, train=None, tree=tree or {})
+        train = pd.DataFrame({"id": ids, "label": gold})
+        return Experiment(
+            cfg=cfg,
+            run=run,
+            prov=started,
+            comp=comp,
+            train=train,
+            train_all=train,
+            pseudo=pd.DataFrame(),
+            folds=pd.Series(dtype=int),
+            template=None,
+            ocr=None,
+            processor=None,
+            test_samples=[],
+        )
+
+    return make

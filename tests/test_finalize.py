@@ -4,74 +4,42 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
 from vlmexp import leaderboard
 from vlmexp.config import load_config
-from vlmexp.rundir import RunDir
-from vlmexp.tables import prob_columns, read_json, write_table
+from vlmexp.tables import read_json
 
 LABELS = ["a", "b", "c"]
 GOLD = ["a"] * 6 + ["b"] * 3 + ["c"] * 3
 
 
-def _table(ids: list[str], preds: list[str]) -> pd.DataFrame:
-    df = pd.DataFrame({"id": ids, "pred": preds})
-    for label, col in zip(LABELS, prob_columns(LABELS), strict=True):
-        df[col] = [1.0 if p == label else 0.0 for p in preds]
-    return df
+@pytest.fixture
+def experiment(tmp_path: Path, finished_folds):
+    """experiment(preds, name): a run whose 2 folds are 'finished' with the given OOF predictions."""
+
+    def make(preds: list[str], name: str = "r"):
+        cfg = load_config(
+            [
+                "folds=2",
+                f"name={name}",
+                f"runs_dir={tmp_path / 'runs'}",
+                f"leaderboard={tmp_path / 'lb.csv'}",
+                f"data.dir={tmp_path / 'comp'}",
+            ]
+        )
+        prov = {"data_fingerprint": {"digest": "3f9a1c2b7d4e"}}
+        return finished_folds(cfg, LABELS, GOLD, preds, ["a", "b"], prov=prov)
+
+    return make
 
 
-def _experiment(tmp_path: Path, preds: list[str], name: str = "r"):
-    """A run whose 2 folds are 'finished' with the given OOF predictions, as recipe.Experiment."""
-    from vlmexp.recipe import Experiment
-
-    cfg = load_config(
-        [
-            "folds=2",
-            f"name={name}",
-            f"runs_dir={tmp_path / 'runs'}",
-            f"leaderboard={tmp_path / 'lb.csv'}",
-            f"data.dir={tmp_path / 'comp'}",
-        ]
-    )
-    run = RunDir.for_config(cfg)
-    prov = {**run.start(cfg, {}), "data_fingerprint": {"digest": "3f9a1c2b7d4e"}}
-    ids = [f"t{i}" for i in range(12)]
-    test = pd.DataFrame({"id": ["x0", "x1"]})
-    for k in range(2):
-        rows = list(range(k, 12, 2))
-        oof = _table([ids[i] for i in rows], [preds[i] for i in rows])
-        oof.insert(1, "label", [GOLD[i] for i in rows])
-        oof.insert(2, "fold", k)
-        write_table(oof, run.fold_dir(k) / "oof.csv")
-        write_table(_table(list(test["id"]), ["a", "b"]), run.fold_dir(k) / "test.csv")
-        run.mark_fold_done(k, {"fold": k})
-    comp = SimpleNamespace(labels=LABELS, descriptions={}, test=test, train=None, tree={})
-    train = pd.DataFrame({"id": ids, "label": GOLD})
-    return Experiment(
-        cfg=cfg,
-        run=run,
-        prov=prov,
-        comp=comp,
-        train=train,
-        train_all=train,
-        pseudo=pd.DataFrame(),
-        folds=pd.Series(dtype=int),
-        template=None,
-        ocr=None,
-        processor=None,
-        test_samples=[],
-    )
-
-
-def test_row_lost_between_cv_json_and_append_is_added_once_by_the_rerun(tmp_path, monkeypatch):
+def test_row_lost_between_cv_json_and_append_is_added_once_by_the_rerun(tmp_path, monkeypatch, experiment):
     from vlmexp.recipe import finalize, run_once
 
-    exp = _experiment(tmp_path, GOLD)
+    exp = experiment(GOLD)
     real_append, calls = leaderboard.append, []
 
     def dies_once(*args, **kwargs):
@@ -92,10 +60,10 @@ def test_row_lost_between_cv_json_and_append_is_added_once_by_the_rerun(tmp_path
     assert board["config_hash"].tolist() == [read_json(exp.run.cv_path)["config_hash"]]
 
 
-def test_one_class_run_is_flagged_in_log_cv_json_and_leaderboard(tmp_path, caplog):
+def test_one_class_run_is_flagged_in_log_cv_json_and_leaderboard(tmp_path, caplog, experiment):
     from vlmexp.recipe import finalize
 
-    exp = _experiment(tmp_path, ["a"] * 12)
+    exp = experiment(["a"] * 12)
     with caplog.at_level(logging.WARNING, logger="vlmexp"):
         finalize(exp, started=0.0)
     cv = read_json(exp.run.cv_path)
@@ -108,10 +76,10 @@ def test_one_class_run_is_flagged_in_log_cv_json_and_leaderboard(tmp_path, caplo
     assert row["data"] == str(tmp_path / "comp") and row["data_fingerprint"] == "3f9a1c2b7d4e"
 
 
-def test_good_run_is_not_flagged(tmp_path, caplog):
+def test_good_run_is_not_flagged(tmp_path, caplog, experiment):
     from vlmexp.recipe import finalize
 
-    exp = _experiment(tmp_path, GOLD)
+    exp = experiment(GOLD)
     with caplog.at_level(logging.WARNING, logger="vlmexp"):
         finalize(exp, started=0.0)
     assert read_json(exp.run.cv_path)["flag"] == ""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -206,54 +205,20 @@ def test_label_scoring_on_a_tiny_model_names_only_known_full_paths(demo, tiny_mo
     assert all(pred.split("/")[0] == parents[pred] for pred in table["pred"])
 
 
-def test_finalize_writes_per_level_scores_to_cv_json_and_the_leaderboard(tmp_path):
+def test_finalize_writes_per_level_scores_to_cv_json_and_the_leaderboard(tmp_path, finished_folds):
     from vlmexp import leaderboard
     from vlmexp.config import load_config
-    from vlmexp.recipe import Experiment, finalize
-    from vlmexp.rundir import RunDir
-    from vlmexp.tables import prob_columns, read_json, write_table
+    from vlmexp.recipe import finalize
+    from vlmexp.tables import read_json
 
     labels = [label for children in TREE.values() for label in children]
     gold = ["上衣/T恤", "上衣/T恤", "上衣/衬衫", "裤子/短裤"] * 2
     pred = ["上衣/T恤", "上衣/衬衫", "上衣/衬衫", "裤子/短裤"] * 2
-
-    def table(ids: list[str], preds: list[str]) -> pd.DataFrame:
-        df = pd.DataFrame({"id": ids, "pred": preds})
-        for label, col in zip(labels, prob_columns(labels), strict=True):
-            df[col] = [1.0 if p == label else 0.0 for p in preds]
-        return df
-
     cfg = load_config(
         ["folds=2", "name=h", f"runs_dir={tmp_path / 'runs'}", f"leaderboard={tmp_path / 'lb.csv'}"]
     )
-    run = RunDir.for_config(cfg)
-    prov = run.start(cfg, {})
-    ids = [f"t{i}" for i in range(8)]
-    test = pd.DataFrame({"id": ["x0"]})
-    for k in range(2):
-        rows = list(range(k, 8, 2))
-        oof = table([ids[i] for i in rows], [pred[i] for i in rows])
-        oof.insert(1, "label", [gold[i] for i in rows])
-        oof.insert(2, "fold", k)
-        write_table(oof, run.fold_dir(k) / "oof.csv")
-        write_table(table(["x0"], ["上衣/T恤"]), run.fold_dir(k) / "test.csv")
-        run.mark_fold_done(k, {"fold": k})
-    comp = SimpleNamespace(labels=labels, descriptions={}, test=test, train=None, tree=TREE)
-    train = pd.DataFrame({"id": ids, "label": gold})
-    exp = Experiment(
-        cfg=cfg,
-        run=run,
-        prov=prov,
-        comp=comp,
-        train=train,
-        train_all=train,
-        pseudo=pd.DataFrame(),
-        folds=pd.Series(dtype=int),
-        template=None,
-        ocr=None,
-        processor=None,
-        test_samples=[],
-    )
+    exp = finished_folds(cfg, labels, gold, pred, ["上衣/T恤"], tree=TREE)
+    run = exp.run
     finalize(exp, started=0.0)
     cv = read_json(run.cv_path)
     assert cv["levels"] == level_scores(gold, pred, TREE)
