@@ -220,16 +220,12 @@ class Encoder:
         out: dict = {"image_keys": keys}
         if "image_grid_thw" in rows[0]:
             out["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in rows])
+        if "image_grid_thw" in rows[0] or rows[0].get("per_image"):  # pixels kept by image (Gemma 3 too)
             # pixel_index: which images (positions in image_keys) have their patches in pixel_values
             out["pixel_index"] = [i for i, k in enumerate(keys) if k not in skip_pixels]
             if out["pixel_index"]:
                 out["pixel_values"] = torch.cat([self.pixels[keys[i]] for i in out["pixel_index"]])
-            return out
-        if rows[0].get("per_image"):  # Gemma 3: the pixels of the images not skipped, in key order
-            out["pixel_index"] = [i for i, k in enumerate(keys) if k not in skip_pixels]
-            if out["pixel_index"]:
-                out["pixel_values"] = torch.cat([self.pixels[keys[i]] for i in out["pixel_index"]])
-        for name in rows[0].get("media") or {}:
+        for name in rows[0].get("media") or {}:  # grid rows carry none
             out[name] = torch.cat([r["media"][name] for r in rows])
         return out
 
