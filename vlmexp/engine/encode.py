@@ -164,16 +164,11 @@ class Encoder:
         grid = batch.get("image_grid_thw")
         if grid is not None:  # Qwen-VL: pixel rows per image, split by each image's patch count
             row["image_grid_thw"] = grid
-            sizes = grid.prod(-1).tolist()
-            for k, pix in zip(keys, batch["pixel_values"].split(sizes), strict=True):
-                if k not in self.pixels:
-                    self.pixels[k] = pix.to(self.pixel_dtype) if self.pixel_dtype else pix
+            self._keep_pixels(keys, batch["pixel_values"].split(grid.prod(-1).tolist()))
         elif self.per_image and keys and len(batch.get("pixel_values", ())) == len(keys):
             # Gemma 3: one crop per image (no pan-and-scan), kept by image like a grid model's patches
             row["per_image"] = True
-            for k, pix in zip(keys, batch["pixel_values"].split(1), strict=True):
-                if k not in self.pixels:
-                    self.pixels[k] = pix.to(self.pixel_dtype) if self.pixel_dtype else pix
+            self._keep_pixels(keys, batch["pixel_values"].split(1))
             row["media"] = {
                 k: v for k, v in batch.items() if k not in row and k not in ("labels", "pixel_values")
             }
@@ -189,6 +184,12 @@ class Encoder:
             )
             row["position_ids"] = pos[:, 0]  # (3, tokens)
         return row
+
+    def _keep_pixels(self, keys: list[str], pixels) -> None:
+        """Each image's pixels (`pixels` in `keys` order) in the tower's dtype, the first time it is seen."""
+        for k, pix in zip(keys, pixels, strict=True):
+            if k not in self.pixels:
+                self.pixels[k] = pix.to(self.pixel_dtype) if self.pixel_dtype else pix
 
     def forget_pixels(self, keys) -> None:
         """Drop the pixels of images whose features are cached: the tower never needs them again in
