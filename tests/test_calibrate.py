@@ -109,23 +109,24 @@ def test_fast_score_equals_sklearn_macro_f1():
     assert calibrate._score(y, pred, 4, "accuracy") == pytest.approx(want["accuracy"])
 
 
-def test_run_with_calibrate_bias_reports_both_cvs(tmp_path):
-    # The recipe's finalize on hand-written fold tables (tests/test_finalize.py's helper).
-    import dataclasses
-
-    from test_finalize import GOLD, _experiment
-
+def test_run_with_calibrate_bias_reports_both_cvs(tmp_path, finished_folds):
+    # The recipe's finalize on hand-written one-hot fold tables (tests/conftest.py's finished_folds).
+    from vlmexp.config import load_config
     from vlmexp.recipe import finalize
     from vlmexp.tables import read_json, read_table
 
-    exp = _experiment(tmp_path, GOLD)
-    exp.cfg = dataclasses.replace(exp.cfg, ensemble=dataclasses.replace(exp.cfg.ensemble, calibrate="bias"))
+    gold = ["a"] * 6 + ["b"] * 3 + ["c"] * 3
+    cfg = load_config(
+        ["folds=2", "name=r", f"runs_dir={tmp_path / 'runs'}", f"leaderboard={tmp_path / 'lb.csv'}",
+         "ensemble.calibrate=bias"]
+    )  # fmt: skip
+    exp = finished_folds(cfg, ["a", "b", "c"], gold, gold, ["a", "b"])
     finalize(exp, started=0.0)
     cv = read_json(exp.run.cv_path)
     assert cv["calibrated"]["mean"] == pytest.approx(cv["mean"])  # one-hot tables: nothing to shift
     assert set(cv["calibrated"]["offsets"]) == set(exp.labels)
     assert {"pred_raw", "pred"} <= set(read_table(exp.run.path("test_probs.csv")).columns)
-    assert len(read_table(exp.run.path("oof_calibrated.csv"))) == len(GOLD)
+    assert len(read_table(exp.run.path("oof_calibrated.csv"))) == len(gold)
     lb = pd.read_csv(exp.cfg.leaderboard)
     assert lb.loc[0, "cv_calibrated"] == pytest.approx(round(cv["calibrated"]["mean"], 4))
 
