@@ -69,3 +69,33 @@ def test_build_trainer_never_hands_auto_to_the_trainer(tiny_models, tmp_path):
     trainer = build_trainer(cfg, model, load_processor(cfg), examples, tmp_path)
     assert trainer.args.per_device_train_batch_size == 8  # the CPU fallback
     assert trainer.args.learning_rate == cfg.train.lr
+
+
+def test_auto_is_the_default_and_a_sharded_fold_gets_the_base_batch_in_multiples_of_its_ranks():
+    cfg = load_config([])
+    assert cfg.train.batch_size == "auto"
+    for n, batch in ((2, 8), (4, 8), (3, 9), (16, 16)):
+        sharded = load_config([f"train.gpus_per_fold={n}", "train.eval=false"])
+        out = autobatch.resolve(sharded, model=None, shape=None, free_bytes=10**15)
+        assert out.train.batch_size == batch and out.train.batch_size % n == 0
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        load_config(["train.gpus_per_fold=4", "train.batch_size=6", "train.eval=false"])
+
+
+def test_head_cls_trains_with_auto(tiny_models, tmp_path):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from vlmexp.engine.cls_head import build_head_trainer
+    from vlmexp.engine.samples import build_samples
+    from vlmexp.prompts import load_template
+
+    cfg = load_config([f"model.name={tiny_models('qwen2_vl')}", "model.head=cls", "train.report_to=none"])
+    assert cfg.train.batch_size == "auto"
+    model, processor = load_model(cfg), load_processor(cfg)
+    Image.fromarray(np.zeros((40, 56, 3), dtype=np.uint8)).save(tmp_path / "0.png")
+    df = pd.DataFrame([{"id": "0", "image": str(tmp_path / "0.png"), "label": "a"}])
+    samples = build_samples(df, labels=["a", "b"], descriptions={}, template=load_template("baseline"), cfg=cfg)
+    trainer = build_head_trainer(cfg, model, processor, samples, ["a", "b"], tmp_path / "out")
+    assert trainer.args.per_device_train_batch_size == autobatch.BASE_BATCH  # no GPU here: the base batch

@@ -250,8 +250,10 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
         model = exp.base.for_prediction(trained, result.adapter_dir) if local else None
     del trained
     with phase("predict_oof"):
-        val_samples = exp.samples(val_split, False)
-        oof = _predict(cfg, model, exp.processor, val_samples, labels, exp.caches, (exp.run, k))
+        oof = result.val_table.copy() if _validation_is_oof(cfg, result) else None
+        if oof is None:
+            val_samples = exp.samples(val_split, False)
+            oof = _predict(cfg, model, exp.processor, val_samples, labels, exp.caches, (exp.run, k))
     oof.insert(1, "label", val_split["label"].to_numpy())
     oof.insert(2, "fold", k)
     with phase("predict_test"):
@@ -269,6 +271,8 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
             "best_epoch": result.best_epoch,
             "train_seconds": result.train_seconds,
             "train_rows": len(train_split),
+            "batch_size": result.batch_size,  # as trained: train.batch_size=auto resolved, e.g. 24
+            "lr": result.lr,
             # Training loss per logging step, e.g. [2.91, 2.40, ...]: compares sharded and single folds.
             "train_losses": [round(e["loss"], 6) for e in result.log_history if "loss" in e],
         },
@@ -476,6 +480,15 @@ def _predict(
                                    adapter_dir=run.adapter_dir(k), concurrency=cfg.predict.concurrency,
                                    progress=False)  # fmt: skip
     return predict(cfg, model, processor, samples, labels, progress=False, caches=caches)
+
+
+def _validation_is_oof(cfg: Config, result) -> bool:
+    """Whether the kept weights' validation table is the OOF table `_predict` would compute: the same
+    rows, weights and `predict` call (a 400-row demo fold skips 80 predictions: 13 s of a 3B run's
+    276). Not with TTA or an OpenAI-compatible server, which predict OOF rows another way, and not when
+    the kept evaluation ran in an earlier, killed process (no table in memory)."""
+    local_plain = cfg.predict.backend == "local" and cfg.predict.tta == "none"
+    return local_plain and result.val_table is not None
 
 
 def predict_test_with(cfg: Config, run: RunDir, adapter_dir: Path) -> pd.DataFrame:

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int)
     p.add_argument("--predict-batch-sizes", default="")
     p.add_argument("--out", type=Path)
+    p.add_argument("--workdir", type=Path, help="run: reuse this folder's demo and saved model")
     a = p.parse_args(argv)
     shape = a.model or a.shape
     if not shape:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             reference="reference" in a.parts and not a.no_reference,
             reference_folds=a.reference_folds,
             project="project" in a.parts,
+            workdir=a.workdir,
             out=a.out,
         )
         print(json.dumps(run_summary(result), indent=1))

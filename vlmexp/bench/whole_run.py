@@ -53,8 +53,13 @@ def bench_run(
     from vlmexp.demo import make_demo
 
     work = Path(workdir or tempfile.mkdtemp(prefix="vlmexp-bench-run-"))
-    data = make_demo(work / "demo", n_train=train_rows, n_test=test_rows)
+    # A second bench in the same `workdir` (a new process: torch.compile's on-disk caches warm, as for
+    # a user's second `exp run` on the machine) reuses the demo and the saved weights, not the runs.
+    data = work / "demo"
+    if not (data / "train.csv").exists():
+        make_demo(data, n_train=train_rows, n_test=test_rows)
     model_name = _saved_model(model, work, resolution)
+    runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
     cfg = load_config(
         [
             f"model.name={model_name}",
@@ -63,8 +68,8 @@ def bench_run(
             f"train.epochs={epochs}",
             f"data.dir={data}",
             "data.answers_csv=test_answers.csv",
-            f"runs_dir={work / 'runs'}",
-            f"leaderboard={work / 'leaderboard.csv'}",
+            f"runs_dir={runs}",
+            f"leaderboard={runs / 'leaderboard.csv'}",
             *overrides,
         ]
     )
@@ -117,6 +122,8 @@ def _saved_model(model: str, work: Path, resolution: int) -> str:
         return model
     from vlmexp.bench.shapes import build_model, build_processor, get_shape
 
+    if (work / "model" / "config.json").exists():
+        return str(work / "model")  # saved by an earlier bench in this workdir
     sh = get_shape(model)
     cuda = torch.cuda.is_available()
     m = build_model(sh, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32)

@@ -136,9 +136,7 @@ def _sharding_problems(cfg: Config) -> list[str]:
     if n <= 1:
         return []
     out = []
-    if cfg.train.batch_size == "auto":
-        out.append(f"train.batch_size=auto is not built for train.gpus_per_fold={n}: give a multiple of {n}")
-    elif cfg.train.batch_size % n:
+    if cfg.train.batch_size != "auto" and cfg.train.batch_size % n:  # auto: a multiple (autobatch.py)
         out.append(
             f"'train.batch_size={cfg.train.batch_size}' is the fold's global batch, split over "
             f"train.gpus_per_fold={n} processes: make it a multiple of {n}"

@@ -67,7 +67,13 @@ def resolve(cfg, model, shape: tuple[int, int] | None, free_bytes: int | None = 
     if t.batch_size != "auto":
         return cfg
     tokens, patches = shape or (t.max_length, 0)
-    batch, why = choose(model, tokens, patches, free_bytes)
+    if t.gpus_per_fold > 1:
+        # A sharded fold's free memory per rank says little about its step (FSDP gathers and frees
+        # layers as it goes): the base batch, a multiple of the ranks, e.g. 8 over 4 GPUs, 9 over 3.
+        n = t.gpus_per_fold
+        batch, why = -(-BASE_BATCH // n) * n, f"a fold sharded over {n} GPUs: the base batch"
+    else:
+        batch, why = choose(model, tokens, patches, free_bytes)
     lr = scaled_lr(t.lr, batch, t.lr_rule)
     rule = t.lr_rule
     log.info("train.batch_size=auto: %d (%s); train.lr %.3g -> %.3g (lr_rule=%s)", batch, why, t.lr, lr, rule)

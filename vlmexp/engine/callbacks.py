@@ -2,7 +2,9 @@
 
 Token accuracy says little about classification, so `EvalCallback` asks the trainer to evaluate every
 `train.eval_every` epochs (and at the end of a fractional last epoch) and computes the metrics with the
-same `predict` the fold's OOF predictions use. The trainer logs them through its own `log`, so every
+same `predict` the fold's OOF predictions use. Each evaluation's table is kept by step (`tables`): the
+kept (best) step's table is the fold's OOF table, so the recipe does not predict the same rows with the
+same weights again. The trainer logs them through its own `log`, so every
 tracker (TensorBoard, wandb, ...) and `log.jsonl` sees them, and every evaluation is checkpointed: the
 trainer's best-checkpoint bookkeeping (`metric_for_best_model`) then keeps the best epoch on disk.
 """
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 from transformers import TrainerCallback
 
 from vlmexp.config import Config
@@ -44,6 +47,8 @@ class EvalCallback(TrainerCallback):
         self.labels = labels
         self.caches = caches  # encode.RunCaches: validation prompts are encoded once, not every epoch
         self.every = cfg.train.eval_every
+        # step -> the validation table at that step, e.g. {15: <80 rows>, 30: <80 rows>}: a few KB each
+        self.tables: dict[int, pd.DataFrame] = {}
         self.last_epoch = 0.0
         self.next_at = self.every
 
@@ -69,8 +74,9 @@ class EvalCallback(TrainerCallback):
         # Every evaluation gets a checkpoint at its step, so whichever turns out best is on disk.
         control.should_save = True
 
-    def metrics(self, model) -> dict[str, float]:
-        """{"eval_accuracy", "eval_macro_f1", "eval_unparsed", "eval_seconds"} on the validation samples."""
+    def metrics(self, model, step: int | None = None) -> dict[str, float]:
+        """{"eval_accuracy", "eval_macro_f1", "eval_unparsed", "eval_seconds"} on the validation samples;
+        the predictions are kept as `tables[step]` when `step` (the trainer's global step) is given."""
         t0 = time.time()
         was_training = model.training
         with phase("validation"):
@@ -85,6 +91,8 @@ class EvalCallback(TrainerCallback):
             )
         if was_training:
             model.train()
+        if step is not None:
+            self.tables[step] = table
         gold = [s["label"] for s in self.val_samples]
         m = score(gold, table["pred"], self.labels)
         log.info("val accuracy %.4f, macro-F1 %.4f", m["accuracy"], m["macro_f1"])

@@ -219,6 +219,7 @@ def build_head_trainer(cfg: Config, model, processor, train_samples, labels, out
     """The fold's trainer for head=cls: the project's SFTTrainer settings (checkpoints, trackers,
     validation by EvalCallback), with prompt-only rows and cross-entropy on the head. The speed
     levers of label training (rows encoded once, cached vision features) are not used here."""
+    from vlmexp.engine import autobatch
     from vlmexp.engine.train import _SFTTrainer
     from vlmexp.engine.train_args import sft_config
 
@@ -244,6 +245,8 @@ def build_head_trainer(cfg: Config, model, processor, train_samples, labels, out
             load_head(self.model, self.state.best_model_checkpoint)
 
     examples = head_examples(processor, train_samples, labels)
+    # train.batch_size=auto from the longest prompt the config allows (no completion is trained here)
+    cfg = autobatch.resolve(cfg, model, None)
     new_head(cfg, model, labels)
     evaluator, run_name, group = kw.get("evaluator"), kw.get("run_name"), kw.get("group", "")
     args = sft_config(

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 from datasets import Dataset
 from transformers import PrinterCallback, Trainer
@@ -60,6 +61,11 @@ class TrainResult:
     best_epoch: float | None = None  # epoch whose weights were saved
     train_seconds: float = 0.0
     resumed_from: str | None = None  # the checkpoint a rerun continued from, e.g. ".../checkpoint-6"
+    batch_size: int | None = None  # rows per device step as trained, e.g. 24 for train.batch_size=auto
+    lr: float | None = None  # the peak learning rate as trained, e.g. 3.46e-4 (auto's lr_rule applied)
+    # The validation predictions of the kept weights (the best step's evaluation), not saved to JSON:
+    # the recipe's OOF table when it predicts the validation rows as validation did (val_table_reusable).
+    val_table: pd.DataFrame | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,7 @@ def train_fold(
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - t0
 
-    best_metric = best_epoch = None
+    best_metric = best_epoch = val_table = None
     state = trainer.state
     if evaluator is not None and state.best_model_checkpoint:
         # Found by its folder name: the run folder may have moved since the checkpoint was written.
@@ -166,6 +172,8 @@ def train_fold(
             if "eval_macro_f1" in e and e["step"] == state.best_global_step
         )
         log.info("best epoch %.2f: val %s %.4f", best_epoch, cfg.metric, best_metric)
+        # None when that evaluation ran in an earlier, killed process (this one resumed after it)
+        val_table = evaluator.tables.get(state.best_global_step)
     else:
         best_epoch = float(state.epoch or cfg.train.epochs)
     with phase("save"):
@@ -185,9 +193,13 @@ def train_fold(
         best_epoch=best_epoch,
         train_seconds=round(seconds, 2),
         resumed_from=str(resume) if resume else None,
+        batch_size=trainer.args.per_device_train_batch_size,
+        lr=trainer.args.learning_rate,
+        val_table=val_table,
     )
     if fsdp_launch.is_main_process():
-        write_json({**result.__dict__, "adapter_dir": str(out.adapter)}, out.result)
+        saved = {k: v for k, v in result.__dict__.items() if k != "val_table"}
+        write_json({**saved, "adapter_dir": str(out.adapter)}, out.result)
     return result
 
 
@@ -280,7 +292,7 @@ class _SFTTrainer(SFTTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if self.evaluator is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        metrics = self.evaluator.metrics(self.model)
+        metrics = self.evaluator.metrics(self.model, step=self.state.global_step)
         value = metrics[f"eval_{self.args.metric_for_best_model}"]
         metrics["eval_best"] = max(
             value, self.state.best_metric if self.state.best_metric is not None else value
