@@ -16,7 +16,10 @@
 # run: `exp run folds=5 train.epochs=2` on the demo with the random-weight 3B saved locally, wall time by
 # phase, plus the step bench's steady state on the same rows; run-levers: the same run with
 # speed.compile=true train.batch_size=auto speed.vision_compile=true; run-prepass: the defaults plus
-# speed.vision_prepass=true; run-ref: the tutorial recipe
+# speed.vision_prepass=true; run-project: the defaults, project part only, in the shared workdir /tmp/wr
+# (demo and saved model made once); run-compile: the same with speed.compile=true, and run-compile-warm
+# the same again in a new process (torch.compile's on-disk caches warm, as a second `exp run` finds
+# them); run-ref: the tutorial recipe
 # (trl defaults, generate) on fold 0 of the same split, scaled to 5 folds; vision: the vision tower
 # alone (32 images of 448 px), plain / MLP padded / padded + blocks compiled, images/s and max difference.
 set -uo pipefail
@@ -66,6 +69,10 @@ for part in $parts; do
         --set speed.compile=true train.batch_size=auto speed.vision_compile=true); limit=570 ;;
     run-prepass) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project
         --set speed.vision_prepass=true); limit=570 ;;
+    run-project) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project --workdir /tmp/wr)
+        limit=${LIMIT_RUN:-260} ;;
+    run-compile|run-compile-warm) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project
+        --workdir /tmp/wr --set speed.compile=true); limit=${LIMIT_RUN:-240} ;;
     run-ref) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts reference --reference-folds 1)
         limit=500 ;;
     vision) cmd=(vision qwen2.5-vl-3b --images 32); limit=300 ;;

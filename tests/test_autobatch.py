@@ -96,6 +96,7 @@ def test_head_cls_trains_with_auto(tiny_models, tmp_path):
     model, processor = load_model(cfg), load_processor(cfg)
     Image.fromarray(np.zeros((40, 56, 3), dtype=np.uint8)).save(tmp_path / "0.png")
     df = pd.DataFrame([{"id": "0", "image": str(tmp_path / "0.png"), "label": "a"}])
-    samples = build_samples(df, labels=["a", "b"], descriptions={}, template=load_template("baseline"), cfg=cfg)
+    tpl = load_template("baseline")
+    samples = build_samples(df, labels=["a", "b"], descriptions={}, template=tpl, cfg=cfg)
     trainer = build_head_trainer(cfg, model, processor, samples, ["a", "b"], tmp_path / "out")
     assert trainer.args.per_device_train_batch_size == autobatch.BASE_BATCH  # no GPU here: the base batch

@@ -296,3 +296,23 @@ def test_checkpointing_decision_from_the_probed_shape(tiny_models, colours, tmp_
         model, 4, tokens, patches
     )
     assert gap > 12 * (n_full - n_lora)  # and the vision tower's activations, now that it trains
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_cuda_feeds_lora_bf16_inputs_and_validates_between(tiny_models, colours, tmp_path):
+    # speed.lora_bf16_inputs: inside training steps (autocast) lora_A gets bf16 inputs; validation between
+    # them runs without autocast, where the cast must be back on (a bf16 input to fp32 weights fails).
+    cfg = _cfg(tiny_models, "qwen2_vl", epochs=2.0, lr=5e-3, eval=True)
+    processor = load_processor(cfg)
+    set_seed(0)
+    model = load_model(cfg, training=True).cuda()
+    seen: set[torch.dtype] = set()
+    for name, m in model.named_modules():
+        if name.endswith("lora_A.default") and "visual" not in name:
+            m.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype) if _m.training else None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    train, val = _samples(colours[:16], cfg), _samples(colours[64:72], cfg, False)
+    result = train_fold(cfg, model, processor, train, val, LABELS, tmp_path)
+    assert seen == {torch.bfloat16}
+    assert result.val_table is not None and len(result.val_table) == 8
+    assert any(not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before)

@@ -168,6 +168,8 @@ class SpeedConfig:
     vision_compile: bool = False  # CUDA: compile each frozen vision block, static shapes, image-count buckets
     vision_prepass: bool = True  # tower over a fold's new images first, one image size a call
     reuse_base: bool = True  # LoRA runs: load the base once per run, a fresh adapter per fold (base_once.py)
+    lora_bf16_inputs: bool = True  # bf16 autocast training: LoRA takes bf16 inputs, no fp32 copy (train.py)
+    predict_autocast: bool = True  # bf16 models predict under autocast, LoRA in bf16 as trained (predict.py)
 
 
 @dataclass

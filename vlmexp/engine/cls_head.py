@@ -261,4 +261,5 @@ def build_head_trainer(cfg: Config, model, processor, train_samples, labels, out
         callbacks=list(callbacks),
     )
     trainer.evaluator = evaluator
+    trainer.lora_bf16_inputs = cfg.speed.lora_bf16_inputs
     return trainer

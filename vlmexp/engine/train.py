@@ -32,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from datasets import Dataset
+from peft.helpers import disable_input_dtype_casting
 from transformers import PrinterCallback, Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -283,6 +284,17 @@ class _SFTTrainer(SFTTrainer):
     encoder: Encoder | None = None
     evaluator: EvalCallback | None = None
 
+    lora_bf16_inputs: bool = False  # speed.lora_bf16_inputs, set by build_trainer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Under bf16 autocast peft's LoRA layers copy every input to their weights' dtype (fp32), and
+        # autocast copies it back to bf16 for lora_A's matmul: copies were 22% of an eager 3B step's
+        # kernel time (docs/performance.md, profile G). Without them lora_A gets the same bf16 input.
+        # Forward, backward and any checkpoint recompute all run inside this step; validation, which
+        # runs without autocast and needs the cast, runs outside it.
+        with disable_input_dtype_casting(model, active=self.lora_bf16_inputs and autocasting(self)):
+            return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keys, index = inputs.pop("image_keys", None), inputs.pop("pixel_index", None)
         if self.vision_cache is not None and keys:
@@ -302,6 +314,13 @@ class _SFTTrainer(SFTTrainer):
         Trainer.log(self, metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
+
+
+def autocasting(trainer) -> bool:
+    """Whether the trainer's forward runs under low-precision autocast (accelerate's native AMP with
+    train.bf16 on a GPU): only then may LoRA layers skip their input cast."""
+    acc = getattr(trainer, "accelerator", None)
+    return bool(acc is not None and acc.native_amp and acc.mixed_precision in ("bf16", "fp16"))
 
 
 def build_trainer(
@@ -358,6 +377,7 @@ def build_trainer(
         callbacks=list(callbacks),
     )
     trainer.vision_cache, trainer.encoder, trainer.evaluator = vision, caches.encoder, evaluator
+    trainer.lora_bf16_inputs = cfg.speed.lora_bf16_inputs
     return trainer
 
 

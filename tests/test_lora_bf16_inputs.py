@@ -1,0 +1,103 @@
+"""speed.lora_bf16_inputs: under bf16 autocast LoRA layers take their bf16 input as it is (no fp32 copy
+that autocast casts back), with the same loss and gradients; never without autocast."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from peft.helpers import disable_input_dtype_casting
+
+from vlmexp.config import load_config
+from vlmexp.engine.train import autocasting
+from vlmexp.models.load import load_model
+
+
+def _lora_model(tiny_models):
+    cfg = load_config([f"model.name={tiny_models('qwen2_vl')}", "model.dtype=bfloat16", "lora.dropout=0"])
+    torch.manual_seed(0)
+    model = load_model(cfg)
+    for name, p in model.named_parameters():  # B = 0 at init: give the adapter something to say
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _step(model, skip_cast: bool) -> tuple[float, dict[str, torch.Tensor], set[torch.dtype]]:
+    """Loss, LoRA gradients and the dtypes lora_A layers received, for one text-only batch."""
+    seen: set[torch.dtype] = set()
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
+        for n, m in model.named_modules()
+        if n.endswith("lora_A.default")
+    ]
+    ids = torch.arange(3, 43).reshape(2, 20) % 100 + 3
+    model.zero_grad()
+    with disable_input_dtype_casting(model, active=skip_cast), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, seen
+
+
+def test_bf16_inputs_give_the_same_loss_and_gradients_without_the_fp32_copy(tiny_models):
+    model = _lora_model(tiny_models)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    loss_cast, grads_cast, seen_cast = _step(model, skip_cast=False)
+    loss, grads, seen = _step(model, skip_cast=True)
+    assert seen_cast == {torch.float32} and seen == {torch.bfloat16}  # the copy is gone
+    assert grads and grads.keys() == grads_cast.keys()
+    assert loss == loss_cast
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_cast[name], rtol=0, atol=0, msg=name)
+
+
+def test_only_under_autocast():
+    def trainer(native_amp: bool, precision: str):
+        return SimpleNamespace(accelerator=SimpleNamespace(native_amp=native_amp, mixed_precision=precision))
+
+    assert autocasting(trainer(True, "bf16"))
+    assert not autocasting(trainer(False, "no"))  # fp32 CPU training: LoRA weights and inputs agree
+    assert not autocasting(trainer(True, "no"))
+    assert not autocasting(SimpleNamespace())
+
+
+def test_bf16_prediction_runs_lora_in_bf16_and_keeps_the_predictions(tiny_models, tmp_path):
+    import dataclasses
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from vlmexp.engine.predict import predict
+    from vlmexp.engine.samples import build_samples
+    from vlmexp.models.load import load_processor
+    from vlmexp.prompts import load_template
+    from vlmexp.tables import prob_columns
+
+    model = _lora_model(tiny_models)
+    cfg = load_config([f"model.name={tiny_models('qwen2_vl')}", "model.dtype=bfloat16"])
+    processor = load_processor(cfg)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 48 + 8 * i, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"id": str(i), "image": str(tmp_path / f"{i}.png")})
+    labels = ["red", "green", "blue"]
+    samples = build_samples(pd.DataFrame(rows), labels=labels, descriptions={}, template=load_template("baseline"),
+                            cfg=cfg, with_answer=False)  # fmt: skip
+    seen: set[torch.dtype] = set()
+    for n, m in model.named_modules():
+        if n.endswith("lora_A.default"):
+            m.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
+    off = dataclasses.replace(cfg, speed=dataclasses.replace(cfg.speed, predict_autocast=False))
+    plain = predict(off, model, processor, samples, labels, progress=False)
+    assert seen == {torch.float32}
+    seen.clear()
+    fast = predict(cfg, model, processor, samples, labels, progress=False)
+    assert seen == {torch.bfloat16}
+    assert list(fast["pred"]) == list(plain["pred"])
+    # bf16 rounding of the LoRA delta only: probabilities within a few bf16 ulps
+    np.testing.assert_allclose(fast[prob_columns(labels)], plain[prob_columns(labels)], atol=2e-2)
