@@ -69,7 +69,7 @@ for part in $parts; do
         --set speed.compile=true train.batch_size=auto speed.vision_compile=true); limit=570 ;;
     run-prepass) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project
         --set speed.vision_prepass=true); limit=570 ;;
-    run-project) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project --workdir /tmp/wr)
+    run-project) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project${STEADY:+,steady} --workdir /tmp/wr)
         limit=${LIMIT_RUN:-260} ;;
     run-compile|run-compile-warm) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project
         --workdir /tmp/wr --set speed.compile=true); limit=${LIMIT_RUN:-240} ;;

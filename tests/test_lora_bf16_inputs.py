@@ -86,8 +86,10 @@ def test_bf16_prediction_runs_lora_in_bf16_and_keeps_the_predictions(tiny_models
         Image.fromarray(rng.integers(0, 255, (40, 48 + 8 * i, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
         rows.append({"id": str(i), "image": str(tmp_path / f"{i}.png")})
     labels = ["red", "green", "blue"]
-    samples = build_samples(pd.DataFrame(rows), labels=labels, descriptions={}, template=load_template("baseline"),
-                            cfg=cfg, with_answer=False)  # fmt: skip
+    tpl = load_template("baseline")
+    samples = build_samples(
+        pd.DataFrame(rows), labels=labels, descriptions={}, template=tpl, cfg=cfg, with_answer=False
+    )
     seen: set[torch.dtype] = set()
     for n, m in model.named_modules():
         if n.endswith("lora_A.default"):
