@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vlmexp.config import Config
-from vlmexp.engine.buckets import bucket_width, width_rule, widths
+from vlmexp.engine.buckets import bucket_width, widths
 from vlmexp.engine.encode import Encoder, pad_rows
 from vlmexp.engine.samples import build_samples
 from vlmexp.engine.train import RowCollator, training_dataset
@@ -101,70 +101,39 @@ def _prediction_setup(tiny_models, tmp_path, rows: int, step: int):
     return cfg, processor, model, samples, labels
 
 
-def test_bucketed_prompt_widths_give_the_same_probabilities(tiny_models, tmp_path, monkeypatch):
+def test_prediction_runs_compiled_layers_eagerly_and_compiles_nothing(tiny_models, tmp_path):
+    """A forward with a KV cache hands each compiled layer the whole cache, whose per-layer lengths
+    differ, so dynamo recompiled per layer until its limit (run Q, H200). Prediction runs the layers
+    eagerly: no frame is compiled, the table is the uncompiled one, training's compiled layers return."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     from vlmexp.engine.encode import RunCaches
     from vlmexp.engine.predict import predict
 
-    cfg, processor, model, samples, labels = _prediction_setup(tiny_models, tmp_path, rows=4, step=8)
+    cfg, processor, model, samples, labels = _prediction_setup(tiny_models, tmp_path, rows=5, step=8)
+    cfg.predict.batch_size = 2
     plain = predict(
         cfg, model, processor, samples, labels, progress=False, caches=RunCaches.for_run(cfg, processor)
     )
-    widths_seen = []
-    pad_prompts = Encoder.pad_prompts
-
-    def spy(self, rows, skip_pixels=frozenset(), multiple=1):
-        out = pad_prompts(self, rows, skip_pixels, multiple)
-        widths_seen.append(out["input_ids"].shape[1])
-        return out
-
-    assert width_rule(model) == 1  # eager layers: no extra padding
-    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    net[0]._vlmexp_compiled = True  # as compile.compile_blocks marks a compiled layer
-    assert width_rule(net) is bucket_width
-    layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
-    layer._vlmexp_compiled = True  # marked as compiled (on the CPU predict compiles nothing itself)
-    assert width_rule(model) is bucket_width
-    monkeypatch.setattr(Encoder, "pad_prompts", spy)
-    padded = predict(
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    torch._dynamo.reset()
+    for layer in layers:  # as compile_blocks does, with dynamo's tracing only (no inductor on the CPU)
+        layer.compile(backend="eager", dynamic=False)
+        layer._vlmexp_compiled = True
+    impls = [layer._compiled_call_impl for layer in layers]
+    before = counters["frames"]["total"]
+    table = predict(
         cfg, model, processor, samples, labels, progress=False, caches=RunCaches.for_run(cfg, processor)
     )
-    assert widths_seen and all(w == bucket_width(w) for w in widths_seen)
+    assert counters["frames"]["total"] == before  # nothing traced or compiled while predicting
+    assert [layer._compiled_call_impl for layer in layers] == impls  # compiled again for training
     cols = [c for c in plain.columns if c.startswith("p:")]
-    np.testing.assert_allclose(padded[cols].to_numpy(), plain[cols].to_numpy(), atol=1e-5)
-    assert (padded["pred"] == plain["pred"]).all()
-
-
-def test_compiled_prediction_tops_up_short_batches_and_drops_the_copies(tiny_models, tmp_path):
-    """11 rows at batch 4: the last batch (3 rows) is topped up to 4, so compiled layers meet one batch
-    shape (run O hit dynamo's recompile limit in validation); the table is the eager one, once per id."""
-    from vlmexp.engine.encode import RunCaches
-    from vlmexp.engine.predict import predict
-
-    cfg, processor, model, samples, labels = _prediction_setup(tiny_models, tmp_path, rows=11, step=4)
-    cfg.predict.batch_size = 4
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    batch_dims: set[int] = set()
-
-    def run(compiled: bool):
-        for layer in layers:
-            layer._vlmexp_compiled = compiled  # as compile.compile_blocks marks it; the CPU compiles nothing
-        batch_dims.clear()
-        return predict(
-            cfg, model, processor, samples, labels, progress=False, caches=RunCaches.for_run(cfg, processor)
-        )
-
-    hook = layers[0].register_forward_pre_hook(
-        lambda mod, args, kwargs: batch_dims.add((args[0] if args else kwargs["hidden_states"]).shape[0]),
-        with_kwargs=True,
-    )
-    plain = run(False)
-    assert batch_dims == {3, 4}  # eager: the short batch as it is
-    filled = run(True)
-    hook.remove()
-    assert batch_dims == {4}
-    assert filled["id"].tolist() == [str(i) for i in range(11)]
-    cols = [c for c in plain.columns if c.startswith("p:")]
-    np.testing.assert_allclose(filled[cols].to_numpy(), plain[cols].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(table[cols].to_numpy(), plain[cols].to_numpy(), atol=1e-6)
+    with torch.no_grad():  # outside prediction the layers are compiled: the counter does move
+        model(input_ids=torch.tensor([[3, 4, 5]]))
+    assert counters["frames"]["total"] > before
+    torch._dynamo.reset()
 
 
 def test_compiling_raises_dynamos_recompile_limit_for_the_runs_shapes():

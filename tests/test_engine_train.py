@@ -311,7 +311,7 @@ def test_bf16_training_on_cuda_feeds_lora_bf16_inputs_and_validates_between(tiny
         if name.endswith("lora_A.default") and "visual" not in name:
             m.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype) if _m.training else None)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    train, val = _samples(colours[:16], cfg), _samples(colours[64:72], cfg, False)
+    train, val = _samples(colours[:16], cfg), _samples(colours[64:72], cfg, with_answer=False)
     result = train_fold(cfg, model, processor, train, val, LABELS, tmp_path)
     assert seen == {torch.bfloat16}
     assert result.val_table is not None and len(result.val_table) == 8

@@ -16,9 +16,8 @@ of its first row whose labels are all -100: the compiled step sees the full batc
 add nothing to the loss or the gradients (the loss counts supervised tokens only), only their compute.
 
 Used by the training collator when speed.compile is on (engine/train.py): widths through
-`encode.pad_rows`, rows through `fill_rows`; and by prediction when the model's decoder layers are
-compiled: prompt widths by `width_rule` (more left padding, masked, same scores) and short batches
-by `fill_samples` (copies whose rows are dropped). The candidates' pass has one width per label set.
+`encode.pad_rows`, rows through `fill_rows`. Prediction runs the layers eagerly
+(`compile.eager_blocks`): a forward with a KV cache recompiles per layer whatever its widths.
 """
 
 from __future__ import annotations
@@ -49,21 +48,3 @@ def fill_rows(rows: list[dict], size: int) -> list[dict]:
         return rows
     filler = dict(rows[0], labels=torch.full_like(rows[0]["labels"], -100))
     return rows + [filler] * (size - len(rows))
-
-
-def compiled(model) -> bool:
-    """Whether any of `model`'s layers is compiled (compile.compile_blocks marks them). Asked per batch,
-    not cached: the bench compiles and uncompiles one model (a scan stops at the first, ~50 us)."""
-    return any(getattr(m, "_vlmexp_compiled", False) for m in model.modules())
-
-
-def width_rule(model):
-    """`bucket_width` when `model` has compiled layers, else 1 (no extra padding for eager layers,
-    which gain nothing from it)."""
-    return bucket_width if compiled(model) else 1
-
-
-def fill_samples(batch: list[dict], size: int) -> list[dict]:
-    """Prediction's short last batch (30 validation rows at batch 8: 6) topped up to `size` with copies
-    of its first sample, so compiled layers see the one batch shape; the caller drops their rows."""
-    return batch + [batch[0]] * (size - len(batch)) if 0 < len(batch) < size else batch

@@ -14,16 +14,19 @@ per base model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from vlmexp.models.parts import unwrap
 
 _BLOCKS = ("DecoderLayer",)
 COMPILE_PAD_MULTIPLE = 64  # batches are padded to a multiple of this many tokens when compiling
-# Shapes one run's decoder layers meet: training widths of the bucket ladder (a few of its 24 up to
-# 8192 tokens), the same again without gradients for validation and prediction, and the candidates'
-# pass. Dynamo's default limit of 8 was hit in fold 0's validation on an H200 (run O), after which
-# every new shape ran eagerly; each shape compiles once per run and every later fold reuses it.
+# Shapes one run's decoder layers meet in training: the bucket ladder's widths (a few of its 24 up to
+# 8192 tokens) at the batch size. Prediction runs them eagerly (`eager_blocks`). Dynamo's default
+# limit of 8 was hit in fold 0 on an H200 (run O); each shape compiles once per run and every later
+# fold reuses it.
 RECOMPILE_LIMIT = 64
 
 
@@ -50,6 +53,26 @@ def allow_recompiles(limit: int) -> None:
 
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, limit)
+
+
+@contextmanager
+def eager_blocks(model: torch.nn.Module) -> Iterator[None]:
+    """The compiled decoder layers run eagerly inside (prediction), compiled again after (training).
+
+    A forward with a KV cache (label scoring's candidate pass, generation) hands every layer the whole
+    cache object, and dynamo guards on each layer's cache tensors: layer 25 sees layers 0-24 already
+    extended (626 positions) and 25-35 not (512), so each layer position is a new guard set and
+    prediction recompiled until dynamo's limit (64, hit in fold 0 on an H200, run Q), most of the
+    run's 72 s of compilation. Eager prediction compiles nothing and gives the same probabilities."""
+    layers = [m for m in unwrap(model).modules() if getattr(m, "_vlmexp_compiled", False)]
+    stashed = [(m, m._compiled_call_impl) for m in layers]
+    for m, _ in stashed:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in stashed:
+            m._compiled_call_impl = impl
 
 
 def uncompile_blocks(model: torch.nn.Module) -> None:

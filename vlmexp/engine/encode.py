@@ -208,12 +208,9 @@ class Encoder:
             rows, skip_pixels
         )
 
-    def pad_prompts(
-        self, rows: list[dict], skip_pixels: set[str] = frozenset(), multiple: int | Callable[[int], int] = 1
-    ) -> dict:
-        """Left-padded prediction batch of `rows`, like the processor on the same prompts (the width
-        rounded up by `multiple`, as in `pad_train`)."""
-        padded = pad_rows(rows, self.pad_id, left=True, multiple=multiple)
+    def pad_prompts(self, rows: list[dict], skip_pixels: set[str] = frozenset()) -> dict:
+        """Left-padded prediction batch of `rows`, like the processor on the same prompts."""
+        padded = pad_rows(rows, self.pad_id, left=True)
         return padded | self._media_batch(rows, skip_pixels)
 
     def _media_batch(self, rows: list[dict], skip_pixels: set[str]) -> dict:

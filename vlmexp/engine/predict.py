@@ -27,7 +27,8 @@ from peft.helpers import disable_input_dtype_casting
 from rich.progress import Progress
 
 from vlmexp.config import Config
-from vlmexp.engine import buckets, speed
+from vlmexp.engine import speed
+from vlmexp.engine.compile import eager_blocks
 from vlmexp.engine.encode import RunCaches, append_left_padded, stackable
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.engine.scoring import score_candidates
@@ -65,21 +66,24 @@ def predict(
     # Each prompt's layout is rendered once per run (two chat-template renders) when the run caches it.
     turn_of = encoder.turn if encoder is not None else functools.partial(split_turn, processor)
     rows: list[dict] = []
-    # Compiled layers compile once per batch shape: every batch, the last too, has batch_size rows.
-    fill = cfg.predict.batch_size if buckets.compiled(model) else 0
     low = low_precision(model) if cfg.speed.predict_autocast else nullcontext()
-    with torch.inference_mode(), low, Progress(disable=not progress, transient=True) as bar:
+    # speed.compile's layers serve training; forwards with a KV cache recompile per layer (compile.py)
+    with (
+        torch.inference_mode(),
+        low,
+        eager_blocks(model),
+        Progress(disable=not progress, transient=True) as bar,
+    ):
         task = bar.add_task(f"predict ({mode})", total=len(samples))
-        for real in _chunks(samples, cfg.predict.batch_size):
-            batch = buckets.fill_samples(real, fill)
+        for batch in _chunks(samples, cfg.predict.batch_size):
             turns = [turn_of(prompt_messages(s["messages"])) for s in batch]
             marker = batch[0]["rendered"].marker
             if mode == "generate":
                 out = _generate_rows(cfg, model, processor, batch, turns, labels, marker)
             else:
                 out = _score_rows(cfg, model, processor, batch, turns, labels, marker, caches)
-            rows += out[: len(real)]
-            bar.advance(task, len(real))
+            rows += out
+            bar.advance(task, len(batch))
     df = pd.DataFrame(rows)
     if mode == "generate":
         failures = int(df["pred"].isna().sum())
@@ -221,8 +225,7 @@ def _context(model, processor, prompts, images, extra, caches: RunCaches | None)
         return {k: v.to(model.device) for k, v in ctx.items()}
     vision = caches.vision_for(model, training=False)
     skip = vision.keys() if vision is not None else frozenset()
-    # Compiled layers: widths from the bucket ladder (buckets.py), so prediction meets few shapes.
-    ctx = encoder.pad_prompts(rows, skip_pixels=skip, multiple=buckets.width_rule(model))
+    ctx = encoder.pad_prompts(rows, skip_pixels=skip)
     keys, index = ctx.pop("image_keys"), ctx.pop("pixel_index", None)
     ctx = {k: v.to(model.device) for k, v in ctx.items()}
     if vision is not None and keys:
