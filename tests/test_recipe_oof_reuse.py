@@ -77,6 +77,7 @@ def test_oof_is_the_kept_validation_not_a_second_prediction(demo, tmp_path, monk
         assert list(fold["pred"]) == list(again["pred"])
         metrics = read_json(run.fold_dir(k) / "metrics.json")
         assert metrics["best_epoch"] in (1.0, 2.0)
+        assert (metrics["batch_size"], metrics["lr"]) == (8, 5e-3)  # as trained, for provenance
 
 
 def test_tta_still_predicts_the_oof_rows(demo, tmp_path, monkeypatch):
