@@ -44,20 +44,24 @@ def scaled_lr(lr: float, batch_size: int, rule: str) -> float:
     raise ValueError(f"train.lr_rule={rule!r}: choose sqrt, linear or none")
 
 
-def choose(model, tokens: int, patches: int, free_bytes: int | None = None) -> tuple[int, str]:
-    """(batch size, why) for samples of `tokens` tokens and `patches` vision patches each."""
+def choose(
+    model, tokens: int, patches: int, free_bytes: int | None = None, compiled: bool = False
+) -> tuple[int, str]:
+    """(batch size, why) for samples of `tokens` tokens and `patches` vision patches each; `compiled`:
+    the step runs speed.compile's layers (memory.COMPILED_FIT)."""
     if free_bytes is None:
         if not torch.cuda.is_available():
             return BASE_BATCH, f"no GPU: the default {BASE_BATCH}"
         free_bytes = torch.cuda.mem_get_info()[0]
-    fits = [
-        b for b in CANDIDATES if memory.activation_bytes(model, b, tokens, patches) * MARGIN <= free_bytes
-    ]
+
+    def need(b: int) -> int:
+        return memory.activation_bytes(model, b, tokens, patches, compiled)
+
+    fits = [b for b in CANDIDATES if need(b) * MARGIN <= free_bytes]
     if not fits:
         free = free_bytes / 2**30
         return BASE_BATCH, f"even batch {CANDIDATES[0]} exceeds {free:.1f} GiB free (checkpointing decides)"
-    need = memory.activation_bytes(model, fits[-1], tokens, patches)
-    return fits[-1], f"~{need / 2**30:.1f} GiB x {MARGIN} fit in {free_bytes / 2**30:.1f} GiB free"
+    return fits[-1], f"~{need(fits[-1]) / 2**30:.1f} GiB x {MARGIN} fit in {free_bytes / 2**30:.1f} GiB free"
 
 
 def resolve(cfg, model, shape: tuple[int, int] | None, free_bytes: int | None = None):
@@ -73,7 +77,8 @@ def resolve(cfg, model, shape: tuple[int, int] | None, free_bytes: int | None = 
         n = t.gpus_per_fold
         batch, why = -(-BASE_BATCH // n) * n, f"a fold sharded over {n} GPUs: the base batch"
     else:
-        batch, why = choose(model, tokens, patches, free_bytes)
+        compiled = cfg.speed.compile and torch.cuda.is_available()  # speed.prepare compiles on CUDA only
+        batch, why = choose(model, tokens, patches, free_bytes, compiled)
     lr = scaled_lr(t.lr, batch, t.lr_rule)
     rule = t.lr_rule
     log.info("train.batch_size=auto: %d (%s); train.lr %.3g -> %.3g (lr_rule=%s)", batch, why, t.lr, lr, rule)

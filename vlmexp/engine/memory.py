@@ -15,10 +15,19 @@ import torch
 from vlmexp.models.lora import classify
 from vlmexp.models.parts import unwrap
 
+# speed.compile's fused kernels keep fewer intermediates. Run K's compiled language-only steps peaked at
+# 41 GiB (batch 16, estimate 61) and 58 GiB (batch 24, estimate 91), weights and optimizer included: at
+# most 0.67 of the eager estimate. Fitted to those two points only; the batch-32 compiled step it lets
+# `train.batch_size=auto` pick on an H200 is not measured (docs/performance.md).
+COMPILED_FIT = 0.67
 
-def activation_bytes(model: torch.nn.Module, batch_size: int, tokens: int, patches: int) -> int:
+
+def activation_bytes(
+    model: torch.nn.Module, batch_size: int, tokens: int, patches: int, compiled: bool = False
+) -> int:
     """Training memory of one step without checkpointing, bf16: activations plus the trained weights'
     gradients and AdamW moments (12 bytes a weight: nothing for LoRA, ~45 GB for a full 3B model).
+    `compiled`: the decoder layers run through speed.compile, activations x COMPILED_FIT.
 
     Activations per token and layer ~ 2 bytes x (16 hidden + 6 intermediate): fitted to the H200
     measurements in /work/shared/ENVIRONMENT.md (Qwen2.5-VL-3B, batch 8 x 570 tokens: ~30 GiB language,
@@ -28,6 +37,7 @@ def activation_bytes(model: torch.nn.Module, batch_size: int, tokens: int, patch
     cfg = unwrap(model).config
     tc, vc = cfg.get_text_config(), getattr(cfg, "vision_config", None)
     total = 2 * (16 * tc.hidden_size + 6 * tc.intermediate_size) * tc.num_hidden_layers * tokens * batch_size
+    total *= COMPILED_FIT if compiled else 1.0
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     total += 12 * sum(p.numel() for _, p in trained)
     if vc is not None and any(classify(n)[0] == "vision" for n, _ in trained):
@@ -46,6 +56,7 @@ def gradient_checkpointing_needed(
     patches: int,
     free_bytes: int | None = None,
     margin: float = 1.3,
+    compiled: bool = False,
 ) -> tuple[bool, str]:
     """(use checkpointing?, why). `setting` is train.gradient_checkpointing: on, off or auto.
     auto: off on the CPU; on a GPU off when `margin` x the estimated activations fit in free memory."""
@@ -55,7 +66,7 @@ def gradient_checkpointing_needed(
         if not torch.cuda.is_available():
             return False, "auto: CPU"
         free_bytes = torch.cuda.mem_get_info()[0]
-    need = activation_bytes(model, batch_size, tokens, patches)
+    need = activation_bytes(model, batch_size, tokens, patches, compiled)
     fits = need * margin <= free_bytes
     why = (
         f"auto: activations ~{need / 2**30:.1f} GiB x {margin} {'fit in' if fits else 'exceed'} "

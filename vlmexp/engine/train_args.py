@@ -161,7 +161,7 @@ def sft_config(
     # auto turns it on only when the estimated step would not fit in the GPU's free memory.
     tokens, patches = shape or (t.max_length, 0)
     checkpointing, why = gradient_checkpointing_needed(
-        t.gradient_checkpointing, model, t.batch_size, tokens, patches
+        t.gradient_checkpointing, model, t.batch_size, tokens, patches, compiled=cfg.speed.compile and cuda
     )
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
     project = {
