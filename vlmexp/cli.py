@@ -188,9 +188,10 @@ def bench(ctx: typer.Context) -> None:
     (SHAPE: qwen2.5-vl-3b, qwen2-vl-7b, or tiny for a CPU smoke run). See docs/performance.md.
 
     exp bench run --model qwen2.5-vl-3b|tiny:qwen2_vl [--folds 5] [--epochs 2] [--set speed.compile=true ...]
-    [--reference-folds 1] [--steady-steps 8] [--parts project,steady,reference] [--out run.json]: a whole
-    `exp run` on the demo, wall time by phase, against the step bench's steady state and the tutorial
-    recipe per fold. exp bench vision SHAPE [--images 32]: the vision tower alone, lever by lever.
+    [--reference-folds 1] [--steady-steps 8] [--parts project,steady,reference] [--workdir DIR]
+    [--out run.json]: a whole `exp run` on the demo, wall time by phase, against the step bench's steady
+    state and the tutorial recipe per fold (--workdir: reuse its demo and saved model).
+    exp bench vision SHAPE [--images 32]: the vision tower alone, lever by lever.
     """
     from vlmexp.bench.__main__ import main as bench_main
 
