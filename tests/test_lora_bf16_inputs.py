@@ -103,3 +103,34 @@ def test_bf16_prediction_runs_lora_in_bf16_and_keeps_the_predictions(tiny_models
     assert list(fast["pred"]) == list(plain["pred"])
     # bf16 rounding of the LoRA delta only: probabilities within a few bf16 ulps
     np.testing.assert_allclose(fast[prob_columns(labels)], plain[prob_columns(labels)], atol=2e-2)
+
+
+def test_the_trainer_step_turns_the_cast_off_and_back_on(tiny_models, tmp_path, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    import vlmexp.engine.train as train
+    from vlmexp.models.load import load_processor
+
+    cfg = load_config([f"model.name={tiny_models('qwen2_vl')}", "train.report_to=none", "train.batch_size=1"])
+    model = load_model(cfg)
+    examples = [
+        {"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "completion": "a", "images": []}
+    ]
+    trainer = train.build_trainer(cfg, model, load_processor(cfg), examples, tmp_path)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    during: list[set[bool]] = []
+    real_loss = type(trainer).compute_loss
+
+    def spy(self, *a, **kw):
+        during.append({getattr(m, "cast_input_dtype_enabled", True) for m in layers})
+        return real_loss(self, *a, **kw)
+
+    monkeypatch.setattr(type(trainer), "compute_loss", spy)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1  # set by train(), which this step runs outside of
+    monkeypatch.setattr(train, "autocasting", lambda _t: True)  # as under a GPU's bf16 autocast
+    trainer.training_step(trainer.model, batch)
+    monkeypatch.setattr(train, "autocasting", lambda _t: False)  # fp32 CPU training: nothing changes
+    trainer.training_step(trainer.model, batch)
+    assert layers and during == [{False}, {True}]
+    assert {getattr(m, "cast_input_dtype_enabled", True) for m in layers} == {True}  # back on after
