@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from vlmexp.engine import memory
+from vlmexp.engine import memory, speed
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,7 @@ def resolve(cfg, model, shape: tuple[int, int] | None, free_bytes: int | None = 
         n = t.gpus_per_fold
         batch, why = -(-BASE_BATCH // n) * n, f"a fold sharded over {n} GPUs: the base batch"
     else:
-        compiled = cfg.speed.compile and torch.cuda.is_available()  # speed.prepare compiles on CUDA only
-        batch, why = choose(model, tokens, patches, free_bytes, compiled)
+        batch, why = choose(model, tokens, patches, free_bytes, speed.compiles(model, cfg))
     lr = scaled_lr(t.lr, batch, t.lr_rule)
     rule = t.lr_rule
     log.info("train.batch_size=auto: %d (%s); train.lr %.3g -> %.3g (lr_rule=%s)", batch, why, t.lr, lr, rule)

@@ -49,6 +49,12 @@ def on_cuda(model: torch.nn.Module) -> bool:
     return torch.cuda.is_available() and next(model.parameters()).is_cuda
 
 
+def compiles(model: torch.nn.Module, cfg) -> bool:
+    """Whether `prepare` compiles `model`'s decoder layers (speed.compile, model on CUDA): what sizes a
+    training step for them asks, e.g. the collator's bucket widths and the compiled memory estimate."""
+    return bool(cfg.speed.compile) and on_cuda(model)
+
+
 def prepared(model: torch.nn.Module) -> dict | None:
     """What `prepare` applied to `model`'s base, or None when it has not prepared it."""
     return unwrap(model).__dict__.get(_APPLIED)
@@ -78,7 +84,7 @@ def prepare(model: torch.nn.Module, cfg, *, vision_patch: bool = True) -> dict:
     if vision_patch:
         done["vision_attention"] = patch_vision_attention(model)
     done |= prepare_tower(model, cfg)
-    if cfg.speed.compile:
+    if compiles(model, cfg):
         done["compile"] = compile_blocks(model)
     base.__dict__[_APPLIED], base.__dict__[_ASKED] = done, asked
     log.info("speed levers: %s", " ".join(f"{k}={v}" for k, v in done.items()) or "none")

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 from datasets import Dataset
 from peft.helpers import disable_input_dtype_casting
 from transformers import PrinterCallback, Trainer
@@ -349,7 +348,8 @@ def build_trainer(
     `evaluator`: the fold's EvalCallback (also in `callbacks`), which the trainer's `evaluate` asks."""
     caches = caches if caches is not None else RunCaches.for_run(cfg, processor)
     caches.bind(model)
-    cuda = _on_cuda(model)
+    cuda = speed.on_cuda(model)
+    compiled = speed.compiles(model, cfg)
     auto_gc = cuda and cfg.train.gradient_checkpointing == "auto"
     auto_batch = cuda and cfg.train.batch_size == "auto"
     shape = _probe_shape(cfg, processor, examples) if auto_gc or auto_batch else None
@@ -370,8 +370,8 @@ def build_trainer(
             vision,
             cfg.train.max_length,
             processor,
-            multiple=buckets.bucket_width if cfg.speed.compile and cuda else 1,
-            fill_to=cfg.train.batch_size if cfg.speed.compile and cuda else 0,
+            multiple=buckets.bucket_width if compiled else 1,
+            fill_to=cfg.train.batch_size if compiled else 0,
         ),
         processing_class=processor,
         callbacks=list(callbacks),
@@ -379,10 +379,6 @@ def build_trainer(
     trainer.vision_cache, trainer.encoder, trainer.evaluator = vision, caches.encoder, evaluator
     trainer.lora_bf16_inputs = cfg.speed.lora_bf16_inputs
     return trainer
-
-
-def _on_cuda(model) -> bool:
-    return torch.cuda.is_available() and next(model.parameters()).is_cuda
 
 
 def _probe_shape(cfg: Config, processor, examples: list[dict], n: int = 32) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import torch
 from trl import SFTConfig
 
 from vlmexp.config import Config, ConfigError
+from vlmexp.engine import speed
 from vlmexp.engine.memory import gradient_checkpointing_needed
 from vlmexp.launch import fsdp as fsdp_launch
 
@@ -161,7 +162,7 @@ def sft_config(
     # auto turns it on only when the estimated step would not fit in the GPU's free memory.
     tokens, patches = shape or (t.max_length, 0)
     checkpointing, why = gradient_checkpointing_needed(
-        t.gradient_checkpointing, model, t.batch_size, tokens, patches, compiled=cfg.speed.compile and cuda
+        t.gradient_checkpointing, model, t.batch_size, tokens, patches, compiled=speed.compiles(model, cfg)
     )
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
     project = {
