@@ -41,6 +41,11 @@ class Shape:
 
 # Values from the hub checkpoints' config.json (Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen2-VL-7B-Instruct).
 _QWEN_ROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+# Gemma 3's two rope layouts (its 4B config): linear-scaled for global layers, plain for sliding ones.
+_GEMMA3_ROPE = {
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+}
 SHAPES: dict[str, Shape] = {
     "qwen2.5-vl-3b": Shape(
         name="qwen2.5-vl-3b",
@@ -160,10 +165,7 @@ SHAPES: dict[str, Shape] = {
             vocab_size=262208,
             sliding_window=1024,
             max_position_embeddings=131072,
-            rope_parameters={
-                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-            },
+            rope_parameters=_GEMMA3_ROPE,
         ),
         vision=dict(
             hidden_size=1152,
@@ -197,10 +199,7 @@ SHAPES: dict[str, Shape] = {
             sliding_window=32,
             layer_types=["sliding_attention", "full_attention"],
             max_position_embeddings=4096,
-            rope_parameters={
-                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-            },
+            rope_parameters=_GEMMA3_ROPE,
         ),
         vision=dict(
             hidden_size=32,
