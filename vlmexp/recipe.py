@@ -250,8 +250,9 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
         model = exp.base.for_prediction(trained, result.adapter_dir) if local else None
     del trained
     with phase("predict_oof"):
-        oof = result.val_table.copy() if _validation_is_oof(cfg, result) else None
-        if oof is None:
+        if _validation_is_oof(cfg, result):
+            oof = result.val_table.copy()
+        else:
             val_samples = exp.samples(val_split, False)
             oof = _predict(cfg, model, exp.processor, val_samples, labels, exp.caches, (exp.run, k))
     oof.insert(1, "label", val_split["label"].to_numpy())

@@ -64,7 +64,7 @@ class TrainResult:
     batch_size: int | None = None  # rows per device step as trained, e.g. 24 for train.batch_size=auto
     lr: float | None = None  # the peak learning rate as trained, e.g. 3.46e-4 (auto's lr_rule applied)
     # The validation predictions of the kept weights (the best step's evaluation), not saved to JSON:
-    # the recipe's OOF table when it predicts the validation rows as validation did (val_table_reusable).
+    # the recipe's OOF table when it predicts the validation rows as validation did (_validation_is_oof).
     val_table: pd.DataFrame | None = field(default=None, repr=False)
 
 
@@ -287,8 +287,9 @@ class _SFTTrainer(SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Under bf16 autocast peft's LoRA layers copy every input to their weights' dtype (fp32), and
-        # autocast copies it back to bf16 for lora_A's matmul: copies were 22% of an eager 3B step's
-        # kernel time (docs/performance.md, profile G). Without them lora_A gets the same bf16 input.
+        # autocast copies it back to bf16 for lora_A's matmul: aten::copy_ was 22% of an eager 3B step's
+        # kernel time (profile G, not all of it LoRA's); train_steps of a 3B demo run went 111 -> 98 s
+        # without them (docs/performance.md, runs P and Q). lora_A gets the same bf16 input.
         # Forward, backward and any checkpoint recompute all run inside this step; validation, which
         # runs without autocast and needs the cast, runs outside it.
         with disable_input_dtype_casting(model, active=self.lora_bf16_inputs and autocasting(self)):
