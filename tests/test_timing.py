@@ -50,3 +50,15 @@ def test_torch_compile_is_recorded_as_the_compile_phase():
     from torch._dynamo.callback import callback_handler
 
     assert not callback_handler.start_callbacks and not callback_handler.end_callbacks
+
+
+def test_garbage_collections_are_timed_and_full_ones_counted():
+    import gc
+
+    with timing.recording(sync=False) as timer:
+        gc.collect()  # a full (generation 2) collection
+        gc.collect(0)
+    rep = timer.report()
+    assert rep["gc"]["full_collections"] == 1
+    assert rep["gc"]["seconds"] > 0
+    assert timer.on_gc not in gc.callbacks  # the hook leaves with the recording

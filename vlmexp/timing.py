@@ -13,6 +13,7 @@ Nothing is recorded unless a `PhaseTimer` is active (`with recording() as timer:
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ PHASES = (
     "compile",  # torch.compile (dynamo + inductor), wherever it happens
     "train_steps",  # trainer.train() minus everything nested in it
     "validation",  # per-epoch validation predictions (EvalCallback)
+    "checkpoint",  # trainer checkpoints written for resume (weights, optimizer, RNG), the best loaded back
     "save",  # adapter and processor written to the fold folder
     "predict_oof",  # the held-out fold's predictions
     "predict_test",  # the test set's predictions
@@ -53,6 +55,8 @@ class PhaseTimer:
         self._lock = threading.Lock()  # compile callbacks can fire from autograd's backward thread
         self.started = time.perf_counter()
         self.stopped: float | None = None
+        # Python's cyclic GC, which runs inside whatever phase allocates: seconds and full (gen 2) passes
+        self.gc_seconds, self.gc_full, self._gc_started = 0.0, 0, 0.0
 
     def enter(self, name: str) -> None:
         self._wait(name)
@@ -78,6 +82,14 @@ class PhaseTimer:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
 
+    def on_gc(self, stage: str, info: dict) -> None:
+        """A `gc.callbacks` hook: time every collection while recording."""
+        if stage == "start":
+            self._gc_started = time.perf_counter()
+            return
+        self.gc_seconds += time.perf_counter() - self._gc_started
+        self.gc_full += info.get("generation") == 2
+
     @property
     def wall(self) -> float:
         return (self.stopped or time.perf_counter()) - self.started
@@ -93,6 +105,8 @@ class PhaseTimer:
             "phases": phases,
             "other_s": round(wall - sum(self.seconds.values()), 3),
             "calls": {p: self.calls[p] for p in order},
+            # inside the phases above, not beside them, e.g. {"seconds": 3.6, "full_collections": 19}
+            "gc": {"seconds": round(self.gc_seconds, 3), "full_collections": self.gc_full},
         }
 
 
@@ -126,12 +140,14 @@ def recording(sync: bool | None = None) -> Iterator[PhaseTimer]:
         sync = torch.cuda.is_available()
     timer = PhaseTimer(sync=sync)
     hooks = _compile_hooks(timer)
+    gc.callbacks.append(timer.on_gc)
     _ACTIVE = timer
     try:
         yield timer
     finally:
         _ACTIVE = None
         timer.stopped = time.perf_counter()
+        gc.callbacks.remove(timer.on_gc)
         if hooks:
             from torch._dynamo.callback import callback_handler
 

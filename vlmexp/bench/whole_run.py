@@ -345,7 +345,7 @@ def _generate_labels(model, processor, samples: list[dict], labels: list[str], b
 
 def summary(result: dict) -> dict:
     """The figures worth reading at a glance (the full result goes to --out)."""
-    keep = ("wall_s", "phases", "other_s", "samples_per_s", "cv", "wall_s_k_folds", "extrapolated")
+    keep = ("wall_s", "phases", "other_s", "gc", "samples_per_s", "cv", "wall_s_k_folds", "extrapolated")
     parts = {
         p: {k: v for k, v in result[p].items() if k in keep} for p in ("project", "reference") if p in result
     }

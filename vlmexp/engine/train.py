@@ -295,6 +295,14 @@ class _SFTTrainer(SFTTrainer):
         with disable_input_dtype_casting(model, active=self.lora_bf16_inputs and autocasting(self)):
             return super().training_step(model, inputs, num_items_in_batch)
 
+    def _save_checkpoint(self, model, trial):
+        with phase("checkpoint"):
+            return super()._save_checkpoint(model, trial)
+
+    def _load_best_model(self):
+        with phase("checkpoint"):
+            return super()._load_best_model()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keys, index = inputs.pop("image_keys", None), inputs.pop("pixel_index", None)
         if self.vision_cache is not None and keys:
