@@ -22,7 +22,10 @@
 # them); run-qlora: the 7B QLoRA whole run (Qwen2-VL-7B shape, model.quant=4bit, batch 4, 1 epoch by
 # default to stay under the call limit; needs the bitsandbytes wheel in $WHEELS; not run yet); run-ref: the tutorial recipe
 # (trl defaults, generate) on fold 0 of the same split, scaled to 5 folds; vision: the vision tower
-# alone (32 images of 448 px), plain / MLP padded / padded + blocks compiled, images/s and max difference.
+# alone (32 images of 448 px), plain / MLP padded / padded + blocks compiled, images/s and max difference;
+# run-cudnn: run-project with speed.cudnn_attention=true (the SDPA backends before run U);
+# run-profile: run-project under py-spy (needs the py-spy wheel in $WHEELS), raw stacks to attribute
+# the phases' seconds and "other".
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/bench_out}
@@ -72,6 +75,14 @@ for part in $parts; do
         --set speed.vision_prepass=true); limit=570 ;;
     run-project) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project${STEADY:+,steady} --workdir /tmp/wr)
         limit=${LIMIT_RUN:-260} ;;
+    run-profile) echo "== run-profile: run-project under py-spy (all threads' stacks, idle included, 50 Hz)"
+        mkdir -p /tmp/wr
+        timeout ${LIMIT_RUN:-300} /tmp/site/bin/py-spy record --idle --threads -r 50 -f raw -o "$OUT/run-profile.txt" -- \
+          python3 -m vlmexp.bench run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project --workdir /tmp/wr \
+          --out "$OUT/run-profile.json" > "$OUT/run-profile.log" 2>&1
+        echo "exit $?"; grep -A30 '"phases"' "$OUT/run-profile.log" | head -32; continue ;;
+    run-cudnn) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project --workdir /tmp/wr
+        --set speed.cudnn_attention=true); limit=${LIMIT_RUN:-260} ;;
     run-compile|run-compile-warm) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project
         --workdir /tmp/wr --set speed.compile=true); limit=${LIMIT_RUN:-240} ;;
     run-qlora) cmd=(run --model qwen2-vl-7b --folds 5 --epochs ${EPOCHS:-1} --parts project

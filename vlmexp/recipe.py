@@ -26,7 +26,7 @@ from vlmexp.data import Competition, preflight, read_answers
 from vlmexp.engine import heap, vision_prepass
 from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
-from vlmexp.engine.samples import build_samples
+from vlmexp.engine.samples import ImageMemo, build_samples
 from vlmexp.engine.train import FoldOutputs, train_fold
 from vlmexp.engine.tta import predict_tta
 from vlmexp.fingerprint import competition_fingerprint
@@ -100,6 +100,7 @@ class Experiment:
     caches: RunCaches | None = None
     # The base weights, loaded at the first fold and shared by all (speed.reuse_base, models/base_once.py).
     base: BaseModel | None = None
+    images: ImageMemo | None = None  # each image decoded once per run, shared by every fold's samples
 
     @property
     def labels(self) -> list[str]:
@@ -115,6 +116,7 @@ class Experiment:
             ocr=self.ocr,
             with_answer=with_answer,
             tree=self.comp.tree,
+            images=self.images,
         )
 
 
@@ -207,6 +209,7 @@ def prepare(cfg: Config, force: bool = False) -> Experiment:
         ocr=ocr,
         processor=load_processor(cfg),
         test_samples=[],
+        images=ImageMemo(cfg),
     )
     exp.test_samples = exp.samples(comp.test, with_answer=False)
     exp.caches = RunCaches.for_run(cfg, exp.processor)

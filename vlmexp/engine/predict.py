@@ -71,6 +71,7 @@ def predict(
     with (
         torch.inference_mode(),
         low,
+        speed.attention_backends(cfg),
         eager_blocks(model),
         Progress(disable=not progress, transient=True) as bar,
     ):

@@ -63,6 +63,24 @@ def load_images(cell: str, cfg: Config) -> list[Image.Image]:
     return [resize_image(open_image(p), cfg) for p in image_paths(cell)]
 
 
+class ImageMemo:
+    """`load_images` once per csv cell for a whole run: every fold's samples then hold the same image
+    objects. A fold builds samples of all training rows (its training and validation split), so a
+    5-fold run decoded and resized every training image 5 times, and the Encoder, whose content hash
+    is remembered per image object (`encode._KeyMemo`), hashed each new object again: 4 s of decoding
+    and 4 s of hashing in a 3B demo run's py-spy profile (run T, docs/performance.md). Memory: a fold's
+    samples hold every training image anyway, and the run's test samples every test image."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._by_cell: dict[str, list[Image.Image]] = {}
+
+    def __call__(self, cell: str) -> list[Image.Image]:
+        if cell not in self._by_cell:
+            self._by_cell[cell] = load_images(cell, self.cfg)
+        return list(self._by_cell[cell])  # a list of its own per sample; the images are shared
+
+
 def _ocr_for(cell: str, ocr: dict[str, str] | None) -> str:
     if not ocr:
         return ""
@@ -81,12 +99,15 @@ def build_samples(
     ocr: dict[str, str] | None = None,
     with_answer: bool = True,
     tree: dict[str, list[str]] | None = None,
+    images: ImageMemo | None = None,
 ) -> list[dict]:
     """One sample per row of `df` (canonical columns: id, image, label?, reason?...); `tree` is
-    `Competition.tree` for two-level labels, which the `hierarchy` prompt shows."""
+    `Competition.tree` for two-level labels, which the `hierarchy` prompt shows; `images`: the run's
+    ImageMemo (default: every image loaded from disk)."""
     samples = []
+    load = images if images is not None else (lambda cell: load_images(cell, cfg))
     for row in df.to_dict(orient="records"):
-        images = load_images(row["image"], cfg)
+        images_ = load(row["image"])
         rendered = render_sample(
             template,
             labels=labels,
@@ -98,8 +119,8 @@ def build_samples(
         )
         sample = {
             "id": str(row["id"]),
-            "images": images,
-            "messages": to_messages(rendered, n_images=len(images), with_answer=with_answer),
+            "images": images_,
+            "messages": to_messages(rendered, n_images=len(images_), with_answer=with_answer),
             "rendered": rendered,
         }
         if "label" in row and isinstance(row["label"], str):

@@ -31,8 +31,10 @@ length buckets (`buckets.py`), KV-shared label scoring (`scoring.py`).
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmexp.engine.compile import compile_blocks
 from vlmexp.engine.vision_speed import patch_vision_attention, prepare_tower
@@ -89,6 +91,22 @@ def prepare(model: torch.nn.Module, cfg, *, vision_patch: bool = True) -> dict:
     base.__dict__[_APPLIED], base.__dict__[_ASKED] = done, asked
     log.info("speed levers: %s", " ".join(f"{k}={v}" for k, v in done.items()) or "none")
     return done
+
+
+# Every SDPA backend but cuDNN's, in torch's own order of preference.
+_NOT_CUDNN = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def attention_backends(cfg) -> AbstractContextManager:
+    """The SDPA backends the run's forwards may use (training steps, validation, prediction, the vision
+    pre-pass enter this). With `speed.cudnn_attention=false`, cuDNN's is left out: on an H200 torch
+    picks it first, and it builds a graph for every new input shape (hundreds of ms each, on the CPU,
+    the GPU idle meanwhile; pytorch/pytorch#191576 measured 42 ms a call without its cache). A run meets
+    a new shape at almost every step: batch lengths vary (e.g. 512-700 tokens), and the vision tower's
+    windows and images come in about 20 sizes on the demo. A py-spy profile of a 3B demo run (run T,
+    docs/performance.md) had 14 s of the main thread inside the decoder's sdpa calls and 9 s inside
+    the tower's. Flash and memory-efficient attention compute the same attention without that cost."""
+    return nullcontext() if cfg.speed.cudnn_attention else sdpa_kernel(list(_NOT_CUDNN))
 
 
 def forget(model: torch.nn.Module) -> None:

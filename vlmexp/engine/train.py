@@ -18,14 +18,15 @@ saved as the fold's adapter.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -284,6 +285,8 @@ class _SFTTrainer(SFTTrainer):
     evaluator: EvalCallback | None = None
 
     lora_bf16_inputs: bool = False  # speed.lora_bf16_inputs, set by build_trainer
+    attention: Callable[[], AbstractContextManager] = nullcontext  # speed.attention_backends (build_trainer)
+    _n_params: int | None = None  # the model's parameters without embeddings, for floating_point_ops
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Under bf16 autocast peft's LoRA layers copy every input to their weights' dtype (fp32), and
@@ -292,8 +295,22 @@ class _SFTTrainer(SFTTrainer):
         # without them (docs/performance.md, runs P and Q). lora_A gets the same bf16 input.
         # Forward, backward and any checkpoint recompute all run inside this step; validation, which
         # runs without autocast and needs the cast, runs outside it.
-        with disable_input_dtype_casting(model, active=self.lora_bf16_inputs and autocasting(self)):
+        with (
+            disable_input_dtype_casting(model, active=self.lora_bf16_inputs and autocasting(self)),
+            self.attention(),
+        ):
             return super().training_step(model, inputs, num_items_in_batch)
+
+    def floating_point_ops(self, inputs) -> int:
+        # transformers' count for `total_flos`, 6 x input tokens x parameters, walks every parameter of
+        # the model (~800 on the 3B) at every step: ~3 s of a 3B demo run's py-spy profile (run T).
+        # The parameter count does not change during training: counted once, the same number.
+        ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+        if ids is None or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._n_params is None:
+            self._n_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * ids.numel() * self._n_params
 
     def _save_checkpoint(self, model, trial):
         with phase("checkpoint"):
@@ -387,6 +404,7 @@ def build_trainer(
     )
     trainer.vision_cache, trainer.encoder, trainer.evaluator = vision, caches.encoder, evaluator
     trainer.lora_bf16_inputs = cfg.speed.lora_bf16_inputs
+    trainer.attention = functools.partial(speed.attention_backends, cfg)
     return trainer
 
 

@@ -69,7 +69,8 @@ def prepass_fold(exp, model: torch.nn.Module, train: list[dict], val: list[dict]
     speed.prepare(model, cfg)
     images = fold_images(cfg, train, val, exp.test_samples)
     bar = run_progress.progress if run_progress is not None else False
-    return encode_images(model, exp.processor, images, cache, encoder=caches.encoder, progress=bar)
+    with speed.attention_backends(cfg):
+        return encode_images(model, exp.processor, images, cache, encoder=caches.encoder, progress=bar)
 
 
 def encode_images(
