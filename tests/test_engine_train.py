@@ -271,6 +271,21 @@ def test_trainer_loss_is_the_plain_full_logits_loss_with_the_same_gradients(
             torch.testing.assert_close(answer_only_loss(model, batch), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_probed_shape_from_the_run_encoder_equals_the_processors(tiny_models, colours, family):
+    from vlmexp.engine.encode import RunCaches
+    from vlmexp.engine.train import _probe_shape
+
+    cfg = _cfg(tiny_models, family)
+    processor = load_processor(cfg)
+    dataset = training_dataset(cfg, processor, _samples(colours[:4], cfg))
+    encoder = RunCaches.for_run(cfg, processor).encoder
+    plain = _probe_shape(cfg, processor, dataset)
+    assert plain[0] > 0 and plain[1] > 0
+    assert _probe_shape(cfg, processor, dataset, encoder=encoder) == plain
+    assert encoder.misses == 4  # the rows are now encoded for the fold's batches
+
+
 def test_checkpointing_decision_from_the_probed_shape(tiny_models, colours, tmp_path):
     from vlmexp.engine import memory
     from vlmexp.engine.train import _probe_shape
