@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from vlmexp.engine import memory, speed
+from vlmexp.engine import memory
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,21 @@ def scaled_lr(lr: float, batch_size: int, rule: str) -> float:
     raise ValueError(f"train.lr_rule={rule!r}: choose sqrt, linear or none")
 
 
-def choose(
-    model, tokens: int, patches: int, free_bytes: int | None = None, compiled: bool = False
-) -> tuple[int, str]:
-    """(batch size, why) for samples of `tokens` tokens and `patches` vision patches each; `compiled`:
-    the step runs speed.compile's layers (memory.COMPILED_FIT)."""
+def choose(model, tokens: int, patches: int, free_bytes: int | None = None) -> tuple[int, str]:
+    """(batch size, why) for samples of `tokens` tokens and `patches` vision patches each.
+
+    Always from the eager estimate, also under speed.compile: a speed lever must not change the batch,
+    and with it the run's results. Compile's smaller estimate (memory.COMPILED_FIT) picked 32 for the
+    3B on an H200, and that run's CV fell from 0.694 to 0.616 (run S, docs/performance.md). Under
+    compile the estimate still decides checkpointing (memory.gradient_checkpointing_needed), which
+    leaves the results as they are."""
     if free_bytes is None:
         if not torch.cuda.is_available():
             return BASE_BATCH, f"no GPU: the default {BASE_BATCH}"
         free_bytes = torch.cuda.mem_get_info()[0]
 
     def need(b: int) -> int:
-        return memory.activation_bytes(model, b, tokens, patches, compiled)
+        return memory.activation_bytes(model, b, tokens, patches)
 
     fits = [b for b in CANDIDATES if need(b) * MARGIN <= free_bytes]
     if not fits:
@@ -77,7 +80,7 @@ def resolve(cfg, model, shape: tuple[int, int] | None, free_bytes: int | None = 
         n = t.gpus_per_fold
         batch, why = -(-BASE_BATCH // n) * n, f"a fold sharded over {n} GPUs: the base batch"
     else:
-        batch, why = choose(model, tokens, patches, free_bytes, speed.compiles(model, cfg))
+        batch, why = choose(model, tokens, patches, free_bytes)
     lr = scaled_lr(t.lr, batch, t.lr_rule)
     rule = t.lr_rule
     log.info("train.batch_size=auto: %d (%s); train.lr %.3g -> %.3g (lr_rule=%s)", batch, why, t.lr, lr, rule)
