@@ -3,10 +3,10 @@
 A full collection walks every tracked object, and after torch, transformers and trl are imported that
 is about a million of them (modules, functions, classes), none of which will ever be garbage. A fold
 allocates enough Python objects (trainer, callbacks, batches, logs) to set off full collections
-during training, and the recipe's own `gc.collect()` between training and prediction is one too:
-on a CPU run of the tiny model (`exp bench run --model tiny:qwen2_5_vl --folds 3 --epochs 2
---train-rows 96 --test-rows 48`) 19 full collections took 3.6 of the run's 10.3 s, and 1.1 s with
-the long-lived objects frozen (wall 7.7 s).
+during training, and the recipe's own `gc.collect()` between training and prediction is one too.
+On a CPU run of the tiny model (`exp bench run --model tiny:qwen2_5_vl --folds 3 --epochs 2
+--train-rows 96 --test-rows 48 --set speed.freeze_heap=false`, then `=true`) collections took 2.6 s of
+the run's 10.6, and 0.5 s of 7.6 with the long-lived objects frozen (the bench's "gc" figure).
 
 `gc.freeze()` moves every object alive at that moment to a permanent generation the collector skips.
 `fold_start()` is called at the start of each fold, before the fold's model is loaded: it collects

@@ -67,9 +67,10 @@ class ImageMemo:
     """`load_images` once per csv cell for a whole run: every fold's samples then hold the same image
     objects. A fold builds samples of all training rows (its training and validation split), so a
     5-fold run decoded and resized every training image 5 times, and the Encoder, whose content hash
-    is remembered per image object (`encode._KeyMemo`), hashed each new object again: 4 s of decoding
-    and 4 s of hashing in a 3B demo run's py-spy profile (run T, docs/performance.md). Memory: a fold's
-    samples hold every training image anyway, and the run's test samples every test image."""
+    is remembered per image object (`encode._KeyMemo`), hashed each new object again: 3.9 s of decoding
+    and 4.1 s of hashing in a 3B demo run under py-spy (run T, docs/performance.md; py-spy slows CPU
+    work). Memory: a fold's samples hold every training image anyway, and the run's test samples every
+    test image."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
