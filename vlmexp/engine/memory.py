@@ -17,8 +17,9 @@ from vlmexp.models.parts import unwrap
 
 # speed.compile's fused kernels keep fewer intermediates. Run K's compiled language-only steps peaked at
 # 41 GiB (batch 16, estimate 61) and 58 GiB (batch 24, estimate 91), weights and optimizer included: at
-# most 0.67 of the eager estimate. Fitted to those two points only; the batch-32 compiled step it lets
-# `train.batch_size=auto` pick on an H200 is not measured (docs/performance.md).
+# most 0.67 of the eager estimate. Fitted to those two points only. It decides checkpointing under
+# compile (gradient_checkpointing_needed); `train.batch_size=auto` keeps the eager estimate, so compile
+# does not change the batch (autobatch.choose: compile's estimate chose 32 and cost CV in run S).
 COMPILED_FIT = 0.67
 
 

@@ -108,7 +108,7 @@ def build_samples(
     samples = []
     load = images if images is not None else (lambda cell: load_images(cell, cfg))
     for row in df.to_dict(orient="records"):
-        images_ = load(row["image"])
+        row_images = load(row["image"])
         rendered = render_sample(
             template,
             labels=labels,
@@ -120,8 +120,8 @@ def build_samples(
         )
         sample = {
             "id": str(row["id"]),
-            "images": images_,
-            "messages": to_messages(rendered, n_images=len(images_), with_answer=with_answer),
+            "images": row_images,
+            "messages": to_messages(rendered, n_images=len(row_images), with_answer=with_answer),
             "rendered": rendered,
         }
         if "label" in row and isinstance(row["label"], str):
