@@ -331,3 +331,25 @@ def test_bf16_training_on_cuda_feeds_lora_bf16_inputs_and_validates_between(tiny
     assert seen == {torch.bfloat16}
     assert result.val_table is not None and len(result.val_table) == 8
     assert any(not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before)
+
+
+def test_training_steps_do_not_sync_on_the_loss(tiny_models, colours, tmp_path, monkeypatch):
+    # transformers' NaN filter (`torch.isnan(loss)` as a bool) waits for each step's GPU work, so the
+    # next batch cannot be collated while the backward runs; the project turns it off.
+    cfg = _cfg(tiny_models, "qwen2_vl", eval=False)
+    processor = load_processor(cfg)
+    model = load_model(cfg, training=True)
+    trainer = build_trainer(
+        cfg, model, processor, training_dataset(cfg, processor, _samples(colours[:8], cfg)), tmp_path
+    )
+    loss_checks = []
+    real_isnan = torch.isnan
+
+    def counting_isnan(t, *a, **k):
+        if isinstance(t, torch.Tensor) and t.dim() == 0:
+            loss_checks.append(t)
+        return real_isnan(t, *a, **k)
+
+    monkeypatch.setattr(torch, "isnan", counting_isnan)
+    trainer.train()
+    assert trainer.state.global_step == 2 and not loss_checks

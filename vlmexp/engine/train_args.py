@@ -186,6 +186,10 @@ def sft_config(
         "data_seed": cfg.seed,
         "max_length": t.max_length,
         "logging_steps": t.logging_steps,
+        # transformers checks every step's loss for NaN/inf in Python (`torch.isnan(loss)` as a bool):
+        # a GPU sync per step, so the next batch's collation waits for the backward to finish instead
+        # of overlapping it. The filter only changes the logged loss of a NaN step, never training.
+        "logging_nan_inf_filter": False,
         "completion_only_loss": True,
         # The dataset holds row indices only; RowCollator builds the tensors, so trl prepares nothing.
         "dataset_kwargs": {"skip_prepare_dataset": True},
