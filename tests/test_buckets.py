@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -150,3 +151,40 @@ def test_compiling_raises_dynamos_recompile_limit_for_the_runs_shapes():
         assert limits.recompile_limit == RECOMPILE_LIMIT
     finally:
         limits.recompile_limit = saved
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_compiled_training_pads_to_buckets_only_for_static_shapes(
+    tiny_models, tmp_path, monkeypatch, dynamic
+):
+    """Dynamic compiled shapes (speed.compile_dynamic, the default) take each batch as it is: padding
+    to bucket widths and filling short batches would only add compute. Static ones need both."""
+    from vlmexp.engine import speed
+    from vlmexp.engine.train import build_trainer
+
+    cfg = Config()
+    cfg.model.name = str(tiny_models("qwen2_vl"))
+    cfg.speed.compile, cfg.speed.compile_dynamic, cfg.train.batch_size = True, dynamic, 4
+    monkeypatch.setattr(speed, "compiles", lambda model, cfg: True)  # as on CUDA, without compiling
+    monkeypatch.setattr(speed, "prepare", lambda model, cfg, **kw: {})
+    processor, model = load_processor(cfg), load_model(cfg, training=True)
+    rows = []
+    for i in range(3):
+        Image.fromarray(np.full((40, 56, 3), 60 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"id": str(i), "image": str(tmp_path / f"{i}.png"), "label": ["red", "green"][i % 2]})
+    samples = build_samples(
+        pd.DataFrame(rows),
+        labels=["red", "green"],
+        descriptions={},
+        template=load_template("baseline"),
+        cfg=cfg,
+    )
+    trainer = build_trainer(
+        cfg, model, processor, training_dataset(cfg, processor, samples), tmp_path / "out"
+    )
+    batch = trainer.data_collator([{"row": i} for i in range(3)])
+    width = int(batch["attention_mask"].sum(1).max())  # the longest row's real tokens
+    if dynamic:
+        assert batch["input_ids"].shape == (3, width)
+    else:
+        assert batch["input_ids"].shape == (4, bucket_width(width)) and bucket_width(width) > width

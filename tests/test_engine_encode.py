@@ -190,8 +190,10 @@ def test_prediction_without_training_knowledge_does_not_use_the_vision_cache(tin
 
 
 @pytest.mark.gpu
-def test_compiled_decoder_layers_give_the_same_loss_on_cuda(tiny_models, table, tmp_path):
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_compiled_decoder_layers_give_the_same_loss_on_cuda(tiny_models, table, tmp_path, dynamic):
     cfg = _cfg(tiny_models, "qwen2_5_vl")
+    cfg.speed.compile_dynamic = dynamic
     cfg.model.dtype, cfg.train.bf16, cfg.train.tf32 = "float32", "off", False  # fp32 throughout: exact
     processor = load_processor(cfg)
     samples = _samples(table, cfg)

@@ -29,9 +29,12 @@ def counted(monkeypatch) -> dict[str, int]:
         calls["tower"] += 1
         return {"vision_pad": 4}
 
-    def compile_blocks(model):
+    def compile_blocks(model, dynamic=False):
         calls["compile"] += 1
+        compile_blocks.dynamic.append(dynamic)
         return 2
+
+    compile_blocks.dynamic = []  # the `dynamic` argument of each call
 
     monkeypatch.setattr(speed, "on_cuda", lambda model: True)
     monkeypatch.setattr(speed, "patch_vision_attention", attention)
@@ -144,3 +147,17 @@ def test_prepare_on_cuda_applies_the_real_levers_once_and_keeps_the_logits(tiny_
         fast = model(**inputs).logits
     uncompile_blocks(model)
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("settings", "dynamic"),
+    [([], True), (["speed.compile_dynamic=false"], False), (["speed.cudnn_attention=true"], False)],
+)
+def test_decoder_layers_compile_with_dynamic_shapes_unless_static_or_cudnn(
+    tiny_models, counted, settings, dynamic
+):
+    """Dynamic shapes by default: one graph for every batch; static when asked, and with cuDNN's
+    attention, whose dynamic-shape inductor call failed on the H200."""
+    cfg = load_config([f"model.name={tiny_models('qwen2_5_vl')}", "speed.compile=true", *settings])
+    speed.prepare(_model(tiny_models), cfg)
+    assert speed.compile_blocks.dynamic == [dynamic]

@@ -7,9 +7,12 @@ and inductor failed on them on an H200 (torch 2.11, dynamic shapes: "NameError: 
 defined" in the generated cuDNN attention call). The vision tower's own compile, with static shapes
 per image bucket, is `vision_speed.compile_vision_blocks`.
 
-Static shapes, because dynamic ones hit that inductor bug: the training collator pads batches to the
-widths of `engine/buckets.py` so a run meets a handful of shapes. `engine/speed.py` applies this once
-per base model.
+Shapes (`dynamic_shapes`): dynamic by default (`speed.compile_dynamic`), one graph for every batch
+width and size, since cuDNN's attention, where inductor's dynamic shapes failed, is off by default
+(`speed.cudnn_attention=false`). Static otherwise: the training collator then pads batches to the
+widths of `engine/buckets.py` and fills short batches, so a run meets a handful of shapes, each
+compiled once (8 compilations, 32.7 s of a 3B demo run, run S in docs/performance.md).
+`engine/speed.py` applies this once per base model.
 """
 
 from __future__ import annotations
@@ -30,17 +33,25 @@ COMPILE_PAD_MULTIPLE = 64  # batches are padded to a multiple of this many token
 RECOMPILE_LIMIT = 64
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
+def dynamic_shapes(cfg) -> bool:
+    """Whether the decoder layers compile with dynamic shapes (`speed.compile_dynamic`): one graph for
+    every batch width and size, so batches need no bucket widths or filled rows. Not with cuDNN's
+    attention (`speed.cudnn_attention=true`): inductor's dynamic-shape cuDNN attention call is the one
+    that failed ("NameError: name 's0' is not defined", H200, torch 2.11)."""
+    return bool(cfg.speed.compile_dynamic) and not cfg.speed.cudnn_attention
+
+
+def compile_blocks(model: torch.nn.Module, dynamic: bool = False) -> int:
     """torch.compile every decoder layer in place (speed.compile=true), so norms, rope, activations and
     LoRA's small matmuls fuse and the step launches far fewer kernels. Layers of one class share code,
-    so the 36 decoder layers of a 3B model compile once per batch length; static shapes (dynamic ones
-    hit the inductor bug above), with batches padded to COMPILE_PAD_MULTIPLE tokens so a run sees a
+    so the 36 decoder layers of a 3B model compile once for every shape (`dynamic=True`), or once per
+    batch shape (static, see `dynamic_shapes`), with batches padded to bucket widths so a run sees a
     handful of lengths (400-700 tokens: 5). Returns the count."""
     allow_recompiles(RECOMPILE_LIMIT)
     n = 0
     for module in unwrap(model).modules():
         if type(module).__name__.endswith(_BLOCKS) and not getattr(module, "_vlmexp_compiled", False):
-            module.compile(dynamic=False)
+            module.compile(dynamic=dynamic)
             module._vlmexp_compiled = True
             n += 1
     return n

@@ -36,7 +36,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vlmexp.engine.compile import compile_blocks
+from vlmexp.engine.compile import compile_blocks, dynamic_shapes
 from vlmexp.engine.vision_speed import patch_vision_attention, prepare_tower
 from vlmexp.models.parts import unwrap
 
@@ -71,6 +71,7 @@ def prepare(model: torch.nn.Module, cfg, *, vision_patch: bool = True) -> dict:
         "vision_pad": cfg.speed.vision_pad,
         "vision_compile": cfg.speed.vision_compile,
         "compile": cfg.speed.compile,
+        "compile_dynamic": dynamic_shapes(cfg),
     }
     done = base.__dict__.get(_APPLIED)
     if done is not None:
@@ -87,7 +88,7 @@ def prepare(model: torch.nn.Module, cfg, *, vision_patch: bool = True) -> dict:
         done["vision_attention"] = patch_vision_attention(model)
     done |= prepare_tower(model, cfg)
     if compiles(model, cfg):
-        done["compile"] = compile_blocks(model)
+        done["compile"] = compile_blocks(model, dynamic=dynamic_shapes(cfg))
     base.__dict__[_APPLIED], base.__dict__[_ASKED] = done, asked
     log.info("speed levers: %s", " ".join(f"{k}={v}" for k, v in done.items()) or "none")
     return done

@@ -41,6 +41,7 @@ from trl import SFTTrainer
 from vlmexp.config import Config
 from vlmexp.engine import autobatch, buckets, cls_head, speed
 from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeatedSave
+from vlmexp.engine.compile import dynamic_shapes
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.mix import mix_samples
 from vlmexp.engine.samples import to_prompt_completion
@@ -376,6 +377,9 @@ def build_trainer(
     caches.bind(model)
     cuda = speed.on_cuda(model)
     compiled = speed.compiles(model, cfg)
+    # Static compiled shapes want few batch shapes (bucket widths, short batches filled); dynamic
+    # ones take each batch as it is.
+    static_shapes = compiled and not dynamic_shapes(cfg)
     auto_gc = cuda and cfg.train.gradient_checkpointing == "auto"
     auto_batch = cuda and cfg.train.batch_size == "auto"
     probe = auto_gc or auto_batch
@@ -397,8 +401,8 @@ def build_trainer(
             vision,
             cfg.train.max_length,
             processor,
-            multiple=buckets.bucket_width if compiled else 1,
-            fill_to=cfg.train.batch_size if compiled else 0,
+            multiple=buckets.bucket_width if static_shapes else 1,
+            fill_to=cfg.train.batch_size if static_shapes else 0,
         ),
         processing_class=processor,
         callbacks=list(callbacks),
