@@ -4,6 +4,8 @@ the vision feature cache (engine/vision_cache.py), the checkpointing decision (e
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,31 @@ def test_batched_vision_attention_equals_the_window_loop():
         after = model.model.get_image_features(pix["pixel_values"], pix["image_grid_thw"]).pooler_output
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_window_lengths_are_read_from_the_device_once_a_tower_forward(monkeypatch):
+    """Each `.tolist()` of the window boundaries waits for the GPU; one per block (32 on the 3B) kept
+    the CPU from preparing the next pre-pass batch while the tower ran. Read once per boundary tensor
+    (windows, full attention) and forward: a deeper tower reads no more than a shallow one."""
+    image = Image.fromarray(np.full((224, 168, 3), 90, dtype=np.uint8))
+    real = torch.Tensor.tolist
+
+    def reads(depth: int, full: list[int]) -> int:
+        tiny = get_shape("tiny")
+        shape = dataclasses.replace(
+            tiny, vision={**tiny.vision, "depth": depth, "fullatt_block_indexes": full}
+        )
+        processor, model = build_processor(shape, 224), build_model(shape, seed=2)
+        assert vision_speed.patch_vision_attention(model) == depth
+        pix = processor.image_processor([image], return_tensors="pt")
+        seen = []
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: seen.append(1) or real(t))
+        with torch.no_grad():
+            model.model.get_image_features(pix["pixel_values"], pix["image_grid_thw"])
+        monkeypatch.setattr(torch.Tensor, "tolist", real)
+        return len(seen)
+
+    assert reads(8, [3, 7]) == reads(2, [1])
 
 
 def test_vision_feature_cache_gives_the_same_loss_and_hits(tiny):

@@ -66,6 +66,27 @@ def tower_is_plain(model: torch.nn.Module) -> tuple[bool, str]:
 _PATCHABLE = {"Qwen2_5_VLVisionAttention", "VisionAttention"}  # Qwen2.5-VL, Qwen2-VL
 
 
+_LENGTHS: dict[int, tuple[torch.Tensor, list[int]]] = {}  # id(cu_seqlens) -> (it, its window lengths)
+
+
+def window_lengths(cu_seqlens: torch.Tensor) -> list[int]:
+    """The attention windows' lengths, e.g. [64, 64, ..., 48], read from the GPU once per tower forward.
+
+    Every window block of one forward gets the same `cu_seqlens` tensor, and the full-attention blocks
+    (7, 15, 23, 31 of 32 on Qwen2.5-VL) another. Each read waits for the GPU to finish the blocks
+    queued before it, so a read in every block kept the CPU idle for the whole forward instead of
+    preparing the next images' pixels (vision_prepass overlaps the two). Held by the tensor itself,
+    so an id reused by a new tensor never hits; the last 4 are kept (2 a forward)."""
+    hit = _LENGTHS.get(id(cu_seqlens))
+    if hit is not None and hit[0] is cu_seqlens:
+        return hit[1]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    while len(_LENGTHS) >= 4:
+        _LENGTHS.pop(next(iter(_LENGTHS)))
+    _LENGTHS[id(cu_seqlens)] = (cu_seqlens, lengths)
+    return lengths
+
+
 def _batched_window_forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
     # Same computation as the module's own non-flash branch, with windows of equal length batched:
     # (1, heads, S, d) -> (n_windows, heads, L, d). 448 px: 16 windows of 64 patches per image.
@@ -73,7 +94,7 @@ def _batched_window_forward(self, hidden_states, cu_seqlens, position_embeddings
     q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = self._vlmexp_rope(q, k, cos, sin)  # (S, heads, d)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    lengths = window_lengths(cu_seqlens)
     outs, start, i = [], 0, 0
     while i < len(lengths):
         j = i
