@@ -10,7 +10,8 @@ and every later epoch, fold and prediction of the run reuses them.
 
 Image pixels are kept once per image, by content hash (`image_key`), so a training row, the same
 image's prediction prompt and its cached vision features (`vision_cache.VisionFeatureCache`) share
-one key.
+one key. With `memo` (the run has a feature cache) a grid model's image processor runs once per image
+(`pixel_memo.PixelMemo`): the vision pre-pass and the image's rows share one computation.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from vlmexp.engine.pixel_memo import PixelMemo, with_memo
 from vlmexp.engine.samples import split_turn
 from vlmexp.engine.vision_cache import VisionFeatureCache, is_gemma3, vision_cache_unsupported, vision_frozen
 from vlmexp.models.parts import unwrap
@@ -60,13 +62,21 @@ class _KeyMemo:
 
 
 class Encoder:
-    """Processor outputs of single rows, kept for the whole run (every fold and epoch)."""
+    """Processor outputs of single rows, kept for the whole run (every fold and epoch). `memo`: rows
+    take each image's grid from a `PixelMemo`, which the vision pre-pass fills (`image_inputs`)."""
 
-    def __init__(self, processor, max_length: int):
+    def __init__(self, processor, max_length: int, memo: bool = False):
         self.processor = processor
         self.pad_id = processor.tokenizer.pad_token_id or 0
-        # The training layout is trl's own: its collator on a batch of one row.
+        # The training layout is trl's own: its collator on a batch of one row. `collator` stays the
+        # plain one: RowCollator's fallback batches feed its pixels to the model as they are.
         self.collator = trl_collator(processor, max_length)
+        self.memo: PixelMemo | None = None
+        self._row_processor, self._row_collator = processor, self.collator
+        if memo and getattr(processor, "image_processor", None) is not None:
+            self.memo = PixelMemo(processor.image_processor, self.key, self._spare)
+            self._row_processor = with_memo(processor, self.memo)
+            self._row_collator = trl_collator(self._row_processor, max_length)
         self._rope = None  # see bind()
         self.pixel_dtype: torch.dtype | None = None
         self._rows: dict[tuple, dict] = {}
@@ -74,6 +84,7 @@ class Encoder:
         self._turns: dict[str, object] = {}  # messages (JSON) -> samples.Turn
         self._ids: dict[str, list[int]] = {}  # completion text -> token ids
         self.pixels: dict[str, torch.Tensor] = {}  # image key -> its rows of pixel_values (grid models)
+        self._forgotten: set[str] = set()  # keys whose features are cached: their pixels are never read
         self.per_image = False  # see bind(): Gemma 3's pixels kept by image, as a grid model's are
         self.hits = self.misses = 0
 
@@ -128,7 +139,7 @@ class Encoder:
         key = ("train", example["prompt"], example["completion"], *keys)
         if key not in self._rows:
             with phase("encode"):
-                batch = self.collator([dict(example, images=list(example["images"]))])
+                batch = self._row_collator([dict(example, images=list(example["images"]))])
                 self._rows[key] = self._keep(batch, keys)
             self.misses += 1
         else:
@@ -143,7 +154,7 @@ class Encoder:
         if key not in self._rows:
             with phase("encode"):
                 enc = dict(
-                    self.processor(
+                    self._row_processor(
                         text=[prompt],
                         images=[list(images)] if images else None,
                         return_tensors="pt",
@@ -186,16 +197,25 @@ class Encoder:
         return row
 
     def _keep_pixels(self, keys: list[str], pixels) -> None:
-        """Each image's pixels (`pixels` in `keys` order) in the tower's dtype, the first time it is seen."""
+        """Each image's pixels (`pixels` in `keys` order) in the tower's dtype, the first time it is seen.
+        Not for an image let go (`forget_pixels`): its features are cached, so no batch reads its pixels
+        (`pad_*` leave cached images out), and a row encoded after the pre-pass would otherwise keep
+        them again (2.4 MB of bf16 an image at 448 px). With the memo such a row's pixel rows are NaN
+        stand-ins (`PixelMemo`), which are therefore never kept either."""
         for k, pix in zip(keys, pixels, strict=True):
-            if k not in self.pixels:
+            if k not in self.pixels and k not in self._forgotten:
                 self.pixels[k] = pix.to(self.pixel_dtype) if self.pixel_dtype else pix
+
+    def _spare(self, key: str) -> bool:
+        """Whether a row need not compute `key`'s pixels: kept already, or let go for good."""
+        return key in self.pixels or key in self._forgotten
 
     def forget_pixels(self, keys) -> None:
         """Drop the pixels of images whose features are cached: the tower never needs them again in
         this run (1,000 images at 448 px hold 2.4 GB of bf16 pixels)."""
         for k in keys:
             self.pixels.pop(k, None)
+            self._forgotten.add(k)
 
     # -- batches ---------------------------------------------------------------------------------
     def pad_train(
@@ -317,8 +337,9 @@ class RunCaches:
 
     @classmethod
     def for_run(cls, cfg, processor) -> RunCaches:
-        encoder = Encoder(processor, cfg.train.max_length) if cfg.speed.encode_once else None
-        use_vision = encoder is not None and cfg.speed.vision_cache != "off"
+        use_vision = cfg.speed.encode_once and cfg.speed.vision_cache != "off"
+        # The pixel memo only with a feature cache: speed.vision_cache=off keeps the rows as they were.
+        encoder = Encoder(processor, cfg.train.max_length, memo=use_vision) if cfg.speed.encode_once else None
         vision = VisionFeatureCache(max_gib=cfg.speed.vision_cache_gib) if use_vision else None
         return cls(encoder, vision, cfg.speed.vision_cache)
 

@@ -13,8 +13,10 @@ one size (`image.resize=448`), costly on mixed sizes (the demo's 20 grids would 
 
 Pixels are computed as the processor computes them inside a row (its own keyword merge, then its image
 processor, as transformers' `ProcessorMixin.__call__` does); tests/test_vision_prepass.py checks them
-against `Encoder.train_row` and `prompt_row`. A batch's pixels are built on the CPU while the GPU still
-runs the previous call (CUDA kernels are queued, nothing here waits for them).
+against `Encoder.train_row` and `prompt_row`. They go through the run Encoder's `PixelMemo`, so those
+rows then take each image's grid from it instead of computing the image again. A batch's pixels are
+built on the CPU while the GPU still runs the previous call (CUDA kernels are queued, nothing here
+waits for them).
 
 Only where the cache serves the model (`RunCaches.vision_for`: a frozen Qwen-VL-style tower, Qwen2/2.5/3-VL
 and Qwen3.5). Gemma 3's cached features are computed by its first batches instead (one fixed-size crop per
@@ -34,6 +36,7 @@ from rich.progress import Progress
 
 from vlmexp.engine import speed
 from vlmexp.engine.encode import Encoder, image_key
+from vlmexp.engine.pixel_memo import PixelMemo
 from vlmexp.engine.vision_cache import VisionFeatureCache, is_gemma3
 from vlmexp.engine.vision_speed import vision_tower
 from vlmexp.timing import phase
@@ -89,6 +92,7 @@ def encode_images(
     cached images are let go. Returns {"images": computed, "calls": tower calls, "sizes": distinct grids,
     "budget_full": whether the cache's byte budget (speed.vision_cache_gib) stopped the pass}."""
     key_of = encoder.key if encoder is not None else image_key
+    memo = encoder.memo if encoder is not None else None
     todo: dict[str, Image.Image] = {}
     for img in images:
         k = key_of(img)
@@ -112,7 +116,7 @@ def encode_images(
                 counts["budget_full"] = True
                 break
             with phase("encode"):
-                inputs = image_inputs(processor, [todo[k] for k in keys])
+                inputs = image_inputs(processor, [todo[k] for k in keys], memo=memo)
             grid, pixels = inputs["image_grid_thw"], inputs["pixel_values"]
             chunks = pixels.split(grid.prod(-1).tolist())
             # Normally one call: a guessed group whose real grids differ (a processor setting the guess
@@ -152,12 +156,16 @@ def encode_images(
     return counts
 
 
-def image_inputs(processor, images: list[Image.Image]) -> dict:
+def image_inputs(processor, images: list[Image.Image], memo: PixelMemo | None = None) -> dict:
     """pixel_values and image_grid_thw of `images`, as the processor computes them inside a row: its
     keyword merge (defaults, the tokenizer's init kwargs), then `image_processor(images, **images_kwargs)`
-    (transformers 5 `ProcessorMixin.__call__`). Each image's patches follow from that image alone."""
+    (transformers 5 `ProcessorMixin.__call__`). Each image's patches follow from that image alone.
+    `memo`: the run Encoder's `PixelMemo`, which computes them and remembers each image's grid, so the
+    image's rows (same keywords) need not compute them again."""
     tokenizer_kwargs = processor.tokenizer.init_kwargs
     merged = processor._merge_kwargs(tokenizer_init_kwargs=tokenizer_kwargs, return_tensors="pt")
+    if memo is not None:
+        return memo.fresh(images, **merged["images_kwargs"])
     return processor.image_processor(images, **merged["images_kwargs"])
 
 
