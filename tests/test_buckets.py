@@ -157,7 +157,7 @@ def test_compiling_raises_dynamos_recompile_limit_for_the_runs_shapes():
 def test_compiled_training_pads_to_buckets_only_for_static_shapes(
     tiny_models, tmp_path, monkeypatch, dynamic
 ):
-    """Dynamic compiled shapes (speed.compile_dynamic, the default) take each batch as it is: padding
+    """Dynamic compiled shapes (speed.compile_dynamic=true) take each batch as it is: padding
     to bucket widths and filling short batches would only add compute. Static ones need both."""
     from vlmexp.engine import speed
     from vlmexp.engine.train import build_trainer

@@ -151,13 +151,18 @@ def test_prepare_on_cuda_applies_the_real_levers_once_and_keeps_the_logits(tiny_
 
 @pytest.mark.parametrize(
     ("settings", "dynamic"),
-    [([], True), (["speed.compile_dynamic=false"], False), (["speed.cudnn_attention=true"], False)],
+    [
+        ([], False),
+        (["speed.compile_dynamic=true"], True),
+        (["speed.compile_dynamic=true", "speed.cudnn_attention=true"], False),
+    ],
 )
-def test_decoder_layers_compile_with_dynamic_shapes_unless_static_or_cudnn(
+def test_decoder_layers_compile_static_unless_dynamic_is_asked_without_cudnn(
     tiny_models, counted, settings, dynamic
 ):
-    """Dynamic shapes by default: one graph for every batch; static when asked, and with cuDNN's
-    attention, whose dynamic-shape inductor call failed on the H200."""
+    """Static shapes by default (3B demo run: 188.4 s static, run S; dynamic unfinished at 230 s, run
+    W); dynamic when asked, but never
+    with cuDNN's attention, whose dynamic-shape inductor call failed on the H200."""
     cfg = load_config([f"model.name={tiny_models('qwen2_5_vl')}", "speed.compile=true", *settings])
     speed.prepare(_model(tiny_models), cfg)
     assert speed.compile_blocks.dynamic == [dynamic]

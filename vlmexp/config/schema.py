@@ -164,7 +164,7 @@ class SpeedConfig:
     vision_cache: str = choice("auto", "on", "off")  # frozen vision tower: features once per image; auto=on
     vision_cache_gib: float = ranged(16.0, ge=0)  # GPU memory for cached features (3B, 448 px: 1 MiB each)
     compile: bool = False  # torch.compile each decoder layer (CUDA only; each new batch length compiles)
-    compile_dynamic: bool = True  # speed.compile: one graph for every batch shape, no width buckets
+    compile_dynamic: bool = False  # speed.compile: one graph for all batch shapes (3B demo run: slower)
     vision_pad: bool = True  # CUDA: zero-pad a frozen vision MLP 3420 -> 3456 (x128): same output, faster
     vision_compile: bool = False  # CUDA: compile each frozen vision block, static shapes, image-count buckets
     vision_prepass: bool = True  # tower over a fold's new images first, one image size a call

@@ -7,11 +7,12 @@ and inductor failed on them on an H200 (torch 2.11, dynamic shapes: "NameError: 
 defined" in the generated cuDNN attention call). The vision tower's own compile, with static shapes
 per image bucket, is `vision_speed.compile_vision_blocks`.
 
-Shapes (`dynamic_shapes`): dynamic by default (`speed.compile_dynamic`), one graph for every batch
-width and size, since cuDNN's attention, where inductor's dynamic shapes failed, is off by default
-(`speed.cudnn_attention=false`). Static otherwise: the training collator then pads batches to the
-widths of `engine/buckets.py` and fills short batches, so a run meets a handful of shapes, each
-compiled once (8 compilations, 32.7 s of a 3B demo run, run S in docs/performance.md).
+Shapes (`dynamic_shapes`): static by default. The training collator pads batches to the widths of
+`engine/buckets.py` and fills short batches, so a run meets a handful of shapes, each compiled once
+(8 compilations, 32.7 s of a 3B demo run; whole run 188.4 s, run S in docs/performance.md).
+`speed.compile_dynamic=true` compiles one graph for every batch width and size instead; it needs
+cuDNN's attention off (the default), where inductor's dynamic shapes failed. On the 3B demo run it
+was slower: not finished after 230 s (run W), while its tiny-model loss equals eager's on CUDA.
 `engine/speed.py` applies this once per base model.
 """
 
