@@ -161,8 +161,7 @@ def test_decoder_layers_compile_static_unless_dynamic_is_asked_without_cudnn(
     tiny_models, counted, settings, dynamic
 ):
     """Static shapes by default (3B demo run: 188.4 s static, run S; dynamic unfinished at 230 s, run
-    W); dynamic when asked, but never
-    with cuDNN's attention, whose dynamic-shape inductor call failed on the H200."""
+    W); dynamic when asked, never with cuDNN's attention (its dynamic-shape inductor call failed)."""
     cfg = load_config([f"model.name={tiny_models('qwen2_5_vl')}", "speed.compile=true", *settings])
     speed.prepare(_model(tiny_models), cfg)
     assert speed.compile_blocks.dynamic == [dynamic]
