@@ -19,8 +19,9 @@
 # speed.vision_prepass=true; run-project: the defaults, project part only, in the shared workdir /tmp/wr
 # (demo and saved model made once); run-compile: the same with speed.compile=true, and run-compile-warm
 # the same again in a new process (torch.compile's on-disk caches warm, as a second `exp run` finds
-# them); run-qlora: the 7B QLoRA whole run (Qwen2-VL-7B shape, model.quant=4bit, batch 4, 1 epoch by
-# default to stay under the call limit; needs the bitsandbytes wheel in $WHEELS; not run yet); run-ref: the tutorial recipe
+# them); run-compile-dynamic: speed.compile with dynamic shapes (run W: unfinished at 230 s);
+# run-qlora: the 7B QLoRA whole run (Qwen2-VL-7B shape, model.quant=4bit, batch 4, 1 epoch by
+# default to stay under the call limit; needs the bitsandbytes wheel in $WHEELS; run X); run-ref: the tutorial recipe
 # (trl defaults, generate) on fold 0 of the same split, scaled to 5 folds; vision: the vision tower
 # alone (32 images of 448 px), plain / MLP padded / padded + blocks compiled, images/s and max difference;
 # run-cudnn: run-project with speed.cudnn_attention=true (the SDPA backends before run U);
@@ -85,6 +86,8 @@ for part in $parts; do
         --set speed.cudnn_attention=true); limit=${LIMIT_RUN:-260} ;;
     run-compile|run-compile-warm) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project
         --workdir /tmp/wr --set speed.compile=true); limit=${LIMIT_RUN:-240} ;;
+    run-compile-dynamic) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project
+        --workdir /tmp/wr --set speed.compile=true speed.compile_dynamic=true); limit=${LIMIT_RUN:-300} ;;
     run-qlora) cmd=(run --model qwen2-vl-7b --folds 5 --epochs ${EPOCHS:-1} --parts project
         --set model.quant=4bit train.batch_size=${BATCH:-4}); limit=570 ;;
     run-ref) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts reference --reference-folds 1)
