@@ -112,3 +112,14 @@ def test_command_line_prints_the_summary(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{") :])  # the summary, as JSON
     assert out.exists()
+
+
+def test_a_profiled_steady_state_leaves_the_profiled_steps_out():
+    """Run V's cached rate (7.4 samples/s against ~43) timed the profiler: its steps and its seconds
+    (profiling, writing the table) are left out of the rate."""
+    from vlmexp.bench.profile import StepProfiler, unprofiled_rate
+
+    prof = StepProfiler("row", start=5, n=3, batch_size=4)
+    assert unprofiled_rate(32, 10.0, 8, 4, None) == unprofiled_rate(32, 10.0, 8, 4, prof) == 3.2
+    prof.seconds = 6.0  # 3 profiled steps of the 8 took 6 of the 10 s
+    assert unprofiled_rate(32, 10.0, 8, 4, prof) == 5 * 4 / 4.0

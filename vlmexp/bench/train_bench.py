@@ -220,8 +220,10 @@ def project_row(
     dataset = training_dataset(cfg, processor, samples[:n])
     timer, decision = _Timer(warmup, second_pass_at=warmup + steps), _Decision()
     callbacks = [timer]
-    if cuda and profile.enabled():  # 3 steps of the cached pass
-        callbacks.append(profile.StepProfiler(f"train-{name}-{modules}", warmup + steps + 1, 3, batch_size))
+    profiler = None
+    if cuda and profile.enabled():  # 3 steps of the cached pass, left out of its rate
+        profiler = profile.StepProfiler(f"train-{name}-{modules}", warmup + steps + 1, 3, batch_size)
+        callbacks.append(profiler)
     train_log = logging.getLogger("vlmexp.engine.train_args")  # sft_config logs the decision there
     train_log.addHandler(decision)
     level = train_log.level
@@ -258,7 +260,9 @@ def project_row(
         "speed": dict(vars(cfg.speed)),
         "vision_cache": trainer_vision is not None,
         "samples_per_s": steps * batch_size / (timer.t_mid - timer.t0),
-        "samples_per_s_cached": (warmup + steps) * batch_size / (timer.t1 - timer.t_mid),
+        "samples_per_s_cached": profile.unprofiled_rate(
+            (warmup + steps) * batch_size, timer.t1 - timer.t_mid, warmup + steps, batch_size, profiler
+        ),
         "peak_gib": peak,
         "losses": timer.losses,
         "recipe": "engine.train.build_trainer: trl SFTTrainer, prompt-completion rows (answer + end of turn)",
