@@ -120,6 +120,6 @@ def test_a_profiled_steady_state_leaves_the_profiled_steps_out():
     from vlmexp.bench.profile import StepProfiler, unprofiled_rate
 
     prof = StepProfiler("row", start=5, n=3, batch_size=4)
-    assert unprofiled_rate(32, 10.0, 8, 4, None) == unprofiled_rate(32, 10.0, 8, 4, prof) == 3.2
+    assert unprofiled_rate(8, 4, 10.0, None) == unprofiled_rate(8, 4, 10.0, prof) == 3.2
     prof.seconds = 6.0  # 3 profiled steps of the 8 took 6 of the 10 s
-    assert unprofiled_rate(32, 10.0, 8, 4, prof) == 5 * 4 / 4.0
+    assert unprofiled_rate(8, 4, 10.0, prof) == 5 * 4 / 4.0

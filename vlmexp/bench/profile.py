@@ -68,13 +68,11 @@ class StepProfiler(TrainerCallback):
             self.seconds = time.perf_counter() - self.t_enter
 
 
-def unprofiled_rate(
-    samples: int, seconds: float, steps: int, batch_size: int, prof: StepProfiler | None
-) -> float:
+def unprofiled_rate(steps: int, batch_size: int, seconds: float, prof: StepProfiler | None) -> float:
     """Samples/s over a timed window of `steps` steps of `batch_size`, leaving out the steps a
     `StepProfiler` profiled inside it and the seconds it spent (profiling, writing its table)."""
     if prof is None or prof.seconds is None:
-        return samples / seconds
+        return steps * batch_size / seconds
     return (steps - prof.n) * batch_size / (seconds - prof.seconds)
 
 

@@ -261,7 +261,7 @@ def project_row(
         "vision_cache": trainer_vision is not None,
         "samples_per_s": steps * batch_size / (timer.t_mid - timer.t0),
         "samples_per_s_cached": profile.unprofiled_rate(
-            (warmup + steps) * batch_size, timer.t1 - timer.t_mid, warmup + steps, batch_size, profiler
+            warmup + steps, batch_size, timer.t1 - timer.t_mid, profiler
         ),
         "peak_gib": peak,
         "losses": timer.losses,

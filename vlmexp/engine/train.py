@@ -376,10 +376,9 @@ def build_trainer(
     caches = caches if caches is not None else RunCaches.for_run(cfg, processor)
     caches.bind(model)
     cuda = speed.on_cuda(model)
-    compiled = speed.compiles(model, cfg)
     # Static compiled shapes want few batch shapes (bucket widths, short batches filled); dynamic
     # ones take each batch as it is.
-    static_shapes = compiled and not dynamic_shapes(cfg)
+    static_shapes = speed.compiles(model, cfg) and not dynamic_shapes(cfg)
     auto_gc = cuda and cfg.train.gradient_checkpointing == "auto"
     auto_batch = cuda and cfg.train.batch_size == "auto"
     probe = auto_gc or auto_batch
