@@ -19,7 +19,7 @@ from vlmexp.engine import speed
 @pytest.fixture()
 def counted(monkeypatch) -> dict[str, int]:
     """CUDA pretended and every lever replaced by a counter: {lever: calls}."""
-    calls = {"vision_attention": 0, "tower": 0, "compile": 0}
+    calls = {"vision_attention": 0, "tower": 0, "fused_norm": 0, "compile": 0}
 
     def attention(model):
         calls["vision_attention"] += 1
@@ -28,6 +28,10 @@ def counted(monkeypatch) -> dict[str, int]:
     def tower(model, cfg):
         calls["tower"] += 1
         return {"vision_pad": 4}
+
+    def fuse_norms(model):
+        calls["fused_norm"] += 1
+        return 3
 
     def compile_blocks(model, dynamic=False):
         calls["compile"] += 1
@@ -39,6 +43,7 @@ def counted(monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(speed, "on_cuda", lambda model: True)
     monkeypatch.setattr(speed, "patch_vision_attention", attention)
     monkeypatch.setattr(speed, "prepare_tower", tower)
+    monkeypatch.setattr(speed, "fuse_norms", fuse_norms)
     monkeypatch.setattr(speed, "compile_blocks", compile_blocks)
     return calls
 
@@ -55,30 +60,30 @@ def test_a_second_prepare_applies_nothing(tiny_models, counted, caplog):
     model = _model(tiny_models)
     caplog.set_level(logging.DEBUG, logger="vlmexp.engine.speed")
     first = speed.prepare(model, cfg)
-    assert first == {"vision_attention": 4, "vision_pad": 4, "compile": 2}
-    assert counted == {"vision_attention": 1, "tower": 1, "compile": 1}
+    assert first == {"vision_attention": 4, "vision_pad": 4, "fused_norm": 3, "compile": 2}
+    assert counted == {"vision_attention": 1, "tower": 1, "fused_norm": 1, "compile": 1}
     assert speed.prepare(model, cfg) == first
     # a LoRA adapter on the same base (the next fold on a shared base): the base is prepared already
     assert speed.prepare(apply_lora(model, cfg), cfg) == first
     # other settings later keep the first decision, said at debug level only
     plain = load_config([f"model.name={tiny_models('qwen2_5_vl')}", "speed.compile=false"])
     assert speed.prepare(model, plain, vision_patch=False) == first
-    assert counted == {"vision_attention": 1, "tower": 1, "compile": 1}
+    assert counted == {"vision_attention": 1, "tower": 1, "fused_norm": 1, "compile": 1}
     said = [r for r in caplog.records if r.name == "vlmexp.engine.speed"]
     assert [r.levelno for r in said if r.message.startswith("speed levers:")] == [logging.INFO]
-    assert "speed levers: vision_attention=4 vision_pad=4 compile=2" in caplog.text
+    assert "speed levers: vision_attention=4 vision_pad=4 fused_norm=3 compile=2" in caplog.text
     assert any(r.levelno == logging.DEBUG and "keeping them" in r.message for r in said)
     speed.forget(model)  # what the bench does after undoing the levers: the next prepare applies them
     assert speed.prepared(model) is None
-    assert speed.prepare(model, plain, vision_patch=False) == {"vision_pad": 4}
-    assert counted == {"vision_attention": 1, "tower": 2, "compile": 1}
+    assert speed.prepare(model, plain, vision_patch=False) == {"vision_pad": 4, "fused_norm": 3}
+    assert counted == {"vision_attention": 1, "tower": 2, "fused_norm": 2, "compile": 1}
 
 
 def test_off_cuda_nothing_is_applied_or_recorded(tiny_models, monkeypatch):
     def refuse(*args):
         raise AssertionError("a CUDA lever ran on the CPU")
 
-    for name in ("patch_vision_attention", "prepare_tower", "compile_blocks"):
+    for name in ("patch_vision_attention", "prepare_tower", "fuse_norms", "compile_blocks"):
         monkeypatch.setattr(speed, name, refuse)
     cfg = load_config([f"model.name={tiny_models('qwen2_5_vl')}", "speed.compile=true"])
     model = _model(tiny_models)
@@ -94,7 +99,8 @@ def test_the_real_levers_run_once(tiny_models, monkeypatch):
     model = _model(tiny_models).eval().requires_grad_(False)
     blocks = model.model.visual.blocks
     done = speed.prepare(model, cfg)
-    assert done == {"vision_attention": len(blocks), "vision_pad": len(blocks)}
+    norms = [m for m in model.modules() if type(m).__name__ == "Qwen2_5_VLRMSNorm"]
+    assert done == {"vision_attention": len(blocks), "vision_pad": len(blocks), "fused_norm": len(norms)}
     forwards = [b.attn.__dict__["forward"] for b in blocks]
     weights = [b.mlp.down_proj.weight for b in blocks]
     assert speed.prepare(model, cfg) is done
@@ -120,7 +126,7 @@ def test_a_base_shared_by_two_folds_is_prepared_once(tmp_path, counted, monkeypa
     )  # fmt: skip
     run_experiment(cfg)
     assert len(asked) >= 6  # per fold: build_trainer, the validation evaluation, OOF and test predictions
-    assert counted == {"vision_attention": 1, "tower": 1, "compile": 0}
+    assert counted == {"vision_attention": 1, "tower": 1, "fused_norm": 1, "compile": 0}
 
 
 @pytest.mark.gpu

@@ -7,12 +7,13 @@ result to the plain model:
   keeps the stock window loop, for the bench's rows),
 - the vision tower levers `speed.vision_pad` and `speed.vision_compile` (`vision_speed.prepare_tower`,
   which does nothing when the run trains the tower: lora.vision=true or finetune=full),
+- the RMSNorms as torch's fused kernel when `speed.fused_norm` (`fused_norm.fuse_norms`),
 - torch.compile of the decoder layers when `speed.compile` (`compile.compile_blocks`),
 and records what it applied on the unwrapped base module (attribute `_vlmexp_speed`, {lever: count}).
 Every later call on a model over the same base returns that record and changes nothing: the fold's
 validation and test predictions on its trained model, and with `speed.reuse_base` (`models/base_once.py`)
 every later fold's adapter on the run's one base, so a run prepares its base once and logs it once
-("speed levers: vision_attention=32 vision_pad=32 compile=36"). A fold that loads its own model
+("speed levers: vision_attention=32 vision_pad=32 fused_norm=105 compile=36"). A fold that loads its own model
 (speed.reuse_base=false, full fine-tunes) has a new base, prepared anew.
 
 A later call that asks for other levers (another `cfg.speed`, `vision_patch=False` after True) keeps
@@ -37,6 +38,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmexp.engine.compile import compile_blocks, dynamic_shapes
+from vlmexp.engine.fused_norm import fuse_norms
 from vlmexp.engine.vision_speed import patch_vision_attention, prepare_tower
 from vlmexp.models.parts import unwrap
 
@@ -72,6 +74,7 @@ def prepare(model: torch.nn.Module, cfg, *, vision_patch: bool = True) -> dict:
         "vision_compile": cfg.speed.vision_compile,
         "compile": cfg.speed.compile,
         "compile_dynamic": dynamic_shapes(cfg),
+        "fused_norm": cfg.speed.fused_norm,
     }
     done = base.__dict__.get(_APPLIED)
     if done is not None:
@@ -87,6 +90,8 @@ def prepare(model: torch.nn.Module, cfg, *, vision_patch: bool = True) -> dict:
     if vision_patch:
         done["vision_attention"] = patch_vision_attention(model)
     done |= prepare_tower(model, cfg)
+    if cfg.speed.fused_norm:
+        done["fused_norm"] = fuse_norms(model)
     if compiles(model, cfg):
         done["compile"] = compile_blocks(model, dynamic=dynamic_shapes(cfg))
     base.__dict__[_APPLIED], base.__dict__[_ASKED] = done, asked
