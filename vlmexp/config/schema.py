@@ -172,7 +172,6 @@ class SpeedConfig:
     lora_bf16_inputs: bool = True  # bf16 autocast training: LoRA takes bf16 inputs, no fp32 copy (train.py)
     predict_autocast: bool = True  # bf16 models predict under autocast, LoRA in bf16 as trained (predict.py)
     cudnn_attention: bool = False  # let SDPA pick cuDNN's kernel: a graph build per new shape (speed.py)
-    lora_addmm: bool = True  # CUDA: LoRA's scale and add in lora_B's matmul epilogue (lora_epilogue.py)
     fused_norm: bool = True  # CUDA: Llama-style RMSNorm as torch's one fused kernel, same output
     freeze_heap: bool = True  # gc.freeze() what lives all run (imports, data): full GCs skip it (heap.py)
 

@@ -13,12 +13,8 @@ and records what it applied on the unwrapped base module (attribute `_vlmexp_spe
 Every later call on a model over the same base returns that record and changes nothing: the fold's
 validation and test predictions on its trained model, and with `speed.reuse_base` (`models/base_once.py`)
 every later fold's adapter on the run's one base, so a run prepares its base once and logs it once
-("speed levers: vision_attention=32 vision_pad=32 fused_norm=138 compile=36"). A fold that loads its
-own model (speed.reuse_base=false, full fine-tunes) has a new base, prepared anew.
-
-The one lever of the adapter, not the base: LoRA's scale and add in lora_B's matmul when
-`speed.lora_addmm` (`lora_epilogue.fuse_lora_epilogue`). Each fold has a new adapter, so every call
-patches the LoRA layers not patched yet (none, after a fold's first call).
+("speed levers: vision_attention=32 vision_pad=32 fused_norm=105 compile=36"). A fold that loads its own model
+(speed.reuse_base=false, full fine-tunes) has a new base, prepared anew.
 
 A later call that asks for other levers (another `cfg.speed`, `vision_patch=False` after True) keeps
 the first decision and says so at debug level: levers are not taken off a live model here. The bench,
@@ -43,7 +39,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmexp.engine.compile import compile_blocks, dynamic_shapes
 from vlmexp.engine.fused_norm import fuse_norms
-from vlmexp.engine.lora_epilogue import fuse_lora_epilogue
 from vlmexp.engine.vision_speed import patch_vision_attention, prepare_tower
 from vlmexp.models.parts import unwrap
 
@@ -72,11 +67,6 @@ def prepared(model: torch.nn.Module) -> dict | None:
 def prepare(model: torch.nn.Module, cfg, *, vision_patch: bool = True) -> dict:
     """Apply the CUDA levers `cfg.speed` switches on to `model`'s base, once; {lever: count} applied
     (the first call's record on every later call; {} off CUDA). See the module docstring."""
-    if cfg.speed.lora_addmm and on_cuda(model):
-        # adapters, unlike the base, are new in every fold (speed.reuse_base): each call patches the
-        # LoRA layers it has not seen, so this sits before the once-per-base record below
-        if n := fuse_lora_epilogue(model):
-            log.debug("lora_addmm: %d new LoRA layers patched", n)
     base = unwrap(model)
     asked = {
         "vision_patch": vision_patch,
