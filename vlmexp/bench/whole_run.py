@@ -100,7 +100,11 @@ def bench_run(
         save()
     if steady_steps > 0:
         batch = result["project"]["batch_size"] if project else cfg.train.batch_size
-        result["steady_state"] = steady_state(cfg, batch, steady_steps)
+        row = result["steady_state"] = steady_state(cfg, batch, steady_steps)
+        peak = result["env"]["peak_tflops_measured"]
+        if peak and row["flops_per_sample_cached"]:
+            # MFU of the cached step against the bf16 matmul peak measured in this process
+            row["mfu_cached"] = row["flops_per_sample_cached"] * row["samples_per_s_cached"] / (peak * 1e12)
         if project:
             steady = result["steady_state"]["samples_per_s_cached"]
             result["ratios"]["run_vs_steady_state"] = result["project"]["samples_per_s"] / steady
@@ -230,11 +234,37 @@ def steady_state(cfg, batch_size: int | str, steps: int, warmup: int = 2) -> dic
         seed=cfg.seed,
         speed=dict(vars(cfg.speed)),
     )
+    config = base.config
     del base
     if cuda:
         torch.cuda.empty_cache()
     keep = ("samples_per_s", "samples_per_s_cached", "peak_gib", "gradient_checkpointing", "batch_size")
-    return {k: row[k] for k in keep if k in row}
+    return {k: row[k] for k in keep if k in row} | {
+        "flops_per_sample_cached": cached_train_flops(config, processor, samples)
+    }
+
+
+def cached_train_flops(config, processor, samples: list[dict]) -> float | None:
+    """Mean training FLOPs of one of `samples` (the run's samples) with the tower's features cached
+    (language-only LoRA, `bench/flops.py`'s convention), each row counted at its own token count,
+    answer length and image grid: the demo's images come in about 20 sizes, so one row's count would
+    not do. Prompt and completion are tokenised apart, as trl's prompt-completion collator does. None
+    for a model without an image grid (Gemma 3's fixed size: `flops.count` takes no grid there)."""
+    from vlmexp.bench import flops
+    from vlmexp.engine.samples import to_prompt_completion
+
+    total = 0.0
+    for sample in samples:
+        row = to_prompt_completion(processor, sample)
+        images = [row["images"]] if row["images"] else None
+        prompt = processor(text=[row["prompt"]], images=images, return_tensors="pt", add_special_tokens=False)
+        if "image_grid_thw" not in prompt:
+            return None
+        answer = len(processor.tokenizer(row["completion"], add_special_tokens=False)["input_ids"])
+        grid = tuple(int(x) for x in prompt["image_grid_thw"][0])
+        count = flops.count(config, prompt["input_ids"].shape[1] + answer, grid)
+        total += count.train(answer, vision_trainable=False) - count.vision_fwd
+    return total / len(samples)
 
 
 def tutorial_kfold(cfg, n_folds: int | None = None) -> dict:
