@@ -7,7 +7,8 @@ K-fold loop, in one process.
   (`tiny:qwen2_vl`), inside `timing.recording()`: the phases the recipe and engine mark, what no
   phase claims as "other", training samples (rows x epochs, all folds) per wall second.
 - **steady_state**: `train_bench.project_row` on the same saved weights and the run's own training
-  samples at the run's batch size: the cached pass's samples/s, what the run's steps could reach.
+  samples at the run's batch size: the cached pass's samples/s, what the run's steps could reach,
+  and its MFU (`cached_train_flops`: each row at its own size) against the measured bf16 peak.
 - **reference**: the tutorial recipe per fold (the same fold split, LoRA modules, batch size, lr and
   epochs, so the work is equal; everything else trl's defaults: gradient checkpointing on, trl's
   collator, messages + assistant_only_loss), then HF `generate` of the longest label's tokens and

@@ -5,7 +5,8 @@ a cast to fp32, pow, mean, add, rsqrt, mul, a cast back, the weight's mul, each 
 activations, twice per decoder layer and again in the backward. torch's `F.rms_norm` computes the same
 thing (fp32 inside, the input's dtype out) in one fused kernel on CUDA, forward and backward. On 4
 decoder layers of the Qwen2.5-VL-3B shape (batch 24 x 576 tokens, LoRA all-linear, H200) a training
-step went 75.0 -> 68.7 ms and a no-grad forward 31.8 -> 30.4 ms (scripts/layer_probe.py, docs/performance.md).
+step went 75.0 -> 68.7 ms and a no-grad forward 31.8 -> 30.4 ms (scripts/layer_probe.py); a whole
+3B demo run 157.1 -> 139.1 s in one call, the same CV (run Z, docs/performance.md).
 
 Which norms: those whose forward gives what the fused one gives, checked once per class on a small
 random input and a random weight (`_same_as_fused`), not a list of class names. A norm that scales by
