@@ -13,8 +13,9 @@ and records what it applied on the unwrapped base module (attribute `_vlmexp_spe
 Every later call on a model over the same base returns that record and changes nothing: the fold's
 validation and test predictions on its trained model, and with `speed.reuse_base` (`models/base_once.py`)
 every later fold's adapter on the run's one base, so a run prepares its base once and logs it once
-("speed levers: vision_attention=32 vision_pad=32 fused_norm=105 compile=36"). A fold that loads its own model
-(speed.reuse_base=false, full fine-tunes) has a new base, prepared anew.
+("speed levers: vision_attention=32 vision_pad=32 fused_norm=138 compile=36" for the 3B: its
+vision blocks' and decoder layers' norms). A fold that loads its own model (speed.reuse_base=false,
+full fine-tunes) has a new base, prepared anew.
 
 A later call that asks for other levers (another `cfg.speed`, `vision_patch=False` after True) keeps
 the first decision and says so at debug level: levers are not taken off a live model here. The bench,
