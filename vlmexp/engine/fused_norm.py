@@ -29,8 +29,11 @@ _CHECKED: dict[type, bool] = {}  # norm class -> whether its forward equals the 
 
 
 def _eps(module: torch.nn.Module) -> float | None:
-    # Llama/Qwen store it as `variance_epsilon` (1e-6), others as `eps`
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    # Llama/Qwen store it as `variance_epsilon` (1e-6), others as `eps`. Plain attributes live in the
+    # module's __dict__: read there, as every fused forward does, without nn.Module.__getattr__ raising
+    # (and getattr catching) an AttributeError for the name a class lacks.
+    attrs = module.__dict__
+    eps = attrs.get("variance_epsilon", attrs.get("eps"))
     return eps if isinstance(eps, float) else None
 
 
