@@ -25,6 +25,8 @@
 # (trl defaults, generate) on fold 0 of the same split, scaled to 5 folds; vision: the vision tower
 # alone (32 images of 448 px), plain / MLP padded / padded + blocks compiled, images/s and max difference;
 # run-cudnn: run-project with speed.cudnn_attention=true (the SDPA backends before run U);
+# run-steady: the steady-state rows alone (SET="speed.compile=true" adds overrides; with
+# VLMEXP_PROFILE_DIR each row's profile says what the GPU's idle gaps wait for, bench/gaps.py);
 # run-profile: run-project under py-spy (needs the py-spy wheel in $WHEELS), raw stacks to attribute
 # the phases' seconds and "other".
 set -uo pipefail
@@ -82,6 +84,8 @@ for part in $parts; do
           python3 -m vlmexp.bench run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project --workdir /tmp/wr \
           --out "$OUT/run-profile.json" > "$OUT/run-profile.log" 2>&1
         echo "exit $?"; grep -A30 '"phases"' "$OUT/run-profile.log" | head -32; continue ;;
+    run-steady) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts steady --workdir /tmp/wr
+        ${SET:+--set $SET}); limit=${LIMIT_RUN:-240} ;;
     run-cudnn) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project --workdir /tmp/wr
         --set speed.cudnn_attention=true); limit=${LIMIT_RUN:-260} ;;
     run-compile|run-compile-warm) cmd=(run --model qwen2.5-vl-3b --folds 5 --epochs 2 --parts project

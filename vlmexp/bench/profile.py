@@ -2,7 +2,8 @@
 
 Set `VLMEXP_PROFILE_DIR=/some/dir` and the train bench profiles 3 steps of each project row's second
 (cached) pass, the predict bench 2 batches of each row; each writes `<dir>/<row>.txt`: wall time, the
-summed CUDA kernel time over it (wall >> kernels means the GPU waits for the CPU), and the top operators.
+summed CUDA kernel time over it (wall >> kernels means the GPU waits for the CPU), what the GPU's idle
+gaps wait for (`bench/gaps.py`), and the top operators.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 from transformers import TrainerCallback
+
+from vlmexp.bench.gaps import gap_report
 
 
 def enabled() -> bool:
@@ -34,7 +37,8 @@ def _write(prof, name: str, wall_s: float, units: int, unit: str) -> None:
     table = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
     cpu = events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80]
-    (out / f"{slug}.txt").write_text(head + table + "\n\nby CPU time\n" + cpu)
+    idle = gap_report(prof.events())
+    (out / f"{slug}.txt").write_text(head + idle + "\n" + table + "\n\nby CPU time\n" + cpu)
     print(head, end="")
 
 
@@ -55,7 +59,8 @@ class StepProfiler(TrainerCallback):
             self.t_enter = time.perf_counter()
             torch.cuda.synchronize()
             self.prof = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                with_stack=True,  # python frames as events: gap_report names the code the GPU waits for
             )
             self.prof.__enter__()
             self.t0 = time.perf_counter()
@@ -80,7 +85,7 @@ def profile_calls(name: str, fn, items: list, unit: str = "images", per_item: in
     """Profile `fn(item)` over `items` (already warmed up)."""
     torch.cuda.synchronize()
     with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], with_stack=True
     ) as prof:
         t0 = time.perf_counter()
         for item in items:
