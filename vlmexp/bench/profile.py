@@ -85,7 +85,8 @@ def profile_calls(name: str, fn, items: list, unit: str = "images", per_item: in
     """Profile `fn(item)` over `items` (already warmed up)."""
     torch.cuda.synchronize()
     with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], with_stack=True
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+        with_stack=True,
     ) as prof:
         t0 = time.perf_counter()
         for item in items:
