@@ -173,6 +173,7 @@ class SpeedConfig:
     predict_autocast: bool = True  # bf16 models predict under autocast, LoRA in bf16 as trained (predict.py)
     cudnn_attention: bool = False  # let SDPA pick cuDNN's kernel: a graph build per new shape (speed.py)
     fused_norm: bool = True  # CUDA: Llama-style RMSNorm as torch's one fused kernel, same output
+    causal_only: bool = True  # right-padded training batches: no padding mask, SDPA runs flash (same loss)
     freeze_heap: bool = True  # gc.freeze() what lives all run (imports, data): full GCs skip it (heap.py)
 
 

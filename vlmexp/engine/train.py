@@ -41,6 +41,7 @@ from trl import SFTTrainer
 from vlmexp.config import Config
 from vlmexp.engine import autobatch, buckets, cls_head, speed
 from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeatedSave
+from vlmexp.engine.causal_only import RIGHT_PADDED, right_padded, without_padding_mask
 from vlmexp.engine.compile import dynamic_shapes
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.mix import mix_samples
@@ -286,6 +287,7 @@ class _SFTTrainer(SFTTrainer):
     evaluator: EvalCallback | None = None
 
     lora_bf16_inputs: bool = False  # speed.lora_bf16_inputs, set by build_trainer
+    causal_only: bool = False  # speed.causal_only, set by build_trainer
     attention: Callable[[], AbstractContextManager] = nullcontext  # speed.attention_backends (build_trainer)
     _n_params: int | None = None  # the model's parameters without embeddings, for floating_point_ops
 
@@ -296,9 +298,13 @@ class _SFTTrainer(SFTTrainer):
         # without them (docs/performance.md, runs P and Q). lora_A gets the same bf16 input.
         # Forward, backward and any checkpoint recompute all run inside this step; validation, which
         # runs without autocast and needs the cast, runs outside it.
+        # A right-padded batch (marked by RowCollator) runs without its padding mask: flash attention
+        # instead of the memory-efficient kernel, same loss (engine/causal_only.py).
+        causal = inputs.pop(RIGHT_PADDED, False) and self.causal_only
         with (
             disable_input_dtype_casting(model, active=self.lora_bf16_inputs and autocasting(self)),
             self.attention(),
+            without_padding_mask(model) if causal else nullcontext(),
         ):
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -408,6 +414,7 @@ def build_trainer(
     )
     trainer.vision_cache, trainer.encoder, trainer.evaluator = vision, caches.encoder, evaluator
     trainer.lora_bf16_inputs = cfg.speed.lora_bf16_inputs
+    trainer.causal_only = cfg.speed.causal_only
     trainer.attention = functools.partial(speed.attention_backends, cfg)
     return trainer
 
@@ -467,6 +474,7 @@ class RowCollator:
                 batch = self.encoder.pad_train(rows, skip_pixels=cached, multiple=self.multiple)
         if batch is None:
             batch = self.plain([dict(ex, images=list(ex["images"])) for ex in examples])
+        batch[RIGHT_PADDED] = right_padded(batch.get("attention_mask"))  # on the CPU: no GPU wait
         empty = (batch["labels"][: len(examples)] != -100).sum(-1) == 0  # fill rows are masked on purpose
         if bool(empty.any()):
             raise ValueError(
