@@ -7,8 +7,10 @@ from torch.autograd import DeviceType
 from vlmexp.bench.gaps import gap_report
 
 
-def _ev(name, start, end, device=DeviceType.CPU, parent=None):
-    return NS(name=name, time_range=NS(start=start, end=end), device_type=device, cpu_parent=parent)
+def _ev(name, start, end, device=DeviceType.CPU, parent=None, stack=None):
+    return NS(
+        name=name, time_range=NS(start=start, end=end), device_type=device, cpu_parent=parent, stack=stack
+    )
 
 
 def test_gap_is_charged_to_the_innermost_host_op_and_its_callers():
@@ -35,3 +37,11 @@ def test_gap_is_charged_to_the_innermost_host_op_and_its_callers():
 
 def test_no_kernels_says_so():
     assert gap_report([_ev("aten::mm", 0, 10)]) == "no CUDA kernels in the profile\n"
+
+
+def test_callers_come_from_the_ops_stack_where_no_python_events_nest_it():
+    # torch 2.11 on the H200 recorded the frames as the op's stack, not as events around it
+    item = _ev("aten::item", 1000, 3000, stack=["/tmp/site/trl/trainer/sft_trainer.py(1560): compute_loss"])
+    sync = _ev("aten::_local_scalar_dense", 1100, 2900, parent=item)
+    events = [item, sync, _ev("gemm", 0, 1000, DeviceType.CUDA), _ev("gemm", 3000, 4000, DeviceType.CUDA)]
+    assert "aten::_local_scalar_dense <- trl/trainer/sft_trainer.py(1560): compute_loss" in gap_report(events)

@@ -36,14 +36,28 @@ MIN_GAP_US = 50.0  # shorter gaps are launch latency between back-to-back kernel
 
 def _signature(event, frames: int = 3) -> str:
     """'aten::item <- vlmexp/engine/train.py(324): compute_loss <- trl/...': the op and the nearest
-    frames of our code and torch's callers, innermost first."""
-    parts, node = [event.name[:60]], event.cpu_parent
+    frames of our code and torch's callers, innermost first. Frames come from the python events the
+    op nests in or, where a torch build records them as the op's `stack` instead (the H200's torch 2.11
+    named no callers in run AB), from the nearest stack on the op or its parents."""
+    parts, node, stack = [event.name[:60]], event.cpu_parent, getattr(event, "stack", None)
     while node is not None and len(parts) <= frames:
-        name = node.name
-        if any(tag in name for tag in _OURS):
-            parts.append(name.split("site-packages/")[-1][:90])
+        if any(tag in node.name for tag in _OURS):
+            parts.append(_short(node.name))
+        stack = stack or getattr(node, "stack", None)
         node = node.cpu_parent
+    if len(parts) == 1 and stack:  # innermost frame first, as torch lists them
+        parts += [_short(f) for f in stack if any(tag in f for tag in _OURS)][:frames]
     return " <- ".join(parts)
+
+
+def _short(frame: str) -> str:
+    """'/usr/lib/python3/site-packages/trl/trainer/sft_trainer.py(1560): compute_loss' ->
+    'trl/trainer/sft_trainer.py(1560): compute_loss'; also for a --target folder like /tmp/site."""
+    for tag in _OURS:
+        at = frame.find(tag)
+        if at >= 0:
+            return frame[at:][:90]
+    return frame[:90]
 
 
 def gap_report(events, top: int = 15) -> str:
