@@ -78,7 +78,10 @@ def test_bf16_prediction_runs_lora_in_bf16_and_keeps_the_predictions(tiny_models
     from vlmexp.tables import prob_columns
 
     model = _lora_model(tiny_models)
-    cfg = load_config([f"model.name={tiny_models('qwen2_vl')}", "model.dtype=bfloat16"])
+    # unmerged LoRA (speed.predict_merge=false): the layers' inputs are what this test looks at
+    cfg = load_config(
+        [f"model.name={tiny_models('qwen2_vl')}", "model.dtype=bfloat16", "speed.predict_merge=false"]
+    )
     processor = load_processor(cfg)
     rng = np.random.default_rng(0)
     rows = []

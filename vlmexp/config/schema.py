@@ -171,6 +171,7 @@ class SpeedConfig:
     reuse_base: bool = True  # LoRA runs: load the base once per run, a fresh adapter per fold (base_once.py)
     lora_bf16_inputs: bool = True  # bf16 autocast training: LoRA takes bf16 inputs, no fp32 copy (train.py)
     predict_autocast: bool = True  # bf16 models predict under autocast, LoRA in bf16 as trained (predict.py)
+    predict_merge: bool = True  # LoRA folded into a copy of the base weights while predicting (lora_merge.py)
     cudnn_attention: bool = False  # let SDPA pick cuDNN's kernel: a graph build per new shape (speed.py)
     fused_norm: bool = True  # CUDA: Llama-style RMSNorm as torch's one fused kernel, same output
     causal_only: bool = True  # right-padded training batches: no padding mask, SDPA runs flash (same loss)

@@ -30,6 +30,7 @@ from vlmexp.config import Config
 from vlmexp.engine import speed
 from vlmexp.engine.compile import eager_blocks
 from vlmexp.engine.encode import RunCaches, append_left_padded, stackable
+from vlmexp.engine.lora_merge import merged_lora
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.engine.scoring import score_candidates
 from vlmexp.models.parts import unwrap
@@ -67,8 +68,10 @@ def predict(
     turn_of = encoder.turn if encoder is not None else functools.partial(split_turn, processor)
     rows: list[dict] = []
     low = low_precision(model) if cfg.speed.predict_autocast else nullcontext()
-    # speed.compile's layers serve training; forwards with a KV cache recompile per layer (compile.py)
+    # speed.compile's layers serve training; forwards with a KV cache recompile per layer (compile.py).
+    # The merged weights are made outside inference mode: they become parameters for the pass.
     with (
+        merged_lora(model, enabled=cfg.speed.predict_merge),
         torch.inference_mode(),
         low,
         speed.attention_backends(cfg),
