@@ -44,6 +44,7 @@ from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeat
 from vlmexp.engine.causal_only import RIGHT_PADDED, right_padded, without_padding_mask
 from vlmexp.engine.compile import dynamic_shapes
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
+from vlmexp.engine.lora_fused import fused_lora
 from vlmexp.engine.mix import mix_samples
 from vlmexp.engine.samples import to_prompt_completion
 from vlmexp.engine.train_args import sft_config
@@ -288,6 +289,7 @@ class _SFTTrainer(SFTTrainer):
 
     lora_bf16_inputs: bool = False  # speed.lora_bf16_inputs, set by build_trainer
     causal_only: bool = False  # speed.causal_only, set by build_trainer
+    lora_fused: bool = False  # speed.lora_fused, set by build_trainer
     attention: Callable[[], AbstractContextManager] = nullcontext  # speed.attention_backends (build_trainer)
     _n_params: int | None = None  # the model's parameters without embeddings, for floating_point_ops
 
@@ -299,12 +301,14 @@ class _SFTTrainer(SFTTrainer):
         # Forward, backward and any checkpoint recompute all run inside this step; validation, which
         # runs without autocast and needs the cast, runs outside it.
         # A right-padded batch (marked by RowCollator) runs without its padding mask: flash attention
-        # instead of the memory-efficient kernel, same loss (engine/causal_only.py).
+        # instead of the memory-efficient kernel, same loss (engine/causal_only.py). LoRA's scaling
+        # and add run in lora_B's GEMM (engine/lora_fused.py).
         causal = inputs.pop(RIGHT_PADDED, False) and self.causal_only
         with (
             disable_input_dtype_casting(model, active=self.lora_bf16_inputs and autocasting(self)),
             self.attention(),
             without_padding_mask(model) if causal else nullcontext(),
+            fused_lora(active=self.lora_fused),
         ):
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -415,6 +419,7 @@ def build_trainer(
     trainer.vision_cache, trainer.encoder, trainer.evaluator = vision, caches.encoder, evaluator
     trainer.lora_bf16_inputs = cfg.speed.lora_bf16_inputs
     trainer.causal_only = cfg.speed.causal_only
+    trainer.lora_fused = cfg.speed.lora_fused
     trainer.attention = functools.partial(speed.attention_backends, cfg)
     return trainer
 
