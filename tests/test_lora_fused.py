@@ -117,3 +117,18 @@ def test_the_trainer_step_runs_fused_only_with_the_switch(tiny_models, tmp_path,
     trainer.lora_fused = False  # speed.lora_fused=false
     trainer.training_step(model, dict(batch))
     assert fused[0] == 0
+
+
+@pytest.mark.gpu
+def test_on_cuda_in_bf16_the_fused_step_keeps_loss_and_gradients(tiny_models):
+    model = _model(tiny_models, "qwen2_5_vl").cuda()
+    ids = (torch.arange(3, 43).reshape(2, 20) % 100 + 3).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, grads, _ = _loss_and_grads(model, ids)
+        with fused_lora():
+            fused, fused_grads, calls = _loss_and_grads(model, ids)
+    assert calls == 0
+    assert abs(fused - loss) < 2e-2 * max(1.0, abs(loss)), (fused, loss)
+    for name, g in grads.items():  # bf16 matmuls: compare directions, not digits
+        cos = torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.99, (name, cos.item())

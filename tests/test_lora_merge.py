@@ -107,3 +107,20 @@ def test_prediction_merges_and_keeps_the_scores(tiny_models, tmp_path):
     assert calls[0] == 0  # the default merges
     assert list(fast["pred"]) == list(plain["pred"])
     np.testing.assert_allclose(fast[prob_columns(labels)], plain[prob_columns(labels)], atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_on_cuda_in_bf16_merged_logits_match_and_the_base_is_restored(tiny_models):
+    _, model = _model(tiny_models, "qwen2_5_vl", "model.dtype=bfloat16")
+    model = model.cuda()
+    layers = mergeable_layers(model)
+    copies = [m.get_base_layer().weight.detach().clone() for m in layers]
+    ids = (torch.arange(3, 43).reshape(2, 20) % 100 + 3).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = model(input_ids=ids).logits.float()
+        with merged_lora(model) as n:
+            merged = model(input_ids=ids).logits.float()
+    assert n == len(layers) > 0
+    assert (merged.argmax(-1) == plain.argmax(-1)).float().mean() > 0.95
+    torch.testing.assert_close(merged, plain, rtol=0.05, atol=0.05)
+    assert all(torch.equal(m.get_base_layer().weight, c) for m, c in zip(layers, copies, strict=True))
