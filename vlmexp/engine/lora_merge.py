@@ -4,8 +4,8 @@ Unmerged, every adapted linear layer runs its base matmul plus the adapter's two
 scaling multiply and an add over the layer's whole output: for a 3B's gate/up projections that is
 tokens x 11008 values read and written twice more per layer. In the 3B's cached prediction profile
 (run AB, docs/performance.md) elementwise `mul`/`add`/`copy` took 19% of the kernel time. With the
-adapter folded in (W' = W + scale * B @ A, summed in fp32, stored in the weight's dtype) a layer is one
-matmul, as merged inference servers run it.
+adapter folded in (W' = W + scale * B @ A, one addmm per layer, summed in fp32, stored in the weight's
+dtype) a layer is one matmul, as merged inference servers run it.
 
 Why a copy rather than peft's `merge()`/`unmerge()`: those add and subtract the delta in place, and in
 bf16 W + d - d is not W. With `speed.reuse_base` every fold's adapter sits on the one base loaded per
@@ -50,6 +50,8 @@ def mergeable_layers(model: torch.nn.Module) -> list[LoraLinear]:
         if (
             len(active) != 1
             or active[0] in module.lora_variant
+            or module.fan_in_fan_out  # a (in, out) weight, e.g. GPT-2's Conv1D
+            or module.lora_B[active[0]].bias is not None  # peft's lora_bias: a bias to fold as well
             or type(base) is not torch.nn.Linear
             or not base.weight.is_floating_point()
             or base.weight.is_meta  # offloaded by accelerate's hooks: the weight lives elsewhere
@@ -95,8 +97,12 @@ def merged_lora(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
             for module in layers:
                 base, adapter = module.get_base_layer(), module.active_adapters[0]
                 weight = base.weight
-                delta = module.get_delta_weight(adapter).to(device=weight.device, dtype=torch.float32)
-                merged = (weight.float() + delta).to(weight.dtype)
+                # W + s * B @ A in one GEMM, summed in fp32 and rounded once. A and B in the weight's
+                # dtype, as the bf16 training forward cast them under autocast.
+                lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                merged = torch.addmm(
+                    weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=module.scaling[adapter]
+                )
                 base.weight = torch.nn.Parameter(merged, requires_grad=False)
                 # peft's own switch: a disabled layer runs base_layer(x) only (its `merged` flag stays
                 # False, so peft never tries to unmerge the swapped-in weight).
