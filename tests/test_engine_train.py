@@ -353,3 +353,34 @@ def test_training_steps_do_not_sync_on_the_loss(tiny_models, colours, tmp_path, 
     monkeypatch.setattr(torch, "isnan", counting_isnan)
     trainer.train()
     assert trainer.state.global_step == 2 and not loss_checks
+
+
+@pytest.mark.parametrize(("f1s", "best_step"), [((0.2, 0.9), 4), ((0.9, 0.2), 2)])
+def test_no_checkpoint_at_the_last_step_and_the_best_weights_kept(
+    f1s, best_step, tiny_models, colours, tmp_path, monkeypatch
+):
+    """2 epochs of 2 steps, validated after each: only checkpoint-2 is written (SkipFinalSave). Best last:
+    the weights in memory are the fold's; best first: checkpoint-2's weights are loaded back."""
+    from vlmexp.engine.callbacks import EvalCallback
+
+    cfg = _cfg(tiny_models, "qwen2_vl", epochs=2.0, lr=5e-3, batch_size=4)
+    processor = load_processor(cfg)
+    model = load_model(cfg, training=True)
+    scores = iter(f1s)
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def scripted(self, model, step=None):
+        weights[step] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        f1 = next(scores)
+        return {"eval_accuracy": f1, "eval_macro_f1": f1, "eval_unparsed": 0, "eval_seconds": 0.0}
+
+    monkeypatch.setattr(EvalCallback, "metrics", scripted)
+    train, val = _samples(colours[:8], cfg), _samples(colours[64:68], cfg, with_answer=False)
+    result = train_fold(cfg, model, processor, train, val, LABELS, tmp_path)
+    assert sorted(weights) == [2, 4]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert result.best_metric == 0.9 and result.best_epoch == best_step / 2
+    assert not torch.equal(weights[2][next(iter(weights[2]))], weights[4][next(iter(weights[4]))])
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(p.detach(), weights[best_step][name], rtol=0, atol=0, msg=name)

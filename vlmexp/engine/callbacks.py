@@ -119,6 +119,21 @@ class SkipRepeatedSave(TrainerCallback):
             control.should_save = False
 
 
+class SkipFinalSave(TrainerCallback):
+    """No trainer checkpoint at the last step: the fold's adapter is saved right after training, and a
+    kill before that resumes from the previous checkpoint (one epoch of a 2-epoch fold again, the same
+    weights). Each checkpoint holds the optimizer state; on a 3B demo run the five final ones were
+    about 2.5 s of 4.9 s checkpointing (run AD, docs/performance.md). When the last step scored best,
+    `train_fold` keeps the weights in memory instead of loading a checkpoint that was never written."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_save = False
+
+    # after EvalCallback's on_evaluate in the list, which asks for a checkpoint at every evaluation
+    on_epoch_end = on_evaluate = on_step_end
+
+
 class LogRelay(TrainerCallback):
     """Pass each trainer log to `on_log`, with the step, e.g.
     {"step": 12, "max_steps": 60, "epoch": 0.6, "loss": 1.93, "lr": 1.8e-4, ...}."""

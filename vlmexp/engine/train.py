@@ -10,10 +10,10 @@ The completion is tokenised on its own, exactly as `predict` scores it.
 
 Validation accuracy/macro-F1 come from `predict` on the fold's validation samples (EvalCallback),
 logged through the trainer to every tracker (train.report_to) and to the fold's log.jsonl. The fold
-checkpoints every epoch (or train.save_every steps) and after every evaluation, keeping the last and
-the best; a rerun after kill -9 resumes from the last (weights, optimizer, scheduler, RNG, data
-order: the trainer's own resume_from_checkpoint), and the best checkpoint is loaded at the end and
-saved as the fold's adapter.
+checkpoints every epoch (or train.save_every steps) and after every evaluation but the last step's,
+keeping the last and the best; a rerun after kill -9 resumes from the last (weights, optimizer,
+scheduler, RNG, data order: the trainer's own resume_from_checkpoint). At the end the best weights
+(in memory when the last step scored best, else its checkpoint) are saved as the fold's adapter.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from trl import SFTTrainer
 
 from vlmexp.config import Config
 from vlmexp.engine import autobatch, buckets, cls_head, speed
-from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipRepeatedSave
+from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipFinalSave, SkipRepeatedSave
 from vlmexp.engine.causal_only import RIGHT_PADDED, right_padded, without_padding_mask
 from vlmexp.engine.compile import dynamic_shapes
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
@@ -128,7 +128,13 @@ def train_fold(
         evaluator = EvalCallback(cfg, processor, val_samples, labels, caches=caches)
     elif cfg.train.eval:
         log.warning("train.eval is on but the fold has no validation samples: keeping the final weights")
-    callbacks = [evaluator, SkipRepeatedSave(), JsonlLog(out.log), LogRelay(on_log) if on_log else None]
+    callbacks = [
+        evaluator,
+        SkipRepeatedSave(),
+        SkipFinalSave(),
+        JsonlLog(out.log),
+        LogRelay(on_log) if on_log else None,
+    ]
     # model.head=cls: prompt-only rows and cross-entropy on a linear head (engine/cls_head.py)
     build = cls_head.trainer_builder(train_samples, labels) if cfg.model.head == "cls" else build_trainer
     trainer = build(
@@ -165,10 +171,12 @@ def train_fold(
 
     best_metric = best_epoch = val_table = None
     state = trainer.state
-    if evaluator is not None and state.best_model_checkpoint:
-        # Found by its folder name: the run folder may have moved since the checkpoint was written.
-        state.best_model_checkpoint = str(out.checkpoints / Path(state.best_model_checkpoint).name)
-        trainer._load_best_model()  # the trainer's own loader: adapter, full model, FSDP or DeepSpeed
+    if evaluator is not None and state.best_global_step:
+        # The last step's weights are in memory and were not checkpointed (SkipFinalSave): load only an
+        # earlier best, found by its folder name (the run folder may have moved since it was written).
+        if state.best_global_step != state.global_step:
+            state.best_model_checkpoint = str(out.checkpoints / f"checkpoint-{state.best_global_step}")
+            trainer._load_best_model()  # the trainer's own loader: adapter, full model, FSDP or DeepSpeed
         best_metric = state.best_metric
         best_epoch = next(
             e["epoch"]
