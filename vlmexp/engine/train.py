@@ -427,7 +427,9 @@ def build_trainer(
     trainer.vision_cache, trainer.encoder, trainer.evaluator = vision, caches.encoder, evaluator
     trainer.lora_bf16_inputs = cfg.speed.lora_bf16_inputs
     trainer.causal_only = cfg.speed.causal_only
-    trainer.lora_fused = cfg.speed.lora_fused
+    # FSDP folds keep peft's forward: the fused one reads lora_B's weight outside its module call,
+    # which no sharded run has been tested with
+    trainer.lora_fused = cfg.speed.lora_fused and not fsdp_launch.in_sharded_fold()
     trainer.attention = functools.partial(speed.attention_backends, cfg)
     return trainer
 
