@@ -81,7 +81,9 @@ def test_off_or_unmergeable_runs_the_adapters(tiny_models):
     assert len(mergeable_layers(plain)) == 2
 
 
-def test_prediction_merges_and_keeps_the_scores(tiny_models, tmp_path):
+def test_prediction_merges_and_keeps_the_scores(tiny_models, tmp_path, monkeypatch):
+    import vlmexp.engine.lora_merge as lora_merge
+
     cfg, model = _model(tiny_models)
     processor = load_processor(cfg)
     rng = np.random.default_rng(0)
@@ -99,6 +101,10 @@ def test_prediction_merges_and_keeps_the_scores(tiny_models, tmp_path):
         with_answer=False,
     )
     calls = _lora_a_calls(model)
+    fast = predict(cfg, model, processor, samples[:1], labels, progress=False)
+    assert calls[0] > 0  # one image (e.g. a served request): merging would cost more than it saves
+    calls[0] = 0
+    monkeypatch.setattr(lora_merge, "MIN_SAMPLES", 4)  # this test's 4 images count as a large call
     off = dataclasses.replace(cfg, speed=dataclasses.replace(cfg.speed, predict_merge=False))
     plain = predict(off, model, processor, samples, labels, progress=False)
     assert calls[0] > 0

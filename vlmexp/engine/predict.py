@@ -71,7 +71,7 @@ def predict(
     # speed.compile's layers serve training; forwards with a KV cache recompile per layer (compile.py).
     # The merged weights are made outside inference mode: they become parameters for the pass.
     with (
-        merged_lora(model, enabled=cfg.speed.predict_merge),
+        merged_lora(model, enabled=cfg.speed.predict_merge, samples=len(samples)),
         torch.inference_mode(),
         low,
         speed.attention_backends(cfg),
