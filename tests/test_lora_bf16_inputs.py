@@ -133,7 +133,10 @@ def test_the_trainer_step_turns_the_cast_off_and_back_on(tiny_models, tmp_path, 
     trainer.current_gradient_accumulation_steps = 1  # set by train(), which this step runs outside of
     monkeypatch.setattr(train, "autocasting", lambda _t: True)  # as under a GPU's bf16 autocast
     trainer.training_step(trainer.model, batch)
+    found = trainer._tuner_layers
+    assert found is not None and found[1] == layers  # every peft layer, found once for the fold
     monkeypatch.setattr(train, "autocasting", lambda _t: False)  # fp32 CPU training: nothing changes
     trainer.training_step(trainer.model, batch)
     assert layers and during == [{False}, {True}]
+    assert trainer._tuner_layers is found  # the second step did not walk the model again
     assert {getattr(m, "cast_input_dtype_enabled", True) for m in layers} == {True}  # back on after
