@@ -49,6 +49,36 @@ def tiny_model_dir(tiny_models):
 
 
 @pytest.fixture
+def noise_samples(tmp_path):
+    """`noise_samples(cfg, labels) -> list[dict]`: prediction samples (no answer, baseline template) of
+    4 random-noise images 40 px high and 48, 56, 64, 72 px wide, so a batch of them pads."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from vlmexp.engine.samples import build_samples
+    from vlmexp.prompts import load_template
+
+    def make(cfg, labels: list[str]) -> list[dict]:
+        rng = np.random.default_rng(0)
+        rows = []
+        for i in range(4):
+            path = tmp_path / f"{i}.png"
+            Image.fromarray(rng.integers(0, 255, (40, 48 + 8 * i, 3), dtype=np.uint8)).save(path)
+            rows.append({"id": str(i), "image": str(path)})
+        return build_samples(
+            pd.DataFrame(rows),
+            labels=labels,
+            descriptions={},
+            template=load_template("baseline"),
+            cfg=cfg,
+            with_answer=False,
+        )
+
+    return make
+
+
+@pytest.fixture
 def finished_folds():
     """A factory of recipe.Experiment whose 2 folds are 'finished' with hand-written one-hot tables
     (fold k holds rows k, k+2, ...), for `finalize` without a model:

@@ -64,17 +64,13 @@ def test_only_under_autocast():
     assert not autocasting(SimpleNamespace())
 
 
-def test_bf16_prediction_runs_lora_in_bf16_and_keeps_the_predictions(tiny_models, tmp_path):
+def test_bf16_prediction_runs_lora_in_bf16_and_keeps_the_predictions(tiny_models, noise_samples):
     import dataclasses
 
     import numpy as np
-    import pandas as pd
-    from PIL import Image
 
     from vlmexp.engine.predict import predict
-    from vlmexp.engine.samples import build_samples
     from vlmexp.models.load import load_processor
-    from vlmexp.prompts import load_template
     from vlmexp.tables import prob_columns
 
     model = _lora_model(tiny_models)
@@ -83,16 +79,8 @@ def test_bf16_prediction_runs_lora_in_bf16_and_keeps_the_predictions(tiny_models
         [f"model.name={tiny_models('qwen2_vl')}", "model.dtype=bfloat16", "speed.predict_merge=false"]
     )
     processor = load_processor(cfg)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 48 + 8 * i, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        rows.append({"id": str(i), "image": str(tmp_path / f"{i}.png")})
     labels = ["red", "green", "blue"]
-    tpl = load_template("baseline")
-    samples = build_samples(
-        pd.DataFrame(rows), labels=labels, descriptions={}, template=tpl, cfg=cfg, with_answer=False
-    )
+    samples = noise_samples(cfg, labels)
     seen: set[torch.dtype] = set()
     for n, m in model.named_modules():
         if n.endswith("lora_A.default"):

@@ -6,17 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from vlmexp.config import load_config
 from vlmexp.engine.lora_merge import mergeable_layers, merged_lora
 from vlmexp.engine.predict import predict
-from vlmexp.engine.samples import build_samples
 from vlmexp.models.load import load_model, load_processor
-from vlmexp.prompts import load_template
 from vlmexp.tables import prob_columns
 
 
@@ -81,25 +77,13 @@ def test_off_or_unmergeable_runs_the_adapters(tiny_models):
     assert len(mergeable_layers(plain)) == 2
 
 
-def test_prediction_merges_and_keeps_the_scores(tiny_models, tmp_path, monkeypatch):
+def test_prediction_merges_and_keeps_the_scores(tiny_models, noise_samples, monkeypatch):
     import vlmexp.engine.lora_merge as lora_merge
 
     cfg, model = _model(tiny_models)
     processor = load_processor(cfg)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 48 + 8 * i, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        rows.append({"id": str(i), "image": str(tmp_path / f"{i}.png")})
     labels = ["red", "green", "blue"]
-    samples = build_samples(
-        pd.DataFrame(rows),
-        labels=labels,
-        descriptions={},
-        template=load_template("baseline"),
-        cfg=cfg,
-        with_answer=False,
-    )
+    samples = noise_samples(cfg, labels)
     calls = _lora_a_calls(model)
     fast = predict(cfg, model, processor, samples[:1], labels, progress=False)
     assert calls[0] > 0  # one image (e.g. a served request): merging would cost more than it saves
