@@ -23,13 +23,13 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import pandas as pd
 import torch
-from peft.helpers import disable_input_dtype_casting
 from rich.progress import Progress
 
 from vlmexp.config import Config
 from vlmexp.engine import speed
 from vlmexp.engine.compile import eager_blocks
 from vlmexp.engine.encode import RunCaches, append_left_padded, stackable
+from vlmexp.engine.lora_inputs import no_input_cast, peft_layers
 from vlmexp.engine.lora_merge import merged_lora
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.engine.scoring import score_candidates
@@ -115,7 +115,7 @@ def low_precision(model) -> Iterator[None]:
         yield
         return
     device = next(model.parameters()).device.type
-    with torch.autocast(device, dtype=dtype), disable_input_dtype_casting(model):
+    with torch.autocast(device, dtype=dtype), no_input_cast(peft_layers(model)):
         yield
 
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import pandas as pd
 from datasets import Dataset
-from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PrinterCallback, Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -45,6 +44,7 @@ from vlmexp.engine.causal_only import RIGHT_PADDED, right_padded, without_paddin
 from vlmexp.engine.compile import dynamic_shapes
 from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
 from vlmexp.engine.lora_fused import fused_lora
+from vlmexp.engine.lora_inputs import no_input_cast, peft_layers
 from vlmexp.engine.mix import mix_samples
 from vlmexp.engine.samples import to_prompt_completion
 from vlmexp.engine.train_args import sft_config
@@ -314,7 +314,7 @@ class _SFTTrainer(SFTTrainer):
         # and add run in lora_B's GEMM (engine/lora_fused.py).
         causal = inputs.pop(RIGHT_PADDED, False) and self.causal_only
         with (
-            _no_input_cast(self._peft_layers(model), active=self.lora_bf16_inputs and autocasting(self)),
+            no_input_cast(self._peft_layers(model), active=self.lora_bf16_inputs and autocasting(self)),
             self.attention(),
             without_padding_mask(model) if causal else nullcontext(),
             fused_lora(active=self.lora_fused),
@@ -322,11 +322,9 @@ class _SFTTrainer(SFTTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def _peft_layers(self, model) -> list:
-        # peft.helpers.disable_input_dtype_casting finds the layers by walking all modules on entry and
-        # exit, every step: 3,361 modules of a LoRA-wrapped 3B, 14 ms a step on a CI core. A fold's
-        # model keeps its layers, so they are found once.
+        # A fold's model keeps its peft layers: found once, not at every step (engine/lora_inputs.py)
         if self._tuner_layers is None or self._tuner_layers[0] != id(model):
-            self._tuner_layers = (id(model), [m for m in model.modules() if isinstance(m, BaseTunerLayer)])
+            self._tuner_layers = (id(model), peft_layers(model))
         return self._tuner_layers[1]
 
     def floating_point_ops(self, inputs) -> int:
@@ -367,23 +365,6 @@ class _SFTTrainer(SFTTrainer):
         Trainer.log(self, metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
-
-
-@contextmanager
-def _no_input_cast(layers: list, active: bool):
-    """peft.helpers.disable_input_dtype_casting over a known list of layers: LoRA takes its input in
-    the autocast dtype instead of copying it to its fp32 weights' dtype; each layer's switch restored."""
-    if not active:
-        yield
-        return
-    saved = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for m, value in zip(layers, saved, strict=True):
-            m.cast_input_dtype_enabled = value
 
 
 def autocasting(trainer) -> bool:
