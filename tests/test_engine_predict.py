@@ -106,6 +106,28 @@ def test_batched_equals_one_by_one(family, mode, tiny_models, rows):
         np.testing.assert_allclose(batched[probs].sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_batches_go_longest_prompt_first_and_rows_come_back_in_order(tiny_models, rows, monkeypatch):
+    """predict() batches by prompt length (less padding) and returns rows in the samples' order."""
+    cfg, model, processor, samples = _setup(tiny_models, "qwen2_5_vl", rows)
+    cfg.predict.batch_size = 2
+    seen: list[str] = []
+    real = predict_mod._score_rows
+
+    def spy(cfg, model, processor, batch, *args, **kwargs):
+        seen.extend(s["id"] for s in batch)
+        return real(cfg, model, processor, batch, *args, **kwargs)
+
+    monkeypatch.setattr(predict_mod, "_score_rows", spy)
+    table = predict(cfg, model, processor, samples, LABELS, progress=False)
+    length = {}
+    for s in samples:
+        prompt = split_turn(processor, s["messages"]).prompt
+        length[s["id"]] = _encode(processor, [prompt], [s["images"]])["input_ids"].shape[1]
+    assert [length[i] for i in seen] == sorted(length.values(), reverse=True)
+    assert seen != [s["id"] for s in samples]  # the rows' own order is not by length
+    assert table["id"].tolist() == [s["id"] for s in samples]
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "smolvlm", "qwen3_5"])
 def test_reasoning_variant_generates_to_the_marker_then_scores(family, tiny_models, rows):
     cfg, model, processor, samples = _setup(tiny_models, family, rows, prompt="reason_label")
@@ -131,10 +153,12 @@ def test_cut_at_marker():
 def test_generate_parses_and_counts_failures(tiny_models, rows, monkeypatch, caplog):
     cfg, model, processor, samples = _setup(tiny_models, "qwen2_vl", rows)
     cfg.predict.mode = "generate"
-    answers = iter(["red", " Label_B.", "no idea", "退款页面\nbecause", "label"])
+    texts = ["red", " Label_B.", "no idea", "退款页面\nbecause", "label"]
+    answers = {s["id"]: text for s, text in zip(samples, texts, strict=True)}
 
     def fake_generate(cfg, model, processor, batch, turns, stop=None):
-        return [next(answers) for _ in batch]
+        # by sample: predict() batches the samples longest prompt first, not in their order
+        return [answers[s["id"]] for s in batch]
 
     monkeypatch.setattr(predict_mod, "_generate", fake_generate)
     with caplog.at_level(logging.WARNING):

@@ -83,7 +83,7 @@ def test_prepass_pixels_equal_the_rows_pixels(family, tiny_models, table):
         assert torch.equal(train_enc.pixels[key], pix), key
         assert torch.equal(prompt_enc.pixels[key], pix), key
     # the grouping's guess from the image size alone is the grid the processor gives
-    guesses = [vision_prepass._grid_guess(processor.image_processor, im) for im in images]
+    guesses = [vision_prepass.grid_guess(processor.image_processor, im) for im in images]
     assert guesses == [tuple(g[1:]) for g in got["image_grid_thw"].tolist()]
 
 
@@ -141,6 +141,58 @@ def test_a_full_cache_budget_stops_the_prepass(tiny_models, table):
     caches = RunCaches.for_run(cfg, processor)
     counts = vision_prepass.encode_images(model, processor, images, caches.vision_for(model), progress=False)
     assert counts == {"images": 0, "calls": 0, "sizes": 0, "budget_full": True}
+
+
+def test_the_next_batch_pixels_are_built_while_the_tower_runs(tiny_models, table, monkeypatch):
+    """The image processor for batch j+1 runs in a worker thread during batch j's tower call: the tower
+    call here waits until the next batch's pixels have started, which a loop that builds them after
+    the call would never do (the wait would time out)."""
+    import threading
+
+    cfg = _cfg(tiny_models, "qwen2_5_vl")
+    processor = load_processor(cfg)
+    model = load_model(cfg, training=True)
+    caches = RunCaches.for_run(cfg, processor)
+    cache = caches.vision_for(model)
+    started: list[threading.Event] = []
+    threads: set[str] = set()
+    real_inputs, real_features = vision_prepass.image_inputs, cache.features
+
+    def inputs(processor, images, memo=None):
+        threads.add(threading.current_thread().name)
+        started.append(threading.Event())
+        started[-1].set()
+        return real_inputs(processor, images, memo=memo)
+
+    overlapped = []
+
+    def features(model, keys, *args):
+        calls = len(overlapped)
+        if calls + 1 < 3:  # 3 batches: the first two tower calls have a next batch to overlap with
+            overlapped.append(_wait_for(started, calls + 1))
+        else:
+            overlapped.append(True)
+        return real_features(model, keys, *args)
+
+    monkeypatch.setattr(vision_prepass, "image_inputs", inputs)
+    monkeypatch.setattr(cache, "features", features)
+    images = vision_prepass.fold_images(cfg, _samples(table, cfg), [], [])
+    counts = vision_prepass.encode_images(model, processor, images, cache, max_images=3, progress=False)
+    assert counts["calls"] == 3 and counts["images"] == 8
+    assert overlapped == [True, True, True]
+    assert threads and threading.current_thread().name not in threads
+
+
+def _wait_for(started: list, index: int, timeout: float = 5.0) -> bool:
+    """Whether the `index`-th image processor call has started within `timeout` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if len(started) > index:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def test_no_prepass_where_the_cache_does_not_serve(tiny_models, table):

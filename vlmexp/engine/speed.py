@@ -8,6 +8,7 @@ result to the plain model:
 - the vision tower levers `speed.vision_pad` and `speed.vision_compile` (`vision_speed.prepare_tower`,
   which does nothing when the run trains the tower: lora.vision=true or finetune=full),
 - the RMSNorms as torch's fused kernel when `speed.fused_norm` (`fused_norm.fuse_norms`),
+- SwiGLU and RoPE as liger-kernel's fused kernels when `speed.liger` and nothing compiles (`liger_ops.fuse`),
 - torch.compile of the decoder layers when `speed.compile` (`compile.compile_blocks`),
 and records what it applied on the unwrapped base module (attribute `_vlmexp_speed`, {lever: count}).
 Every later call on a model over the same base returns that record and changes nothing: the fold's
@@ -38,6 +39,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from vlmexp.engine import liger_ops
 from vlmexp.engine.compile import compile_blocks, dynamic_shapes
 from vlmexp.engine.fused_norm import fuse_norms
 from vlmexp.engine.vision_speed import patch_vision_attention, prepare_tower
@@ -76,6 +78,7 @@ def prepare(model: torch.nn.Module, cfg, *, vision_patch: bool = True) -> dict:
         "compile": cfg.speed.compile,
         "compile_dynamic": dynamic_shapes(cfg),
         "fused_norm": cfg.speed.fused_norm,
+        "liger": cfg.speed.liger,
     }
     done = base.__dict__.get(_APPLIED)
     if done is not None:
@@ -93,6 +96,9 @@ def prepare(model: torch.nn.Module, cfg, *, vision_patch: bool = True) -> dict:
     done |= prepare_tower(model, cfg)
     if cfg.speed.fused_norm:
         done["fused_norm"] = fuse_norms(model)
+    if cfg.speed.liger and not compiles(model, cfg) and not cfg.speed.vision_compile:
+        # compiled layers fuse this elementwise work themselves; dynamo is not asked to trace Triton
+        done |= liger_ops.fuse(model)
     if compiles(model, cfg):
         done["compile"] = compile_blocks(model, dynamic=dynamic_shapes(cfg))
     base.__dict__[_APPLIED], base.__dict__[_ASKED] = done, asked

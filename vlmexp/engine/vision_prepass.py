@@ -15,8 +15,9 @@ Pixels are computed as the processor computes them inside a row (its own keyword
 processor, as transformers' `ProcessorMixin.__call__` does); tests/test_vision_prepass.py checks them
 against `Encoder.train_row` and `prompt_row`. They go through the run Encoder's `PixelMemo`, so those
 rows then take each image's grid from it instead of computing the image again. A batch's pixels are
-built on the CPU while the GPU still runs the previous call (CUDA kernels are queued, nothing here
-waits for them).
+built in a worker thread while the main thread runs the tower on the previous batch (each tower call
+ends in a sync, so building them in between left the GPU idle for the image processor's time), and
+handed over in page-locked memory for an asynchronous copy.
 
 Only where the cache serves the model (`RunCaches.vision_for`: a frozen Qwen-VL-style tower, Qwen2/2.5/3-VL
 and Qwen3.5). Gemma 3's cached features are computed by its first batches instead (one fixed-size crop per
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import torch
@@ -100,7 +102,7 @@ def encode_images(
             todo[k] = img
     groups: dict[tuple, list[str]] = defaultdict(list)
     for k, img in todo.items():
-        groups[_grid_guess(processor.image_processor, img)].append(k)
+        groups[grid_guess(processor.image_processor, img)].append(k)
     counts = {"images": 0, "calls": 0, "sizes": 0, "budget_full": False}
     if not todo:
         return counts
@@ -109,26 +111,34 @@ def encode_images(
     grids: set[tuple[int, ...]] = set()
     own = progress is True
     bar = Progress(transient=True) if own else (progress or None)
-    with phase("vision_tower"), bar if own else nullcontext():
+    batches = [g[i : i + max_images] for g in groups.values() for i in range(0, len(g), max_images)]
+    pin = param.device.type == "cuda"
+
+    def pixels_of(keys: list[str]) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+        # Runs in the worker thread while the GPU runs the tower on the previous batch. No `phase()`
+        # here: the timer's phase stack belongs to the main thread, which charges its wait to "encode".
+        return _by_grid(keys, image_inputs(processor, [todo[k] for k in keys], memo=memo), pin)
+
+    with (
+        phase("vision_tower"),
+        bar if own else nullcontext(),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmexp-pixels") as pool,
+    ):
         task = bar.add_task("vision pre-pass", total=len(todo)) if bar else None
-        for keys in (g[i : i + max_images] for g in groups.values() for i in range(0, len(g), max_images)):
+        pending = pool.submit(pixels_of, batches[0])
+        for j, keys in enumerate(batches):
             if cache.bytes_left <= 0:
                 counts["budget_full"] = True
+                pending.cancel()
                 break
             with phase("encode"):
-                inputs = image_inputs(processor, [todo[k] for k in keys], memo=memo)
-            grid, pixels = inputs["image_grid_thw"], inputs["pixel_values"]
-            chunks = pixels.split(grid.prod(-1).tolist())
-            # Normally one call: a guessed group whose real grids differ (a processor setting the guess
-            # does not know) is split, so every call still sees one image size.
-            by_grid: dict[tuple, list[int]] = defaultdict(list)
-            for i, g in enumerate(grid.tolist()):
-                by_grid[tuple(g)].append(i)
-            for g, idx in by_grid.items():
-                sub = [keys[i] for i in idx]
-                pix = torch.cat([chunks[i] for i in idx]).to(param.device, param.dtype)
-                cache.features(model, sub, grid[idx].to(param.device), pix, range(len(sub)))
-                grids.add(g)
+                calls = pending.result()
+            # The next batch's pixels are computed on the CPU while this one's tower calls run.
+            pending = pool.submit(pixels_of, batches[j + 1]) if j + 1 < len(batches) else None
+            for sub, grid, pix in calls:
+                pix = pix.to(param.device, param.dtype, non_blocking=pin)
+                cache.features(model, sub, grid.to(param.device), pix, range(len(sub)))
+                grids.add(tuple(grid[0].tolist()))
                 counts["calls"] += 1
                 counts["images"] += len(sub)
                 if encoder is not None:
@@ -139,6 +149,8 @@ def encode_images(
             if bar:
                 bar.advance(task, len(keys))
             if counts["budget_full"]:
+                if pending is not None:
+                    pending.cancel()
                 break
         if bar and not own:
             bar.remove_task(task)
@@ -156,6 +168,23 @@ def encode_images(
     return counts
 
 
+def _by_grid(keys: list[str], inputs: dict, pin: bool) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """(keys, image_grid_thw, pixel_values) per patch grid of one processor call: normally one, but a
+    guessed group whose real grids differ (a processor setting the guess does not know) is split, so
+    every tower call still sees one image size. `pin`: pixels in page-locked memory, so their copy to
+    the GPU runs without blocking the host (run AB: pageable copies left the GPU idle)."""
+    grid, pixels = inputs["image_grid_thw"], inputs["pixel_values"]
+    chunks = pixels.split(grid.prod(-1).tolist())
+    by_grid: dict[tuple, list[int]] = defaultdict(list)
+    for i, g in enumerate(grid.tolist()):
+        by_grid[tuple(g)].append(i)
+    out = []
+    for idx in by_grid.values():
+        pix = torch.cat([chunks[i] for i in idx])
+        out.append(([keys[i] for i in idx], grid[idx], pix.pin_memory() if pin else pix))
+    return out
+
+
 def image_inputs(processor, images: list[Image.Image], memo: PixelMemo | None = None) -> dict:
     """pixel_values and image_grid_thw of `images`, as the processor computes them inside a row: its
     keyword merge (defaults, the tokenizer's init kwargs), then `image_processor(images, **images_kwargs)`
@@ -169,7 +198,7 @@ def image_inputs(processor, images: list[Image.Image], memo: PixelMemo | None = 
     return processor.image_processor(images, **merged["images_kwargs"])
 
 
-def _grid_guess(image_processor, img: Image.Image) -> tuple:
+def grid_guess(image_processor, img: Image.Image) -> tuple:
     """The patch grid (h, w) the Qwen image processor will give `img`, from its size alone, to group
     images before computing any pixels: different sizes often share a grid (48x48 and 56x48 px, height
     x width, both give 4x4 patches in the tiny models; the demo's 600 images have 579 pixel sizes and 20
