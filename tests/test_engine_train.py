@@ -333,6 +333,37 @@ def test_bf16_training_on_cuda_feeds_lora_bf16_inputs_and_validates_between(tiny
     assert any(not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before)
 
 
+@pytest.mark.gpu
+def test_batches_reach_the_gpu_without_a_host_sync(tiny_models, colours, tmp_path):
+    # A blocking copy of each batch tensor waited for the GPU's queue to drain at every step's start.
+    from transformers import TrainerCallback
+
+    from vlmexp.bench.profile import SyncSites
+
+    class Watch(TrainerCallback):
+        def __init__(self):
+            self.syncs = SyncSites()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self.syncs.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.syncs.__exit__(None, None, None)
+
+    cfg = _cfg(tiny_models, "qwen2_vl", eval=False)
+    cfg.train.epochs = 3.0
+    processor = load_processor(cfg)
+    model = load_model(cfg, training=True).cuda()
+    watch = Watch()
+    dataset = training_dataset(cfg, processor, _samples(colours[:8], cfg))
+    trainer = build_trainer(cfg, model, processor, dataset, tmp_path, callbacks=[watch])
+    trainer.train()
+    assert sum(watch.syncs.sites.values()) > 0  # the watch works: trl's metrics still sync
+    assert not [site for site in watch.syncs.sites if "send_to_device" in site], watch.syncs.report(1)
+
+
 def test_training_steps_do_not_sync_on_the_loss(tiny_models, colours, tmp_path, monkeypatch):
     # transformers' NaN filter (`torch.isnan(loss)` as a bool) waits for each step's GPU work, so the
     # next batch cannot be collated while the backward runs; the project turns it off.

@@ -174,7 +174,7 @@ class SpeedConfig:
     predict_merge: bool = True  # LoRA folded into a copy of the base weights while predicting (lora_merge.py)
     cudnn_attention: bool = False  # let SDPA pick cuDNN's kernel: a graph build per new shape (speed.py)
     fused_norm: bool = True  # CUDA: Llama-style RMSNorm as torch's one fused kernel, same output
-    liger: bool = False  # CUDA + liger-kernel installed: SwiGLU and RoPE as its fused kernels (liger_ops.py)
+    liger: bool = True  # CUDA with liger-kernel (pip install ".[gpu]"): SwiGLU, RoPE as fused kernels
     causal_only: bool = True  # right-padded training batches: no padding mask, SDPA runs flash (same loss)
     lora_fused: bool = True  # training: LoRA's up-projection, scaling and add in one addmm (lora_fused.py)
     freeze_heap: bool = True  # gc.freeze() what lives all run (imports, data): full GCs skip it (heap.py)

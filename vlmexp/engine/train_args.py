@@ -209,6 +209,12 @@ def sft_config(
         "push_to_hub": False,
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
+        # accelerate copies each batch tensor to the GPU with a blocking copy unless told otherwise: 6 host
+        # syncs a step on the 3B (bench profile, VLMEXP_SYNC_DEBUG), each draining the GPU's queue at the
+        # step's start, so the GPU idled while the host set up the next forward. Pinned batches copied
+        # without blocking are queued behind the previous step's backward instead.
+        "dataloader_pin_memory": cuda,
+        "accelerator_config": {"non_blocking": cuda},
     }
     try:
         args = SFTConfig(**{**project, **t.args})
