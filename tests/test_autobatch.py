@@ -126,3 +126,21 @@ def test_compile_keeps_the_batch_and_uses_the_compiled_fit_for_checkpointing(tin
         "auto", model, 32, tokens, patches, free_bytes=free, compiled=True
     )
     assert need_on and not need_off  # batch 32 compiled fits without checkpointing, eager does not
+
+
+def test_memory_torch_caches_counts_as_free_so_later_folds_decide_as_the_first(monkeypatch):
+    # A run keeps torch's GPU cache between folds (recipe._free_memory); a fold that counted only the
+    # driver's free memory would see fold 0's cached activations as taken and pick a smaller batch.
+    import torch
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 70 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 8 * gib)
+    assert memory.free_gpu_bytes() == 72 * gib
+    monkeypatch.setattr(memory, "activation_bytes", lambda *a, **k: 40 * gib)
+    on, why = memory.gradient_checkpointing_needed("auto", None, 8, 512, 1024)
+    assert not on and "72.0 GiB free" in why  # 40 x 1.3 fits in 72, not in the driver's 10
+    batch, why = autobatch.choose(None, 512, 1024)
+    assert batch == autobatch.CANDIDATES[-1] and "fit in 72.0 GiB free" in why

@@ -151,6 +151,67 @@ def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path):
     assert last_checkpoint(tmp_path / "none") is None
 
 
+def test_a_checkpoint_whose_optimizer_write_did_not_finish_is_not_resumed_from(tmp_path):
+    # engine/async_save.py: the optimizer file is written after trainer_state.json, in the background;
+    # a kill before its rename leaves optimizer.pt.tmp beside a complete-looking state.
+    for step, pending in ((2, False), (4, True)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (d / ("optimizer.pt.tmp" if pending else "optimizer.pt")).write_bytes(b"x")
+    assert last_checkpoint(tmp_path).name == "checkpoint-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
+def test_the_optimizer_file_is_written_off_the_main_thread_with_the_state_at_save_time(tmp_path):
+    import threading
+
+    import torch
+
+    from vlmexp.engine import async_save
+
+    writer = async_save.BackgroundWriter()
+    threads = []
+    real_save = torch.save
+    release = threading.Event()
+
+    def slow_save(obj, path):
+        threads.append(threading.current_thread().name)
+        release.wait(5)  # the main thread goes on (and changes the live state) meanwhile
+        real_save(obj, path)
+
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    opt.step()
+    at_save = {k: v.clone() for k, v in opt.state[param].items()}
+    async_save.torch.save = slow_save
+    try:
+        writer.save(async_save.cpu_copy(opt.state_dict()), tmp_path / "optimizer.pt")
+        assert (tmp_path / "optimizer.pt.tmp").exists() and not (tmp_path / "optimizer.pt").exists()
+        opt.step()  # the next step updates the moments in place while the file is being written
+        release.set()
+        writer.wait()
+    finally:
+        async_save.torch.save = real_save
+    assert threads == ["vlmexp-checkpoint"]
+    saved = torch.load(tmp_path / "optimizer.pt", weights_only=True)["state"][0]
+    for key, value in at_save.items():
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
+    assert not torch.equal(saved["exp_avg"], opt.state[param]["exp_avg"])
+    assert not (tmp_path / "optimizer.pt.tmp").exists()
+
+
+def test_a_failed_background_write_is_raised(tmp_path):
+    from vlmexp.engine.async_save import BackgroundWriter
+
+    writer = BackgroundWriter()
+    writer.save({"a": lambda: 1}, tmp_path / "optimizer.pt")  # a lambda does not pickle: fails in the thread
+    with pytest.raises(RuntimeError, match="optimizer state failed"):
+        writer.wait()
+    assert not (tmp_path / "optimizer.pt").exists()  # never renamed: the checkpoint stays unfinished
+
+
 def test_a_fold_trained_before_a_kill_is_not_trained_again(tiny_models, tmp_path):
     """Killed after its adapter was saved (e.g. while predicting): the rerun loads the saved weights
     instead of training again the epochs after the best one from its checkpoint."""

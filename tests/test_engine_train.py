@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pandas as pd
@@ -406,10 +407,24 @@ def test_no_checkpoint_at_the_last_step_and_the_best_weights_kept(
         return {"eval_accuracy": f1, "eval_macro_f1": f1, "eval_unparsed": 0, "eval_seconds": 0.0}
 
     monkeypatch.setattr(EvalCallback, "metrics", scripted)
+    from vlmexp.engine import async_save
+
+    writers: list[str] = []
+    real_save = async_save.torch.save
+
+    def recorded_save(obj, path):
+        writers.append(threading.current_thread().name)
+        real_save(obj, path)
+
+    monkeypatch.setattr(async_save.torch, "save", recorded_save)
     train, val = _samples(colours[:8], cfg), _samples(colours[64:68], cfg, with_answer=False)
     result = train_fold(cfg, model, processor, train, val, LABELS, tmp_path)
     assert sorted(weights) == [2, 4]
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    # checkpoint-2's optimizer state was written by the background writer, and is complete on disk
+    assert "vlmexp-checkpoint" in writers
+    ckpt = tmp_path / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "optimizer.pt").exists() and not list(ckpt.glob("*.tmp"))
     assert result.best_metric == 0.9 and result.best_epoch == best_step / 2
     assert not torch.equal(weights[2][next(iter(weights[2]))], weights[4][next(iter(weights[4]))])
     for name, p in model.named_parameters():

@@ -249,7 +249,7 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
     )
     trained = model if exp.base.shared else None  # else freed before the prediction model loads
     del model, train_samples
-    _free_memory()
+    _free_memory(keep_cache=exp.base.shared)
     if not fsdp.is_main_process():
         return  # a sharded fold's other ranks only train; rank 0 predicts and writes the fold's files
 
@@ -270,7 +270,7 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
         test_k = _predict(cfg, model, exp.processor, exp.test_samples, labels, exp.caches, (exp.run, k))
     exp.base.release(model)
     del model
-    _free_memory()
+    _free_memory(keep_cache=exp.base.shared)
 
     write_table(oof, fdir / "oof.csv")
     write_table(test_k, fdir / "test.csv")
@@ -563,8 +563,14 @@ def _post_leaderboard_row(run: RunDir, cfg: Config) -> None:
         log.info("%s: row added to %s", run.root.name, cfg.leaderboard)
 
 
-def _free_memory() -> None:
+def _free_memory(keep_cache: bool = False) -> None:
+    """Collect the fold's garbage; give torch's cached GPU memory back to the driver unless `keep_cache`.
+    A run on one shared base (speed.reuse_base) keeps it: the next fold allocates the same activation
+    blocks again, and emptying the cache made it ask the driver for them anew (cudaMalloc, which
+    synchronises). Free-memory decisions count the cache as free (`memory.free_gpu_bytes`)."""
     gc.collect()
+    if keep_cache:
+        return
     try:
         import torch
 

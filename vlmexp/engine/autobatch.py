@@ -55,7 +55,7 @@ def choose(model, tokens: int, patches: int, free_bytes: int | None = None) -> t
     if free_bytes is None:
         if not torch.cuda.is_available():
             return BASE_BATCH, f"no GPU: the default {BASE_BATCH}"
-        free_bytes = torch.cuda.mem_get_info()[0]
+        free_bytes = memory.free_gpu_bytes()
 
     def need(b: int) -> int:
         return memory.activation_bytes(model, b, tokens, patches)

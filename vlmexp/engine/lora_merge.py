@@ -31,6 +31,8 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+from vlmexp.engine.memory import free_gpu_bytes
+
 log = logging.getLogger(__name__)
 
 # Free memory kept for the pass itself beyond the merged copies: a 3B batch of 32 prompts needs ~2 GiB
@@ -76,8 +78,7 @@ def _fits(layers: list[LoraLinear]) -> bool:
     if device.type != "cuda":
         return True  # host memory: the copy is the size of the adapted weights, as a checkpoint save is
     need = sum(w.numel() * w.element_size() for w in weights)
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's own cache
+    free = free_gpu_bytes(device)
     if need + _HEADROOM_BYTES + free // 10 <= free:
         return True
     log.info(

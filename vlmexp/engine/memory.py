@@ -49,6 +49,14 @@ def activation_bytes(
     return int(total)
 
 
+def free_gpu_bytes(device=None) -> int:
+    """Bytes a new allocation can get on the GPU: what the driver reports free plus what torch's caching
+    allocator holds unused. A run keeps its cache between folds (recipe.run_fold), so fold 1 sees the
+    memory fold 0's activations left cached as free, as fold 0 saw it, and decides the same batch."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def gradient_checkpointing_needed(
     setting: str,
     model: torch.nn.Module,
@@ -66,7 +74,7 @@ def gradient_checkpointing_needed(
     if free_bytes is None:
         if not torch.cuda.is_available():
             return False, "auto: CPU"
-        free_bytes = torch.cuda.mem_get_info()[0]
+        free_bytes = free_gpu_bytes()
     need = activation_bytes(model, batch_size, tokens, patches, compiled)
     fits = need * margin <= free_bytes
     why = (

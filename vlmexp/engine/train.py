@@ -31,14 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 from datasets import Dataset
 from transformers import PrinterCallback, Trainer
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from vlmexp.config import Config
 from vlmexp.engine import autobatch, buckets, cls_head, speed
+from vlmexp.engine.async_save import PENDING_SUFFIX, BackgroundWriter, cpu_copy
 from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipFinalSave, SkipRepeatedSave
 from vlmexp.engine.causal_only import RIGHT_PADDED, right_padded, without_padding_mask
 from vlmexp.engine.compile import dynamic_shapes
@@ -219,8 +222,9 @@ def last_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint in `folder`, e.g. checkpoint-12; None when there is none.
 
     A kill -9 while the trainer writes checkpoint-N leaves it without (or with half) its
-    trainer_state.json, which the trainer writes after the weights, optimizer and RNG: such a folder is
-    removed, and the fold resumes from the one before it."""
+    trainer_state.json, which the trainer writes after the weights, optimizer and RNG, or with the
+    optimizer's `.tmp` file of the background write (engine/async_save.py): such a folder is removed,
+    and the fold resumes from the one before it."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -231,6 +235,8 @@ def last_checkpoint(folder: Path) -> Path | None:
     for ckpt in reversed(found):
         try:
             json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+            if any(ckpt.glob(f"*{PENDING_SUFFIX}")):  # its optimizer file was still being written
+                raise OSError("unfinished write")
             return ckpt
         except (OSError, json.JSONDecodeError):
             log.warning("removing %s: written only in part (killed while saving)", ckpt)
@@ -301,6 +307,7 @@ class _SFTTrainer(SFTTrainer):
     attention: Callable[[], AbstractContextManager] = nullcontext  # speed.attention_backends (build_trainer)
     _n_params: int | None = None  # the model's parameters without embeddings, for floating_point_ops
     _tuner_layers: tuple[int, list] | None = None  # (id(model), its peft layers): found once a fold
+    _writer: BackgroundWriter | None = None  # checkpoints' optimizer files, written in the background
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Under bf16 autocast peft's LoRA layers copy every input to their weights' dtype (fp32), and
@@ -340,10 +347,32 @@ class _SFTTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial):
         with phase("checkpoint"):
+            self._wait_for_saves()  # the previous checkpoint's optimizer file first, then rotation
             return super()._save_checkpoint(model, trial)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        # The optimizer state written in a background thread (engine/async_save.py); FSDP, DeepSpeed and
+        # XLA keep transformers' own writers.
+        if not self.args.should_save or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        self._writer = self._writer or BackgroundWriter()
+        self._writer.save(cpu_copy(self.optimizer.state_dict()), Path(output_dir) / OPTIMIZER_NAME)
+        torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _wait_for_saves(self) -> None:
+        if self._writer is not None:
+            self._writer.wait()
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            with phase("checkpoint"):
+                self._wait_for_saves()  # every checkpoint complete on disk before the fold goes on
 
     def _load_best_model(self):
         with phase("checkpoint"):
+            self._wait_for_saves()
             return super()._load_best_model()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
