@@ -72,6 +72,11 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=write, name="vlmexp-checkpoint", daemon=True)
         self._thread.start()
 
+    @property
+    def pending(self) -> bool:
+        """Whether a write was started and not waited for."""
+        return self._thread is not None
+
     def wait(self) -> None:
         """Block until the last write is on disk; raise its error if it failed."""
         if self._thread is not None:

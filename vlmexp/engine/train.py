@@ -367,8 +367,9 @@ class _SFTTrainer(SFTTrainer):
         try:
             return super().train(*args, **kwargs)
         finally:
-            with phase("checkpoint"):
-                self._wait_for_saves()  # every checkpoint complete on disk before the fold goes on
+            if self._writer is not None and self._writer.pending:
+                with phase("checkpoint"):
+                    self._writer.wait()  # every checkpoint complete on disk before the fold goes on
 
     def _load_best_model(self):
         with phase("checkpoint"):

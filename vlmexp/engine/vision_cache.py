@@ -167,7 +167,14 @@ class VisionFeatureCache:
             pixel_index = range(len(keys))
         elif len(pixel_index) != (0 if pixel_values is None else pixel_values.shape[0]):
             raise ValueError(f"pixels of {len(pixel_index)} images expected, got {len(pixel_values)} crops")
-        todo = [(j, i) for j, i in enumerate(pixel_index) if keys[i] not in self._store]
+        # An image twice in one batch (a duplicate row; prediction's length order puts equal prompts
+        # side by side) goes through the tower once; its second place reads the first's features.
+        first: dict[str, int] = {}
+        todo = []
+        for j, i in enumerate(pixel_index):
+            if keys[i] not in self._store and keys[i] not in first:
+                first[keys[i]] = i
+                todo.append((j, i))
         fresh: dict[int, tuple[torch.Tensor, ...]] = {}
         if todo:
             with torch.no_grad(), phase("vision_tower"):
@@ -175,6 +182,9 @@ class VisionFeatureCache:
             for (_, i), feat in zip(todo, out.pooler_output, strict=True):
                 fresh[i] = (feat.detach(),)
                 self._keep(keys[i], fresh[i])
+        for i, k in enumerate(keys):  # a duplicate of an image the budget did not let the cache keep
+            if i not in fresh and k in first and k not in self._store:
+                fresh[i] = fresh[first[k]]
         feats = self._gather(keys, fresh, core.get_input_embeddings().weight.device)
         return {"image": BaseModelOutputWithPooling(pooler_output=torch.stack([f[0] for f in feats]))}
 
