@@ -1,4 +1,4 @@
-"""SwiGLU and RoPE as liger-kernel's fused Triton kernels (speed.liger, CUDA, when liger-kernel is installed).
+"""SwiGLU and RoPE as liger-kernel's fused Triton kernels (speed.liger: CUDA, liger-kernel installed).
 
 After the fused RMSNorm (`fused_norm.py`) and LoRA's fused add (`lora_fused.py`), the decoder layer's
 elementwise work left in an eager step is mostly the MLP's `silu(gate) * up` (two kernels over the
@@ -14,10 +14,12 @@ forward rounds silu's output first), and RoPE in the inputs' dtype as the plain 
 Which modules: an MLP whose `act_fn` is SiLU and whose class's forward gives `down(silu(gate(x)) *
 up(x))`, and an attention whose forward calls its module's `apply_rotary_pos_emb` where that function
 gives the half-rotation formula; both checked once per class/function on the CPU, as `fused_norm`
-checks norms. Gemma's GELU MLPs, Qwen2-VL's multimodal RoPE function and anything else keep their own
-code. Patched per instance: other models in the process are untouched. The attention's wrapper swaps
-its module's `apply_rotary_pos_emb` for the liger one during the call only (the forward looks the name
-up in its module), so a reference model of the same family in the process keeps the plain function.
+checks norms. Gemma's GELU MLPs, interleaved or otherwise different RoPE functions and anything else
+keep their own code (on the tiny families: Qwen2/2.5/3-VL, SmolVLM, LLaVA and Qwen3.5 get both, Gemma 3
+the RoPE only, Qwen3-VL-MoE's experts and Gemma 4 neither). Patched per instance: other models in the
+process are untouched. The attention's wrapper swaps its module's `apply_rotary_pos_emb` for the liger
+one during the call only (the forward looks the name up in its module), so a reference model of the
+same family in the process keeps the plain function.
 """
 
 from __future__ import annotations
@@ -91,9 +93,10 @@ def _mlp_same(module: torch.nn.Module) -> bool:
     cls = type(module)
     if cls not in _MLP_OK:
         gen = torch.Generator().manual_seed(0)
-        hidden = _in_features(module.gate_proj)
-        inner = _out_features(module.gate_proj)
-        ok = hidden is not None and inner is not None
+        # The formula does not depend on the sizes: small linears (8 -> 16) stand in for the real ones
+        # (2048 -> 11008 on the 3B, 270 MB of random weights for nothing).
+        hidden, inner = 8, 16
+        ok = _in_features(module.gate_proj) is not None and _out_features(module.gate_proj) is not None
         if ok:
             gate, up = torch.nn.Linear(hidden, inner, bias=False), torch.nn.Linear(hidden, inner, bias=False)
             down = torch.nn.Linear(inner, hidden, bias=False)

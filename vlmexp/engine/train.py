@@ -18,6 +18,7 @@ scheduler, RNG, data order: the trainer's own resume_from_checkpoint). At the en
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -351,8 +352,8 @@ class _SFTTrainer(SFTTrainer):
             return super()._save_checkpoint(model, trial)
 
     def _save_optimizer_and_scheduler(self, output_dir):
-        # The optimizer state written in a background thread (engine/async_save.py); FSDP, DeepSpeed and
-        # XLA keep transformers' own writers.
+        # The optimizer state written in a background thread (engine/async_save.py); FSDP and DeepSpeed
+        # keep transformers' own writers.
         if not self.args.should_save or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
         self._writer = self._writer or BackgroundWriter()
@@ -365,11 +366,16 @@ class _SFTTrainer(SFTTrainer):
 
     def train(self, *args, **kwargs):
         try:
-            return super().train(*args, **kwargs)
-        finally:
-            if self._writer is not None and self._writer.pending:
-                with phase("checkpoint"):
-                    self._writer.wait()  # every checkpoint complete on disk before the fold goes on
+            out = super().train(*args, **kwargs)
+        except BaseException:
+            if self._writer is not None:  # the training error is the one to see, not a write's after it
+                with contextlib.suppress(Exception):
+                    self._writer.wait()
+            raise
+        if self._writer is not None and self._writer.pending:
+            with phase("checkpoint"):
+                self._writer.wait()  # every checkpoint complete on disk before the fold goes on
+        return out
 
     def _load_best_model(self):
         with phase("checkpoint"):
