@@ -30,7 +30,7 @@ SYNC_OPS = (
     "cudaDeviceSynchronize",
     "cudaEventSynchronize",
 )
-_OURS = ("vlmexp/", "trl/", "transformers/", "peft/", "accelerate/")
+OURS = ("vlmexp/", "trl/", "transformers/", "peft/", "accelerate/")
 MIN_GAP_US = 50.0  # shorter gaps are launch latency between back-to-back kernels, not waiting
 
 
@@ -41,19 +41,19 @@ def _signature(event, frames: int = 3) -> str:
     named no callers in run AB), from the nearest stack on the op or its parents."""
     parts, node, stack = [event.name[:60]], event.cpu_parent, getattr(event, "stack", None)
     while node is not None and len(parts) <= frames:
-        if any(tag in node.name for tag in _OURS):
-            parts.append(_short(node.name))
+        if any(tag in node.name for tag in OURS):
+            parts.append(short_frame(node.name))
         stack = stack or getattr(node, "stack", None)
         node = node.cpu_parent
     if len(parts) == 1 and stack:  # innermost frame first, as torch lists them
-        parts += [_short(f) for f in stack if any(tag in f for tag in _OURS)][:frames]
+        parts += [short_frame(f) for f in stack if any(tag in f for tag in OURS)][:frames]
     return " <- ".join(parts)
 
 
-def _short(frame: str) -> str:
+def short_frame(frame: str) -> str:
     """'/usr/lib/python3/site-packages/trl/trainer/sft_trainer.py(1560): compute_loss' ->
     'trl/trainer/sft_trainer.py(1560): compute_loss'; also for a --target folder like /tmp/site."""
-    for tag in _OURS:
+    for tag in OURS:
         at = frame.find(tag)
         if at >= 0:
             return frame[at:][:90]

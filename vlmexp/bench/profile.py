@@ -26,7 +26,7 @@ import torch
 from torch.autograd import DeviceType
 from transformers import TrainerCallback
 
-from vlmexp.bench.gaps import gap_report
+from vlmexp.bench.gaps import OURS, gap_report, short_frame
 
 
 def enabled() -> bool:
@@ -45,9 +45,7 @@ def _profiler():
 class SyncSites:
     """Counts host syncs by call site while entered: torch warns at each synchronizing CUDA call in
     sync debug mode "warn"; the warning is caught and charged to the innermost frames of our code
-    and the libraries (e.g. "trl/trainer/sft_trainer.py:1643 compute_loss")."""
-
-    _OURS = ("vlmexp/", "trl/", "transformers/", "peft/", "accelerate/")
+    and the libraries (e.g. "trl/trainer/sft_trainer.py(1643): compute_loss"), as gap_report names them."""
 
     def __init__(self):
         self.sites: Counter[str] = Counter()
@@ -68,8 +66,8 @@ class SyncSites:
     def _record(self, message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return self._show(message, category, filename, lineno, file, line)
-        frames = [f for f in traceback.extract_stack()[:-1] if any(o in f.filename for o in self._OURS)]
-        site = " <- ".join(f"{_short_path(f.filename)}:{f.lineno} {f.name}" for f in frames[-1:-3:-1])
+        frames = [f for f in traceback.extract_stack()[:-1] if any(o in f.filename for o in OURS)]
+        site = " <- ".join(short_frame(f"{f.filename}({f.lineno}): {f.name}") for f in frames[-1:-3:-1])
         self.sites[site or f"{filename}:{lineno}"] += 1
 
     def report(self, steps: int) -> str:
@@ -77,13 +75,6 @@ class SyncSites:
         lines = [f"host syncs: {total} in {steps} steps ({total / max(steps, 1):.1f} a step), by site:"]
         lines += [f"  {n:5d}  {site}" for site, n in self.sites.most_common(25)]
         return "\n".join(lines) + "\n"
-
-
-def _short_path(path: str) -> str:
-    for marker in SyncSites._OURS:
-        if marker in path:
-            return marker + path.split(marker, 1)[1]
-    return path
 
 
 def _write(prof, name: str, wall_s: float, units: int, unit: str, extra: str = "") -> None:

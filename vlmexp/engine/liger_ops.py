@@ -70,7 +70,7 @@ def _reference_rope(q, k, cos, sin, unsqueeze_dim=1):
 
 def _mlp_candidate(module: torch.nn.Module) -> bool:
     names = ("gate_proj", "up_proj", "down_proj")
-    act = module.__dict__.get("act_fn", getattr(module, "act_fn", None))
+    act = getattr(module, "act_fn", None)
     return (
         all(hasattr(module, n) for n in names)
         and "forward" not in module.__dict__
