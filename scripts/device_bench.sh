@@ -110,7 +110,7 @@ for part in $parts; do
     predict-compile) cmd=(predict qwen2.5-vl-3b --images 128 --predict-batch-sizes 32 --compile); limit=230 ;;
     compile) cmd=(train qwen2.5-vl-3b --steps 8 --warmup 2 --modules language --no-reference --compile); limit=300 ;;
     equal) cmd=(train qwen2.5-vl-3b --steps 14 --warmup 2); limit=250 ;;
-    predict) cmd=(predict qwen2.5-vl-3b --images 128 --predict-batch-sizes 32); limit=170 ;;
+    predict) cmd=(predict qwen2.5-vl-3b --images ${IMAGES:-128} --predict-batch-sizes 32); limit=${LIMIT_PRED:-170} ;;
     gemma-train) cmd=(train gemma-3-4b --steps 8 --warmup 2 --modules language); limit=300 ;;
     gemma-predict) cmd=(predict gemma-3-4b --images 128 --predict-batch-sizes 32); limit=200 ;;
     qlora) cmd=(qlora qwen2-vl-7b --batch-size 1 --steps 4); limit=200 ;;

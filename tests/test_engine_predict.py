@@ -237,3 +237,86 @@ def test_score_candidates_refuses_right_padding():
     ctx["attention_mask"][0, -1] = 0
     with pytest.raises(ValueError, match="left-padded"):
         predict_mod.score_candidates(model, ctx, [[[1, 2]], [[1, 2]]])
+
+
+def test_the_next_batch_is_queued_before_the_last_ones_scores_are_read(tiny_models, rows, monkeypatch):
+    """predict() reads a batch's scores (on a GPU: waits for them) only after the next batch is built
+    and queued, so building it overlaps the GPU's work on the last one."""
+    cfg, model, processor, samples = _setup(tiny_models, "qwen2_5_vl", rows)
+    cfg.predict.batch_size = 2  # 5 rows: 3 batches
+    events: list[str] = []
+    real_score, real_host = predict_mod.score_completions, predict_mod._on_host
+
+    def score(*args, **kwargs):
+        events.append("queue")
+        return real_score(*args, **kwargs)
+
+    def on_host(t):
+        read, n = real_host(t), events.count("queue") - 1
+        return lambda: (events.append(f"read{n}"), read())[1]
+
+    monkeypatch.setattr(predict_mod, "score_completions", score)
+    monkeypatch.setattr(predict_mod, "_on_host", on_host)
+    table = predict(cfg, model, processor, samples, LABELS, progress=False)
+    assert events == ["queue", "queue", "read0", "queue", "read1", "read2"]
+    cfg.predict.batch_size = 5
+    one_batch = predict(cfg, model, processor, samples, LABELS, progress=False)
+    cols = prob_columns(LABELS)
+    np.testing.assert_allclose(table[cols].to_numpy(float), one_batch[cols].to_numpy(float), atol=1e-5)
+
+
+def test_new_images_go_through_the_tower_by_size_before_scoring(tiny_models, rows, monkeypatch):
+    """With the run's caches, predict() computes every new image's features first, in tower calls of one
+    image size (`vision_prepass`), so scoring batches run on cached features only; same scores."""
+    from vlmexp.engine.encode import RunCaches
+    from vlmexp.engine.vision_cache import VisionFeatureCache
+
+    cfg, model, processor, samples = _setup(tiny_models, "qwen2_5_vl", rows)
+    model.requires_grad_(False)
+    cfg.predict.batch_size = 2
+    want = predict(cfg, model, processor, samples, LABELS, progress=False)
+    caches = RunCaches.for_run(cfg, processor)
+    caches.vision_trains = False  # as training found it: a frozen tower
+    grids, real = [], VisionFeatureCache.features
+
+    def features(self, model, keys, image_grid_thw, pixel_values=None, pixel_index=()):
+        grids.append({tuple(image_grid_thw[i].tolist()) for i in pixel_index})
+        return real(self, model, keys, image_grid_thw, pixel_values, pixel_index)
+
+    monkeypatch.setattr(VisionFeatureCache, "features", features)
+    got = predict(cfg, model, processor, samples, LABELS, progress=False, caches=caches)
+    computed = [g for g in grids if g]
+    # the 5 images' tower calls, each of one size, all before the 3 scoring batches (nothing computed)
+    assert len(computed) >= 2 and all(len(g) == 1 for g in computed)
+    assert grids[len(computed) :] == [set()] * 3 and len(caches.vision) == 5
+    cols = prob_columns(LABELS)
+    np.testing.assert_allclose(got[cols].to_numpy(float), want[cols].to_numpy(float), atol=1e-5)
+    assert got["pred"].tolist() == want["pred"].tolist()
+
+
+@pytest.mark.gpu
+def test_scoring_queues_its_work_without_a_host_sync_of_its_own(tiny_models, rows):
+    """score_candidates(on_device=True) on a GPU: no host sync in the project's code (the candidate ids,
+    the tree's indices, the read of the real tokens), so predict() can build the next batch while the GPU
+    runs this one. transformers' own checks inside the forward may still sync."""
+    from vlmexp.bench.profile import SyncSites
+    from vlmexp.engine.transfer import tensors_to
+
+    cfg, model, processor, samples = _setup(tiny_models, "qwen2_5_vl", rows)
+    model = model.cuda()
+    turns = [split_turn(processor, s["messages"]) for s in samples]
+    ctx = _encode(processor, [t.prompt for t in turns], [s["images"] for s in samples])
+    tok = processor.tokenizer
+    cands = [[tok(turns[0].completion(label), add_special_tokens=False)["input_ids"] for label in LABELS]]
+    assert max(len(c) for c in cands[0]) > 1  # the tree's second forward runs
+    with torch.no_grad():
+        gpu = tensors_to(ctx, "cuda")
+        torch.cuda.synchronize()
+        with SyncSites() as syncs:
+            got = predict_mod.score_candidates(model, gpu, cands * len(samples), on_device=True)
+        assert got.device.type == "cuda"
+        want = predict_mod.score_candidates(model, gpu, cands * len(samples))  # read at once: on the CPU
+    assert sum(syncs.sites.values()) > 0  # the watch works: transformers' placeholder check syncs
+    ours = [site for site in syncs.sites if site.startswith("vlmexp/")]
+    assert not ours, syncs.report(1)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)

@@ -264,8 +264,10 @@ def test_a_run_with_the_prepass_equals_one_without(demo, tmp_path, monkeypatch):
     assert passes == []
     oof_on, test_on = run(True)
     cache = made[-1].vision
-    # fold 0 put every training and test image through the tower; fold 1 found them all cached
-    assert [p["images"] for p in passes] == [len(cache), 0] and len(cache) == 24 + 12
+    # fold 0 put every training and test image through the tower; fold 1 and every prediction (2 folds x
+    # validation, per-epoch eval and test) found them all cached
+    assert [p["images"] for p in passes] == [len(cache)] + [0] * (len(passes) - 1) and len(passes) > 2
+    assert len(cache) == 24 + 12
     assert cache.misses == len(cache)  # each image computed once in the whole run
     assert passes[0]["sizes"] > 1 and passes[0]["calls"] >= passes[0]["sizes"]
     cols = [c for c in oof_on.columns if c.startswith("p:")]

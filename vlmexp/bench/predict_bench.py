@@ -86,8 +86,10 @@ MODES = {
 def score_row(
     model, processor, samples, label_names, *, batch_size: int, warmup: int, mode: str = "plain"
 ) -> tuple[dict, list]:
-    """Project: `engine.predict.predict` (mode=score) on each batch, the function `exp run` calls:
-    prompts encoded, one prefill per image, all candidates on the shared KV cache.
+    """Project: `engine.predict.predict` (mode=score), the function `exp run` calls, once over the timed
+    images after a warm-up call: prompts encoded, one prefill per image, all candidates on the shared KV
+    cache. (Until run AL it was called once per batch, which showed neither its pipelined batches nor its
+    tower pre-pass of new images.)
 
     `mode` is the state of the run's caches (`encode.RunCaches`): `plain` uses none (the processor and
     the vision tower run on every batch); `fresh` starts them empty, as a run's first fold predicting
@@ -95,7 +97,6 @@ def score_row(
     fold re-predicts the same test images with the same frozen tower)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
-    batches = _batches(samples, batch_size)
     cfg = Config()
     cfg.predict.batch_size, cfg.predict.mode = batch_size, "score"
     cfg.speed.compile = mode == "warm-compile"
@@ -106,20 +107,32 @@ def score_row(
         caches = RunCaches.for_run(cfg, processor)
         caches.vision_trains = False  # the bench model trains nothing: its tower is frozen
 
-    def step(i):
-        table = predict(cfg, model, processor, batches[i], label_names, progress=False, caches=caches)
+    def call(chunk: list[dict]) -> torch.Tensor:
+        table = predict(cfg, model, processor, chunk, label_names, progress=False, caches=caches)
         return torch.tensor(table[prob_columns(label_names)].to_numpy(dtype=float))
 
+    # One predict() call over the timed images, as `exp run` predicts a whole test set: its batches are
+    # pipelined (the next built while the GPU runs the last) and its new images go through the tower by
+    # size first, neither of which a call per batch would show. The warm-up call's images are others
+    # (at most half of them: 4 images at batch 4 warm up on 2 and time 2).
+    cut = min(warmup * batch_size, len(samples) // 2)
+    head, timed = samples[:cut], samples[cut:]
     if mode.startswith("warm"):
-        for i in range(len(batches)):
-            step(i)
+        call(samples)
+    first = call(head)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    seconds, outs = _timed(step, list(range(len(batches))), warmup)
-    n = sum(len(b) for b in batches[warmup:])
-    if torch.cuda.is_available() and profile.enabled() and mode != "fresh":  # fresh would be warm by now
+    _sync()
+    t0 = time.perf_counter()
+    outs = [first, call(timed)]
+    _sync()
+    seconds, n = time.perf_counter() - t0, len(timed)
+    if torch.cuda.is_available() and profile.enabled():
+        if mode == "fresh":  # the row's caches are warm by now: empty ones, so every image is new again
+            caches = RunCaches.for_run(cfg, processor)
+            caches.vision_trains = False
         name = f"predict-{mode}-b{batch_size}"
-        profile.profile_calls(name, step, list(range(min(2, len(batches)))), per_item=batch_size)
+        profile.profile_calls(name, call, [samples[: 2 * batch_size]], per_item=2 * batch_size)
     # warm caches skip the tower only where the feature cache serves the model (Qwen-VL, Gemma 3); where
     # it does not (Gemma 4, LLaVA, SmolVLM) the tower runs inside forward and warm rows pay for it
     served = caches is not None and caches.vision_for(model, training=False) is not None

@@ -14,6 +14,7 @@ each one drains the GPU's queue.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -142,10 +143,12 @@ def unprofiled_rate(steps: int, batch_size: int, seconds: float, prof: StepProfi
 def profile_calls(name: str, fn, items: list, unit: str = "images", per_item: int = 1) -> None:
     """Profile `fn(item)` over `items` (already warmed up)."""
     torch.cuda.synchronize()
-    with _profiler() as prof:
+    syncs = SyncSites() if os.environ.get("VLMEXP_SYNC_DEBUG") else None
+    with _profiler() as prof, syncs or contextlib.nullcontext():
         t0 = time.perf_counter()
         for item in items:
             fn(item)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    _write(prof, name, wall, len(items) * per_item, unit)
+    extra = syncs.report(len(items)) if syncs else ""
+    _write(prof, name, wall, len(items) * per_item, unit, extra)

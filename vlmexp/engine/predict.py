@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -26,13 +26,14 @@ import torch
 from rich.progress import Progress
 
 from vlmexp.config import Config
-from vlmexp.engine import speed
+from vlmexp.engine import speed, vision_prepass
 from vlmexp.engine.compile import eager_blocks
 from vlmexp.engine.encode import RunCaches, append_left_padded, stackable
 from vlmexp.engine.lora_inputs import no_input_cast, peft_layers
 from vlmexp.engine.lora_merge import merged_lora
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.engine.scoring import score_candidates
+from vlmexp.engine.transfer import tensors_to
 from vlmexp.engine.vision_prepass import grid_guess
 from vlmexp.models.parts import unwrap
 from vlmexp.prompts.render import parse_answer
@@ -61,9 +62,12 @@ def predict(
         from vlmexp.engine.cls_head import predict_head
 
         return predict_head(cfg, model, processor, samples, labels)
+    mode = cfg.predict.mode
     if caches is not None:
         caches.bind(model)
-    mode = cfg.predict.mode
+        if mode == "score":  # the tower over the new images first, in calls of one image size
+            images = [img for s in samples for img in s["images"]]
+            vision_prepass.prepass(cfg, caches, model, processor, images, training=False, progress=progress)
     encoder = caches.encoder if caches is not None else None
     # Each prompt's layout is rendered once per run (two chat-template renders) when the run caches it.
     turn_of = encoder.turn if encoder is not None else functools.partial(split_turn, processor)
@@ -82,15 +86,24 @@ def predict(
         task = bar.add_task(f"predict ({mode})", total=len(samples))
         all_turns = [turn_of(prompt_messages(s["messages"])) for s in samples]
         order = length_order(samples, all_turns, processor)
+        # One batch in flight: a batch's scores are read (the host waits for the GPU) only once the next
+        # batch is built and queued, so the CPU work of building it runs while the GPU computes.
+        pending: tuple[Callable[[], list[dict]], int] | None = None
         for idx in _chunks(order, cfg.predict.batch_size):
             batch, turns = [samples[i] for i in idx], [all_turns[i] for i in idx]
             marker = batch[0]["rendered"].marker
             if mode == "generate":
                 out = _generate_rows(cfg, model, processor, batch, turns, labels, marker)
+                queued = (lambda out=out: out), len(batch)
             else:
-                out = _score_rows(cfg, model, processor, batch, turns, labels, marker, caches)
-            rows += out
-            bar.advance(task, len(batch))
+                queued = _score_rows(cfg, model, processor, batch, turns, labels, marker, caches), len(batch)
+            if pending is not None:
+                rows += pending[0]()
+                bar.advance(task, pending[1])
+            pending = queued
+        if pending is not None:
+            rows += pending[0]()
+            bar.advance(task, pending[1])
     at = {i: pos for pos, i in enumerate(order)}
     df = pd.DataFrame([rows[at[i]] for i in range(len(samples))])  # back in the samples' order
     if mode == "generate":
@@ -163,7 +176,9 @@ def _row(sample_id: str, pred: str | None, probs: np.ndarray, labels: list[str],
 
 def _score_rows(
     cfg, model, processor, batch, turns: list[Turn], labels, marker: str, caches=None
-) -> list[dict]:
+) -> Callable[[], list[dict]]:
+    """Queues the batch's scoring on the model's device and returns what reads its rows: on a GPU the
+    scores are still being computed when this returns (`_on_host`)."""
     raws: list[str | None] = [None] * len(batch)
     prefixes = [t.lead for t in turns]
     if marker:
@@ -173,13 +188,35 @@ def _score_rows(
         prefixes = [_cut_at_marker(text, marker, t.lead) for text, t in zip(texts, turns, strict=True)]
     completions = [[p + label + t.eot for label in labels] for p, t in zip(prefixes, turns, strict=True)]
     logliks = score_completions(
-        model, processor, [t.prompt for t in turns], _images(batch), completions, caches=caches
+        model, processor, [t.prompt for t in turns], _images(batch), completions, caches, on_device=True
     )
-    probs = torch.softmax(logliks, dim=-1).numpy()
-    out = []
-    for sample, p, raw in zip(batch, probs, raws, strict=True):
-        out.append(_row(sample["id"], labels[int(p.argmax())], p, labels, raw))
-    return out
+    read = _on_host(logliks)
+
+    def rows() -> list[dict]:
+        probs = torch.softmax(read(), dim=-1).numpy()
+        return [
+            _row(sample["id"], labels[int(p.argmax())], p, labels, raw)
+            for sample, p, raw in zip(batch, probs, raws, strict=True)
+        ]
+
+    return rows
+
+
+def _on_host(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """What gives `t` on the CPU once it is computed: a GPU tensor's copy is queued now, behind the work
+    that computes it, and read after waiting for that work alone (a CUDA event), not for what was queued
+    after it; a CPU tensor is returned as it is."""
+    if t.device.type != "cuda":
+        return lambda: t
+    host = t.to("cpu", non_blocking=True)  # into page-locked memory, filled when the stream gets there
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> torch.Tensor:
+        done.synchronize()
+        return host
+
+    return read
 
 
 THINK_END = "</think>"  # Qwen3 / Qwen3.5 thinking checkpoints close their thought with this
@@ -213,8 +250,10 @@ def score_completions(
     images: list[list],
     completions: list[list[str]],
     caches: RunCaches | None = None,
+    on_device: bool = False,
 ) -> torch.Tensor:
-    """Log-likelihood (B, n) of each of the n completions of each prompt.
+    """Log-likelihood (B, n) of each of the n completions of each prompt (on the model's device, still
+    being computed, with `on_device`: see `scoring.score_candidates`).
 
     Each completion is tokenised on its own (as in training). Tokens all n completions of a
     prompt share (e.g. "Reason: red tag.\\nLabel:") join the prompt; the prompt and image are
@@ -242,7 +281,7 @@ def score_completions(
     extra = [cands[0][:k] for cands, k in zip(ids, shared, strict=True)]
     ctx = _context(model, processor, prompts, images, extra, caches)
     suffixes = [[c[k:] for c in cands] for cands, k in zip(ids, shared, strict=True)]
-    return score_candidates(model, ctx, suffixes, pad_id=tok.pad_token_id)
+    return score_candidates(model, ctx, suffixes, pad_id=tok.pad_token_id, on_device=on_device)
 
 
 def _context(model, processor, prompts, images, extra, caches: RunCaches | None) -> dict:
@@ -251,13 +290,12 @@ def _context(model, processor, prompts, images, extra, caches: RunCaches | None)
     encoder = caches.encoder if caches is not None else None
     rows = [encoder.prompt_row(*r) for r in zip(prompts, images, extra, strict=True)] if encoder else None
     if not rows or not stackable(rows):
-        ctx = _encode(processor, prompts, images, extra=extra)
-        return {k: v.to(model.device) for k, v in ctx.items()}
+        return tensors_to(_encode(processor, prompts, images, extra=extra), model.device)
     vision = caches.vision_for(model, training=False)
     skip = vision.keys() if vision is not None else frozenset()
     ctx = encoder.pad_prompts(rows, skip_pixels=skip)
     keys, index = ctx.pop("image_keys"), ctx.pop("pixel_index", None)
-    ctx = {k: v.to(model.device) for k, v in ctx.items()}
+    ctx = tensors_to(ctx, model.device)
     if vision is not None and keys:
         ctx = vision.fill(model, ctx, keys, index, encoder)
     return ctx

@@ -26,16 +26,27 @@ import inspect
 import torch
 
 from vlmexp.engine.encode import rope_index_fn
+from vlmexp.engine.transfer import long_tensor
 
 
 def score_candidates(
-    model, ctx: dict, candidates: list[list[list[int]]], pad_id: int | None = None, layout: str = "auto"
+    model,
+    ctx: dict,
+    candidates: list[list[list[int]]],
+    pad_id: int | None = None,
+    layout: str = "auto",
+    on_device: bool = False,
 ) -> torch.Tensor:
     """Summed log-probabilities (B, n), on the CPU, of each row's n candidate token-id sequences after
     its left-padded context `ctx` (processor output on the model's device; `mm_encoder_outputs` may
     stand in for `pixel_values`, e.g. features a `vision_cache.VisionFeatureCache` computed earlier).
-    `layout`: tree, repeat, or auto (tree where the attention takes a 4D mask)."""
-    if bool((ctx["attention_mask"][:, -1] == 0).any()):
+    `layout`: tree, repeat, or auto (tree where the attention takes a 4D mask). `on_device`: left on the
+    model's device, still being computed: the `tree` layout queues its work without a host sync, so the
+    caller can build the next batch meanwhile (`predict.predict`)."""
+    mask = ctx["attention_mask"]
+    # Checked where it costs no host sync: a CPU mask, or a result read at once anyway. `on_device` on a
+    # GPU is predict's own pipelined path, whose batches are left-padded by construction (`_context`).
+    if (mask.device.type == "cpu" or not on_device) and bool((mask[:, -1] == 0).any()):
         raise ValueError("score_candidates needs left-padded contexts: encode with padding_side='left'")
     n = len(candidates[0])
     if any(len(c) != n for c in candidates) or any(not s for c in candidates for s in c):
@@ -50,19 +61,21 @@ def score_candidates(
     out = model(**ctx, position_ids=positions, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
     device = first.device
-    firsts = torch.tensor([[s[0] for s in cands] for cands in candidates], device=device)
+    firsts = long_tensor([[s[0] for s in cands] for cands in candidates], device)
     loglik = first.gather(1, firsts)  # (B, n)
-    if max(len(s) for cands in candidates for s in cands) == 1:
-        return loglik.cpu()
-    run = _tree if layout == "tree" else _repeat
-    rest = run(
-        model, out.past_key_values, ctx["attention_mask"], positions, next_pos, candidates, pad_id, attn
-    )
-    return (loglik + rest).cpu()
+    if max(len(s) for cands in candidates for s in cands) > 1:
+        run = _tree if layout == "tree" else _repeat
+        rest = run(
+            model, out.past_key_values, ctx["attention_mask"], positions, next_pos, candidates, pad_id, attn
+        )
+        loglik = loglik + rest
+    return loglik if on_device else loglik.cpu()
 
 
 def _tree(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, attn) -> torch.Tensor:
-    """Every row's candidates side by side in one sequence after the cached prompt (see module doc)."""
+    """Every row's candidates side by side in one sequence after the cached prompt (see module doc).
+    Queued without a host sync: every index is built on the CPU from the candidates' lengths (a boolean
+    mask over GPU logits, `logits[real]`, would wait for the whole batch to finish)."""
     device, n = ctx_mask.device, len(candidates[0])
     # Inputs s[:-1] predict targets s[1:]; a one-token candidate adds nothing here.
     spans = [[(s[:-1], s[1:]) for s in cands] for cands in candidates]
@@ -70,15 +83,23 @@ def _tree(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, attn)
     bsz, ctx_len = ctx_mask.shape
     pad = pad_id if pad_id is not None else 0
     # Built as Python lists, then one tensor each: 32 rows x 25 labels of tiny tensors cost ~10 ms.
-    cols: dict[str, list[list[int]]] = {"inp": [], "targets": [], "owner": [], "offset": []}
-    for row in spans:
+    cols: dict[str, list[list[int]]] = {"inp": [], "owner": [], "offset": []}
+    # The real candidate tokens, flat: their place in the (B * width) logits, their target token and
+    # the (row * n + candidate) score they add to.
+    at: list[int] = []
+    targets: list[int] = []
+    score: list[int] = []
+    for b, row in enumerate(spans):
         inp = [t for i, _ in row for t in i]
         fill = width - len(inp)
         cols["inp"].append(inp + [pad] * fill)
-        cols["targets"].append([t for _, o in row for t in o] + [0] * fill)
         cols["owner"].append([c for c, (i, _) in enumerate(row) for _ in i] + [-1] * fill)
         cols["offset"].append([j for i, _ in row for j in range(len(i))] + [0] * fill)
-    inp, targets, owner, offset = (torch.tensor(cols[k], dtype=torch.long, device=device) for k in cols)
+        at += range(b * width, b * width + len(inp))
+        targets += [t for _, o in row for t in o]
+        score += [b * n + c for c, (i, _) in enumerate(row) for _ in i]
+    inp, owner, offset = (long_tensor(cols[k], device) for k in cols)
+    at, targets, score = (long_tensor(v, device) for v in (at, targets, score))
     real = owner >= 0
     # Token q sees token k of the candidates when both belong to the same candidate and k <= q;
     # padding queries see the prompt only (their outputs are dropped), so no row of the mask is empty.
@@ -95,12 +116,11 @@ def _tree(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, attn)
         pos = pos[None].expand(positions.shape[0], -1, -1)
     logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, **_cache_arg(model, cache)).logits
     # Only real candidate tokens go to fp32: 25 labels x batch 32 x 152k vocab is 0.5 GB a position.
-    sel = logits[real].float()
-    picked = sel.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
-    rest = torch.zeros((bsz, n), dtype=picked.dtype, device=device)
-    rows = torch.arange(bsz, device=device)[:, None].expand(bsz, width)[real]
-    rest.index_put_((rows, owner[real]), picked, accumulate=True)
-    return rest
+    sel = logits.flatten(0, 1).index_select(0, at).float()
+    picked = sel.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
+    rest = torch.zeros(bsz * n, dtype=picked.dtype, device=device)
+    rest.index_put_((score,), picked, accumulate=True)  # deterministic on CUDA, unlike index_add_
+    return rest.view(bsz, n)
 
 
 def _repeat(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, attn) -> torch.Tensor:

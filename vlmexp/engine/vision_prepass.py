@@ -56,26 +56,41 @@ def fold_images(cfg, train: list[dict], val: list[dict], test: list[dict]) -> li
 
 
 def prepass_fold(exp, model: torch.nn.Module, train: list[dict], val: list[dict], run_progress=None) -> dict:
-    """`encode_images` over the fold's images (`fold_images`, with `exp.test_samples`) when
-    `speed.vision_prepass` is on and the run's feature cache (`exp.caches`) serves the fold's training
-    model; {} otherwise. The first fold computes every image; later folds find them cached.
+    """`prepass` over the fold's images (`fold_images`, with `exp.test_samples`) for the fold's training
+    model: the first fold computes every image; later folds find them cached.
     `exp`: recipe.Experiment; `run_progress`: the run's RunProgress, whose live display gets the bar."""
-    cfg, caches = exp.cfg, exp.caches
+    images = fold_images(exp.cfg, train, val, exp.test_samples)
+    bar = run_progress.progress if run_progress is not None else False
+    return prepass(exp.cfg, exp.caches, model, exp.processor, images, training=True, progress=bar)
+
+
+def prepass(
+    cfg,
+    caches,
+    model: torch.nn.Module,
+    processor,
+    images: list[Image.Image],
+    *,
+    training: bool,
+    progress=False,
+) -> dict:
+    """`encode_images` over `images` when `speed.vision_prepass` is on and the run's feature cache
+    (`caches`: encode.RunCaches) serves `model`; {} otherwise. `training`: a training model, which tells
+    whether its tower trains (`RunCaches.vision_for`); prediction (`predict.predict`) passes False and
+    gets the pass only where training found the tower frozen. Images already cached cost a key lookup."""
     if not cfg.speed.vision_prepass or caches is None or cfg.model.head != "lm":
         return {}  # model.head=cls trains and predicts without the feature cache
     if cfg.train.gpus_per_fold > 1:
         return {}  # a sharded fold: every rank would run the whole pass; its batches do it lazily
-    cache = caches.vision_for(model)  # a training model: learns whether the tower trains, as training does
+    cache = caches.vision_for(model, training=training)
     if cache is None or is_gemma3(model):
         return {}  # Gemma 3: one fixed-size crop per image, features computed lazily by the first batch
     caches.bind(model)
     # The tower levers (window attention, MLP padding, compiled blocks) before its first call; recorded
     # on the base, so the trainer's own `prepare` changes nothing afterwards.
     speed.prepare(model, cfg)
-    images = fold_images(cfg, train, val, exp.test_samples)
-    bar = run_progress.progress if run_progress is not None else False
     with speed.attention_backends(cfg):
-        return encode_images(model, exp.processor, images, cache, encoder=caches.encoder, progress=bar)
+        return encode_images(model, processor, images, cache, encoder=caches.encoder, progress=progress)
 
 
 def encode_images(
