@@ -274,3 +274,50 @@ def test_a_run_with_the_prepass_equals_one_without(demo, tmp_path, monkeypatch):
     for on, off in ((oof_on, oof_off), (test_on, test_off)):
         assert on["id"].tolist() == off["id"].tolist()
         np.testing.assert_allclose(on[cols].to_numpy(float), off[cols].to_numpy(float), atol=1e-5)
+
+
+def test_pixels_built_by_several_workers_give_the_same_features(tiny_models, table, monkeypatch):
+    """With 2 pixel workers each batch's images are split between two image processor calls (one per
+    worker thread), whose parts are joined by grid into the same tower calls: same features, and each
+    image still computed once."""
+    import threading
+
+    cfg = _cfg(tiny_models, "qwen2_5_vl")
+    processor = load_processor(cfg)
+    model = load_model(cfg, training=True)
+    images = vision_prepass.fold_images(cfg, _samples(table, cfg), [], [])
+    real_inputs = vision_prepass.image_inputs
+    calls: list[tuple[str, int]] = []
+
+    def inputs(processor, images, memo=None):
+        calls.append((threading.current_thread().name, len(images)))
+        return real_inputs(processor, images, memo=memo)
+
+    monkeypatch.setattr(vision_prepass, "image_inputs", inputs)
+
+    def features(workers: int):
+        caches = RunCaches.for_run(cfg, processor)
+        cache = caches.vision_for(model)
+        calls.clear()
+        counts = vision_prepass.encode_images(
+            model,
+            processor,
+            images,
+            cache,
+            max_images=3,
+            progress=False,
+            encoder=caches.encoder,
+            workers=workers,
+        )
+        assert caches.encoder.memo.computed == 8  # every distinct image through the processor once
+        return counts, {k: cache._store[k] for k in cache.keys()}, list(calls)
+
+    one_counts, one, one_calls = features(1)
+    two_counts, two, two_calls = features(2)
+    assert one_counts == two_counts and one_counts["calls"] == 3  # tower calls: one per batch of one grid
+    assert [n for _, n in one_calls] == [3, 3, 2]
+    assert [n for _, n in two_calls] == [2, 1, 2, 1, 1, 1]  # each batch split in two
+    assert len({name for name, _ in two_calls}) == 2
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=0, atol=0)

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from vlmexp import timing
 from vlmexp.bench import profile
 from vlmexp.bench.synth import candidate_ids, collate_prompts
 from vlmexp.config import Config
@@ -124,8 +125,11 @@ def score_row(
         torch.cuda.reset_peak_memory_stats()
     _sync()
     t0 = time.perf_counter()
-    outs = [first, call(timed)]
-    _sync()
+    # Phases without a GPU wait at their boundaries (which would undo the pipelining): host seconds,
+    # e.g. "encode" is the CPU building rows and waiting for the pre-pass's pixel workers.
+    with timing.recording(sync=False) as timer:
+        outs = [first, call(timed)]
+        _sync()
     seconds, n = time.perf_counter() - t0, len(timed)
     if torch.cuda.is_available() and profile.enabled():
         if mode == "fresh":  # the row's caches are warm by now: empty ones, so every image is new again
@@ -143,6 +147,7 @@ def score_row(
         batch_size=batch_size,
         caches=mode,
         vision_cache=mode.startswith("warm") and served,
+        host_phases_s=timer.report()["phases"],
     )
     if cfg.speed.compile:  # later rows run eagerly again
         uncompile_blocks(model)

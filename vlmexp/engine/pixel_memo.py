@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import threading
 from collections.abc import Callable
 
 import torch
@@ -50,6 +51,7 @@ class PixelMemo:
         self._rows: dict[str, tuple[int, torch.dtype]] = {}  # keywords -> pixel row width, dtype
         self.grid_model: bool | None = None  # unknown until the first call
         self.calls = self.computed = self.hits = 0
+        self._count = threading.Lock()
 
     def __getattr__(self, name: str):
         # merge_size, fetch_images, size, ...: what processors read from their image processor
@@ -108,8 +110,9 @@ class PixelMemo:
         return flat, sys.intern(repr(sorted(kwargs.items())))
 
     def _real(self, images, kwargs: dict, n: int) -> BatchFeature:
-        self.calls += 1
-        self.computed += n
+        with self._count:  # the pre-pass calls `fresh` from several threads at once
+            self.calls += 1
+            self.computed += n
         return self.image_processor(images, **kwargs)
 
     def _remember(self, out: BatchFeature, keys: list[str], sig: str) -> BatchFeature:
