@@ -64,7 +64,7 @@ def test_patched_modules_call_the_kernels_and_the_model_computes_the_same(tiny_m
     assert grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert liger_ops.fuse(model, ops=(ops.silu_mul, ops.rope)) == {"swiglu": 0, "rope": 0}  # once only
+    assert not any(liger_ops.fuse(model, ops=(ops.silu_mul, ops.rope)).values())  # once only
 
 
 def test_qwen2_5_vl_decoder_gets_both_and_the_module_function_is_put_back(tiny_models):
@@ -100,7 +100,7 @@ def test_a_gelu_mlp_and_another_rope_keep_their_code():
             return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
 
     model = torch.nn.Sequential(GeluMLP(), SwappedMLP())
-    assert liger_ops.fuse(model, ops=(None, None)) == {"swiglu": 0, "rope": 0}
+    assert liger_ops.fuse(model, ops=(None, None)) == {"swiglu": 0, "rope": 0, "vision_rope": 0}
     assert not any("forward" in m.__dict__ for m in model)
 
     def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # pairs (2i, 2i+1), not halves
@@ -112,6 +112,52 @@ def test_a_gelu_mlp_and_another_rope_keep_their_code():
 
     assert not liger_ops._rope_same(interleaved)
     assert liger_ops._rope_same(liger_ops._reference_rope)
+
+
+def _tower_features(model, seed: int = 2):
+    """The vision tower's merged features of two random images of two patch grids, 4x4 and 4x6."""
+    vc = model.config.vision_config
+    grid = torch.tensor([[1, 4, 4], [1, 4, 6]])
+    width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=gen).to(model.device, model.dtype)
+    with torch.no_grad():
+        out = model.model.get_image_features(pixels, grid.to(model.device), return_dict=True)
+    return torch.cat(out.pooler_output)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_batched_vision_attention_takes_the_rope_kernel_and_computes_the_same(tiny_models, family):
+    """Qwen-VL vision attentions batched by `vision_speed` call their RoPE through the kernel (as
+    (1, heads, S, d) views): one call a block per forward, the same features."""
+    from vlmexp.engine import vision_speed
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models(family), dtype=torch.float32)
+    depth = model.config.vision_config.depth
+    assert vision_speed.patch_vision_attention(model) == depth
+    plain = _tower_features(model)
+    ops = Counting()
+    assert liger_ops.fuse(model, ops=(ops.silu_mul, ops.rope))["vision_rope"] == depth
+    got = _tower_features(model)
+    assert ops.rope_calls == depth  # the text attentions did not run: every call was a vision block's
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+    assert liger_ops.fuse(model, ops=(ops.silu_mul, ops.rope))["vision_rope"] == 0  # once only
+    assert not liger_ops._vision_rope_same(lambda q, k, cos, sin: (q * cos[:, None], k * cos[:, None]))
+
+
+@pytest.mark.gpu
+def test_liger_vision_rope_on_cuda_matches_the_plain_tower_in_bf16(tiny_models):
+    if liger_ops.kernels() is None:
+        pytest.skip("liger-kernel is not installed")
+    from vlmexp.engine import vision_speed
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        tiny_models("qwen2_5_vl"), dtype=torch.bfloat16
+    ).cuda()
+    vision_speed.patch_vision_attention(model)
+    plain = _tower_features(model)
+    assert liger_ops.fuse(model)["vision_rope"] == model.config.vision_config.depth
+    torch.testing.assert_close(_tower_features(model).float(), plain.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu

@@ -55,8 +55,8 @@ class SyncSites:
         self._catch = warnings.catch_warnings()
         self._catch.__enter__()
         warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")  # before the hook: a warning it gives is not a sync
         self._show, warnings.showwarning = warnings.showwarning, self._record
-        torch.cuda.set_sync_debug_mode("warn")
         return self
 
     def __exit__(self, *exc):

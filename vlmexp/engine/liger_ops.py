@@ -163,6 +163,43 @@ def _rope_same(fn) -> bool:
     return _ROPE_OK[id(fn)]
 
 
+def _reference_vision_rope(q, k, cos, sin):
+    """Qwen-VL's `apply_rotary_pos_emb_vision`: (S, heads, d) q and k, (S, d) cos and sin, the
+    half-rotation computed in fp32 and cast back to the inputs' dtype."""
+    q4, k4 = _reference_rope(
+        q.float()[None].transpose(1, 2), k.float()[None].transpose(1, 2), cos[None], sin[None]
+    )
+    return q4.transpose(1, 2)[0].to(q.dtype), k4.transpose(1, 2)[0].to(k.dtype)
+
+
+def _vision_rope(q, k, cos, sin, *, rope: Callable):
+    """`_reference_vision_rope` through the batch-major kernel, q and k as (1, heads, S, d) views.
+    liger computes in cos's dtype and stores in q's: fp32 cos and sin (as the tower passes them) keep
+    the plain function's fp32 arithmetic. On the 3B's tower the plain one is ~10 elementwise passes
+    over fp32 copies of q and k per block: about 40% of the eager tower's kernel time (run AL)."""
+    q4, k4 = rope(q[None].transpose(1, 2), k[None].transpose(1, 2), cos[None].float(), sin[None].float())
+    return q4.transpose(1, 2)[0].to(q.dtype), k4.transpose(1, 2)[0].to(k.dtype)
+
+
+def _vision_rope_same(fn) -> bool:
+    """Whether `fn(q, k, cos, sin)` is `_reference_vision_rope` (random fp32 tensors, close). Cached."""
+    if id(fn) not in _ROPE_OK:
+        gen = torch.Generator().manual_seed(0)
+        q, k = torch.randn(5, 4, 8, generator=gen), torch.randn(5, 4, 8, generator=gen)
+        cos, sin = torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen)
+        try:
+            got = fn(q.clone(), k.clone(), cos, sin)
+            want = _reference_vision_rope(q, k, cos, sin)
+            ok = all(
+                g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+                for g, w in zip(got, want, strict=True)
+            )
+        except (TypeError, RuntimeError, ValueError):
+            ok = False
+        _ROPE_OK[id(fn)] = ok
+    return _ROPE_OK[id(fn)]
+
+
 def _fused_mlp(self, x: torch.Tensor, *, silu_mul: Callable) -> torch.Tensor:
     return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
@@ -189,17 +226,29 @@ def _rope_module(module: torch.nn.Module):
 
 def fuse(model: torch.nn.Module, ops: tuple[Callable, Callable] | None = None) -> dict:
     """Give `model`'s SiLU MLPs and half-rotation RoPE attentions liger's kernels; {"swiglu": n,
-    "rope": n}. `ops`: (silu_mul, rope) to use instead of liger's (tests use plain torch ones)."""
+    "rope": n, "vision_rope": n} (the last: Qwen-VL vision attentions batched by `vision_speed`, whose
+    RoPE is the same rotation on (S, heads, d) tensors). `ops`: (silu_mul, rope) to use instead of
+    liger's (tests use plain torch ones)."""
     ops = ops or kernels()
     if ops is None:
         log.info("speed.liger: liger-kernel is not installed (pip install liger-kernel); left off")
         return {}
     silu_mul, rope = ops
-    counts = {"swiglu": 0, "rope": 0}
+    counts = {"swiglu": 0, "rope": 0, "vision_rope": 0}
     for module in unwrap(model).modules():
         if _mlp_candidate(module) and _mlp_same(module):
             module.forward = types.MethodType(functools.partial(_fused_mlp, silu_mul=silu_mul), module)
             counts["swiglu"] += 1
+            continue
+        # A vision attention of `vision_speed.patch_vision_attention` calls its `_vlmexp_rope`
+        vision = module.__dict__.get("_vlmexp_rope")
+        if (
+            vision is not None
+            and getattr(vision, "func", None) is not _vision_rope
+            and _vision_rope_same(vision)
+        ):
+            module._vlmexp_rope = functools.partial(_vision_rope, rope=rope)
+            counts["vision_rope"] += 1
             continue
         home = _rope_module(module)
         if home is not None:
