@@ -96,6 +96,41 @@ def test_padded_rows_equal_trls_batch_and_the_processors_prompts(family, tiny_mo
     assert enc.hits == hits + 5  # the second epoch or fold encodes nothing
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_rows_of_a_batch_in_one_call_equal_rows_one_by_one(family, tiny_models, table):
+    """`Encoder.prompt_rows` (prediction's batches) encodes a grid model's new rows in one processor call,
+    each row what `prompt_row` keeps for it alone; other families go row by row. A repeated row is a hit."""
+    cfg = _cfg(tiny_models, family)
+    processor = load_processor(cfg)
+    model = load_model(cfg, training=False)
+    samples = _samples(table[:5], cfg, False)
+    prompts = [split_turn(processor, s["messages"]).prompt for s in samples] + [None]
+    prompts[-1] = prompts[0]
+    images = [s["images"] for s in samples] + [samples[0]["images"]]
+    extra = [[5, 6]] * 6
+    one, batched = Encoder(processor, 2048, memo=True), Encoder(processor, 2048, memo=True)
+    one.bind(model)
+    batched.bind(model)
+    want = [one.prompt_row(p, im, x) for p, im, x in zip(prompts, images, extra, strict=True)]
+    calls, real = [], batched._row_processor
+    batched._row_processor = lambda *a, **k: calls.append(1) or real(*a, **k)
+    got = batched.prompt_rows(prompts, images, extra)
+    grid = "image_grid_thw" in want[0]
+    assert len(calls) == (2 if grid else 5)  # grid: the first row alone (the memo learns the family), then 4
+    assert (batched.misses, batched.hits) == (5, 1) == (one.misses, one.hits)
+    assert got[5] is got[0]
+    for w, g in zip(want, got, strict=True):
+        assert w.keys() == g.keys()
+        for key, value in w.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(g[key], value), key
+            elif key != "media":
+                assert g[key] == value, key
+    assert one.pixels.keys() == batched.pixels.keys()
+    for key, value in one.pixels.items():
+        assert torch.equal(batched.pixels[key], value)
+
+
 def test_rows_whose_media_do_not_stack_fall_back_to_trls_collator(tiny_models, table, tmp_path):
     cfg = _cfg(tiny_models, "smolvlm")
     processor = load_processor(cfg)

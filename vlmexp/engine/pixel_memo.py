@@ -81,8 +81,11 @@ class PixelMemo:
         # One NaN row per patch (1,024 rows of 1,176 for a 448 px Qwen2.5-VL image): an expanded
         # scalar, materialised only when the call computes another image too
         nan = torch.full((1, width), float("nan"), dtype=dtype)
-        rows = [fresh[i] if i in fresh else nan.expand(n, width) for i, n in enumerate(_patches(grids))]
-        pixels = rows[0] if len(rows) == 1 else torch.cat(rows)
+        if not fresh:  # every image answered (a batch of prompts, `Encoder.prompt_rows`): one view
+            pixels = nan.expand(sum(_patches(grids)), width)
+        else:
+            rows = [fresh[i] if i in fresh else nan.expand(n, width) for i, n in enumerate(_patches(grids))]
+            pixels = rows[0] if len(rows) == 1 else torch.cat(rows)
         return BatchFeature(data={"pixel_values": pixels, "image_grid_thw": grids}, tensor_type="pt")
 
     def fresh(self, images: list[Image.Image], **kwargs) -> BatchFeature:

@@ -85,7 +85,7 @@ def predict(
     ):
         task = bar.add_task(f"predict ({mode})", total=len(samples))
         all_turns = [turn_of(prompt_messages(s["messages"])) for s in samples]
-        order = length_order(samples, all_turns, processor)
+        order = length_order(samples, all_turns, processor, encoder)
         # One batch in flight: a batch's scores are read (the host waits for the GPU) only once the next
         # batch is built and queued, so the CPU work of building it runs while the GPU computes.
         pending: tuple[Callable[[], list[dict]], int] | None = None
@@ -136,16 +136,21 @@ def low_precision(model) -> Iterator[None]:
         yield
 
 
-def length_order(samples: list[dict], turns: list[Turn], processor) -> list[int]:
+def length_order(samples: list[dict], turns: list[Turn], processor, encoder=None) -> list[int]:
     """Sample indices, longest prompt first, so each batch holds prompts of about one length: a batch
     is padded to its longest row, and the demo's prompts (154-238 image tokens each, 20 image grids)
     in their own order padded 14% of the image tokens at batch 32, sorted 1%. Each row's scores do
     not depend on its batchmates (left padding is masked, positions explicit). The length is counted
     without encoding any image: the prompt's tokens (one batched tokenizer call) plus each image's
     patch grid guessed from its size (`vision_prepass.grid_guess`) over the processor's merge size
-    squared (Qwen-VL's 2x2 merge). Longest first: a batch that does not fit in memory fails at once."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    texts = tokenizer([t.prompt for t in turns], add_special_tokens=False)["input_ids"]
+    squared (Qwen-VL's 2x2 merge). Longest first: a batch that does not fit in memory fails at once.
+    `encoder`: the run's Encoder, whose token ids of each prompt serve every fold's call."""
+    prompts = [t.prompt for t in turns]
+    if encoder is not None:
+        texts = encoder.token_ids(prompts)
+    else:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        texts = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     image_processor = getattr(processor, "image_processor", None)
     merge = getattr(image_processor, "merge_size", None) or 1
 
@@ -288,7 +293,7 @@ def _context(model, processor, prompts, images, extra, caches: RunCaches | None)
     """The left-padded prompts + `extra` ids on the model's device: from the run's encoded rows and
     cached vision features when `caches` has them, else straight from the processor."""
     encoder = caches.encoder if caches is not None else None
-    rows = [encoder.prompt_row(*r) for r in zip(prompts, images, extra, strict=True)] if encoder else None
+    rows = encoder.prompt_rows(prompts, images, extra) if encoder else None
     if not rows or not stackable(rows):
         return tensors_to(_encode(processor, prompts, images, extra=extra), model.device)
     vision = caches.vision_for(model, training=False)
