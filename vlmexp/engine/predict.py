@@ -11,6 +11,11 @@ an unparseable answer gets pred None and all-zero probabilities, and the failure
 
 The text layout is exactly the one training used (`samples.split_turn`): prompt, then the
 completion `lead + answer + eot` tokenised on its own, as trl's prompt-completion collator does.
+
+With the run's caches, new images first go through the frozen tower in calls of one image size (the
+vision pre-pass), and scoring batches are pipelined: batch i+1 is built on the CPU and queued while the
+GPU computes batch i, whose scores are read only then (`_score_rows`, `scoring.score_candidates`
+queues its work without a host sync).
 """
 
 from __future__ import annotations
@@ -215,7 +220,7 @@ def _on_host(t: torch.Tensor) -> Callable[[], torch.Tensor]:
         return lambda: t
     host = t.to("cpu", non_blocking=True)  # into page-locked memory, filled when the stream gets there
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(t.device))  # the tensor's GPU, not necessarily the current one
 
     def read() -> torch.Tensor:
         done.synchronize()

@@ -15,9 +15,11 @@ Pixels are computed as the processor computes them inside a row (its own keyword
 processor, as transformers' `ProcessorMixin.__call__` does); tests/test_vision_prepass.py checks them
 against `Encoder.train_row` and `prompt_row`. They go through the run Encoder's `PixelMemo`, so those
 rows then take each image's grid from it instead of computing the image again. A batch's pixels are
-built in a worker thread while the main thread runs the tower on the previous batch (each tower call
-ends in a sync, so building them in between left the GPU idle for the image processor's time), and
-handed over in page-locked memory for an asynchronous copy.
+built by worker threads (`pixel_workers`, each a part of the batch) while the main thread runs the
+tower on the previous batch (each tower call ends in a sync, so building them in between left the GPU
+idle for the image processor's time), and handed over in the tower's dtype in page-locked memory for
+an asynchronous copy. Prediction runs the same pass over its images first (`predict.predict`), so new
+test images, too, go through the tower by size instead of inside mixed scoring batches.
 
 Only where the cache serves the model (`RunCaches.vision_for`: a frozen Qwen-VL-style tower, Qwen2/2.5/3-VL
 and Qwen3.5). Gemma 3's cached features are computed by its first batches instead (one fixed-size crop per
