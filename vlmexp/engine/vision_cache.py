@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vlmexp.engine.vision_inputs import tower_inputs
 from vlmexp.models.parts import unwrap, vlm_parts
 from vlmexp.timing import phase
 
@@ -129,17 +130,21 @@ class VisionFeatureCache:
             raise ValueError(f"{len(keys)} keys for {len(image_grid_thw)} images: give one key per image")
         fresh: dict[int, tuple[torch.Tensor, ...]] = {}
         if len(pixel_index):
+            grid = image_grid_thw[list(pixel_index)]
             with torch.no_grad(), phase("vision_tower"):
-                out = core.get_image_features(
-                    pixel_values, image_grid_thw[list(pixel_index)], return_dict=True
-                )
+                # The tower's grid-derived inputs from the grid on the CPU (the pre-pass's grid is there
+                # already; a batch's costs one wait) instead of ~20 waits inside the tower (vision_inputs).
+                host = grid.cpu()
+                visual = core.visual
+                pre = tower_inputs(visual, host, next(visual.parameters()).device)
+                out = core.get_image_features(pixel_values, host if pre else grid, return_dict=True, **pre)
             # Qwen3-VL: deepstack_features[level][image], e.g. 3 levels of (256, 4096) for an 8B image at
             # 448 px, added to the hidden states of decoder layers 0-2; Qwen2/2.5-VL and Qwen3.5 have none.
             levels = getattr(out, "deepstack_features", None) or []
             for j, i in enumerate(pixel_index):
                 fresh[i] = tuple(f.detach() for f in (out.pooler_output[j], *(lv[j] for lv in levels)))
                 self._keep(keys[i], fresh[i])
-        feats = self._gather(keys, fresh, image_grid_thw.device)
+        feats = self._gather(keys, fresh, core.get_input_embeddings().weight.device)
         pooled = tuple(f[0] for f in feats)
         if len(feats[0]) == 1:
             return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}

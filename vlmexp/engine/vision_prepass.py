@@ -162,7 +162,7 @@ def encode_images(
             # The next batch's pixels are computed on the CPU while this one's tower calls run.
             pending = submit(batches[j + 1]) if j + 1 < len(batches) else []
             for sub, grid, pix in _merged(parts, param.device, pin):
-                cache.features(model, sub, grid.to(param.device), pix, range(len(sub)))
+                cache.features(model, sub, grid, pix, range(len(sub)))  # grid on the CPU: vision_inputs
                 grids.add(tuple(grid[0].tolist()))
                 counts["calls"] += 1
                 counts["images"] += len(sub)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmexp.engine.compile import allow_recompiles
+from vlmexp.engine.vision_inputs import TOWER_KEYS, tower_inputs, window_lengths
 from vlmexp.models.parts import unwrap
 
 log = logging.getLogger(__name__)
@@ -64,27 +65,6 @@ def tower_is_plain(model: torch.nn.Module) -> tuple[bool, str]:
 
 
 _PATCHABLE = {"Qwen2_5_VLVisionAttention", "VisionAttention"}  # Qwen2.5-VL, Qwen2-VL
-
-
-_LENGTHS: dict[int, tuple[torch.Tensor, list[int]]] = {}  # id(cu_seqlens) -> (it, its window lengths)
-
-
-def window_lengths(cu_seqlens: torch.Tensor) -> list[int]:
-    """The attention windows' lengths, e.g. [64, 64, ..., 48], read from the GPU once per tower forward.
-
-    Every window block of one forward gets the same `cu_seqlens` tensor, and the full-attention blocks
-    (7, 15, 23, 31 of 32 on Qwen2.5-VL) another. Each read waits for the GPU to finish the blocks
-    queued before it, so a read in every block kept the CPU idle for the whole forward instead of
-    preparing the next images' pixels (vision_prepass overlaps the two). Held by the tensor itself,
-    so an id reused by a new tensor never hits; the last 4 are kept (2 a forward)."""
-    hit = _LENGTHS.get(id(cu_seqlens))
-    if hit is not None and hit[0] is cu_seqlens:
-        return hit[1]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    while len(_LENGTHS) >= 4:
-        _LENGTHS.pop(next(iter(_LENGTHS)))
-    _LENGTHS[id(cu_seqlens)] = (cu_seqlens, lengths)
-    return lengths
 
 
 def _batched_window_forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
@@ -196,11 +176,12 @@ def bucket_images(model: torch.nn.Module, state: dict | None = None) -> bool:
             return original(hidden_states, grid_thw, **kwargs)
         extra = image_bucket(n) - n
         per = hidden_states.shape[0] // n
-        out = original(
-            torch.cat([hidden_states, hidden_states[-per:].repeat(extra, 1)]),
-            torch.cat([grid_thw, grid_thw[-1:].repeat(extra, 1)]),
-            **kwargs,
-        )
+        grid = torch.cat([grid_thw, grid_thw[-1:].repeat(extra, 1)])
+        if any(k in kwargs for k in TOWER_KEYS):
+            # Inputs precomputed for the n real images (vision_inputs): again for the padded count.
+            kwargs = {k: v for k, v in kwargs.items() if k not in TOWER_KEYS}
+            kwargs.update(tower_inputs(visual, grid.cpu(), hidden_states.device))
+        out = original(torch.cat([hidden_states, hidden_states[-per:].repeat(extra, 1)]), grid, **kwargs)
         # Real images come first in both outputs (the window order is built image by image).
         out.pooler_output = out.pooler_output[: hidden_states.shape[0] // merge]
         out.last_hidden_state = out.last_hidden_state[: hidden_states.shape[0]]
