@@ -23,7 +23,7 @@
 # run-qlora: the 7B QLoRA whole run (Qwen2-VL-7B shape, model.quant=4bit, batch 4, 1 epoch by
 # default to stay under the call limit; needs the bitsandbytes wheel in $WHEELS; run X); run-ref: the tutorial recipe
 # (trl defaults, generate) on fold 0 of the same split, scaled to 5 folds; vision: the vision tower
-# alone (32 images of 448 px), plain / MLP padded / padded + blocks compiled, images/s and max difference;
+# alone (32 images of 448 px), plain / batched windows / MLP padded / + host-computed inputs / + blocks compiled, images/s and max difference;
 # run-cudnn: run-project with speed.cudnn_attention=true (the SDPA backends before run U);
 # run-steady: the steady-state rows alone (SET="speed.compile=true" adds overrides; with
 # VLMEXP_PROFILE_DIR each row's profile says what the GPU's idle gaps wait for, bench/gaps.py);

@@ -123,3 +123,19 @@ def test_a_profiled_steady_state_leaves_the_profiled_steps_out():
     assert unprofiled_rate(8, 4, 10.0, None) == unprofiled_rate(8, 4, 10.0, prof) == 3.2
     prof.seconds = 6.0  # 3 profiled steps of the 8 took 6 of the 10 s
     assert unprofiled_rate(8, 4, 10.0, prof) == 5 * 4 / 4.0
+
+
+def test_vision_bench_rows_keep_the_towers_features():
+    """Every lever row of `exp bench vision` (compiled row left out: inductor on a CPU) gives the eager
+    tower's features; the host-inputs row runs the tower as the vision feature cache calls it."""
+    from vlmexp.bench.vision_bench import ROWS, vision_bench
+
+    rows = ROWS[:-1]
+    assert rows[-1] == "padded-host-inputs"
+    result = vision_bench("tiny", n_images=3, resolution=112, reps=1, rows=rows)
+    assert [r["path"] for r in result["rows"]] == list(rows)
+    for r in result["rows"]:
+        assert r["images_per_s"] > 0
+        assert r["max_abs_diff_vs_eager"] <= 1e-4 * max(1.0, r["max_abs_feature"]), r
+    with pytest.raises(ValueError, match="prefix"):
+        vision_bench("tiny", rows=("padded",))

@@ -1,7 +1,9 @@
 """`exp bench vision SHAPE`: the vision tower alone on new images, one lever added per row.
 
 Rows: `eager` (transformers' own attention), `batched-windows` (vision_speed.patch_vision_attention, what
-runs today), `padded` (+ vision_speed.pad_vision_mlp), `padded-compiled` (+ compile_vision_blocks).
+runs today), `padded` (+ vision_speed.pad_vision_mlp), `padded-host-inputs` (+ the grid-derived inputs
+precomputed on the host, engine/vision_inputs.py, as the vision feature cache calls the tower),
+`padded-compiled` (+ compile_vision_blocks).
 Each row: the first call's seconds (compilation included), then images/s over `reps` calls after a
 device sync, and the largest absolute difference of its features from the `eager` row's.
 """
@@ -15,8 +17,9 @@ import torch
 from PIL import Image
 
 from vlmexp.engine import vision_speed
+from vlmexp.engine.vision_inputs import tower_inputs
 
-ROWS = ("eager", "batched-windows", "padded", "padded-compiled")
+ROWS = ("eager", "batched-windows", "padded", "padded-host-inputs", "padded-compiled")
 
 
 def _sync() -> None:
@@ -24,7 +27,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def vision_bench(shape: str = "qwen2.5-vl-3b", n_images: int = 32, resolution: int = 448, reps: int = 5):
+def vision_bench(
+    shape: str = "qwen2.5-vl-3b",
+    n_images: int = 32,
+    resolution: int = 448,
+    reps: int = 5,
+    rows: tuple[str, ...] = ROWS,
+):
+    """The rows of `rows` (a prefix of ROWS: each adds its lever to the ones before)."""
+    if rows != ROWS[: len(rows)]:
+        raise ValueError(f"rows must be a prefix of {ROWS}: each row adds its lever to those before it")
     from vlmexp.bench.run import environment
     from vlmexp.bench.shapes import build_model, build_processor, get_shape
 
@@ -40,20 +52,28 @@ def vision_bench(shape: str = "qwen2.5-vl-3b", n_images: int = 32, resolution: i
     ]
     enc = processor.image_processor(images=images, return_tensors="pt")
     pixels, grid = enc["pixel_values"].to(device, dtype), enc["image_grid_thw"].to(device)
+    host_grid = enc["image_grid_thw"]
     core = model.model
+    host_inputs = False
 
     def features() -> torch.Tensor:
         with torch.no_grad():
-            out = core.get_image_features(pixels, grid, return_dict=True)
+            if host_inputs:  # computed per call, as VisionFeatureCache.features does
+                pre = tower_inputs(core.visual, host_grid, device)
+                out = core.get_image_features(pixels, host_grid, return_dict=True, **pre)
+            else:
+                out = core.get_image_features(pixels, grid, return_dict=True)
         return torch.cat(out.pooler_output)
 
     result = {"kind": "vision", "shape": shape, "images": n_images, "env": environment(), "rows": []}
     first = None
-    for name in ROWS:
+    for name in rows:
         if name == "batched-windows":
             vision_speed.patch_vision_attention(model)
         elif name == "padded":
             vision_speed.pad_vision_mlp(model)
+        elif name == "padded-host-inputs":
+            host_inputs = True
         elif name == "padded-compiled":
             vision_speed.compile_vision_blocks(model)
         _sync()
