@@ -284,3 +284,20 @@ def test_open_image(tmp_path):
         open_image(tmp_path / "cut.png")
     with pytest.raises(DataError, match=r"gone\.png"):
         open_image(tmp_path / "gone.png")
+
+
+def test_missing_labels_json_fix_is_written_from_train_labels(comp):
+    """Without labels.json the fix is the file to write, with train.csv's labels in first-seen order
+    (CJK and "NA" kept as written), so the user only fills in the descriptions."""
+    df = read(comp / "train.csv")
+    first = df["label"].iloc[0]
+    df["label"] = df["label"].replace({first: "类别1"})
+    df.loc[1, "label"] = "NA"
+    df.to_csv(comp / "train.csv", index=False)
+    (comp / "labels.json").unlink()
+    result = check_competition(DataConfig(dir=str(comp)))
+    [problem] = [p for p in result.problems if p.file == "labels.json"]
+    want = list(dict.fromkeys(df["label"]))
+    shown = problem.fix[problem.fix.index("{") : problem.fix.index("}") + 1]
+    assert list(json.loads(shown)) == want and want[:2] == ["类别1", "NA"]
+    assert str(comp / "labels.json") in problem.fix and "data.labels_json" in problem.fix

@@ -316,6 +316,8 @@ def _inspect(cfg: DataConfig, decode: bool) -> tuple[CheckResult, dict | None, F
             train[cfg.label_col] = hierarchy.with_parents(train, cfg)
         if labels is not None:
             _check_labels(train[cfg.label_col], labels, cfg.train_csv, out, cfg.hierarchy_sep)
+        elif not (root / cfg.labels_json).is_file() and cfg.label_col in train.columns:
+            _suggest_labels(train[cfg.label_col], cfg.labels_json, out)
         if test is not None:
             _warn_overlap(train, test, cfg, out)
     _summarise(out, sizes, train, labels, cfg)
@@ -349,6 +351,23 @@ def _check_labels(values: pd.Series, labels: dict[str, str], name: str, out: Che
         near = difflib.get_close_matches(label.strip(), list(labels), n=1, cutoff=0.6)
         fix = f"did you mean '{near[0]}'?" if near else f"use a key of labels.json or add '{label}' to it"
         out.add(name, row, f"label '{label}' is not in labels.json", fix)
+
+
+def _suggest_labels(values: pd.Series, name: str, out: CheckResult) -> None:
+    """A missing labels.json's fix, written from train.csv's own labels (first-seen order), e.g.
+    'write /data/labels.json: {"类别1": "", "NA": ""} (...)', so the user fills in the descriptions."""
+    seen = list(dict.fromkeys(v for v in values if v.strip()))
+    if not seen:
+        return
+    shown = json.dumps({k: "" for k in seen[:30]}, ensure_ascii=False)
+    more = f" and {len(seen) - 30} more" if len(seen) > 30 else ""
+    for p in out.problems:
+        if p.file == name and p.message.startswith("file not found"):
+            p.fix = (
+                f"write {out.root / name}: {shown}{more} ({len(seen)} labels of train.csv in first-seen "
+                "order, the class order; a one-sentence description each helps prompt=label_desc), "
+                "or set data.labels_json"
+            )
 
 
 def _warn_overlap(train: pd.DataFrame, test: pd.DataFrame, cfg: DataConfig, out: CheckResult) -> None:
