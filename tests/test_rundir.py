@@ -110,3 +110,54 @@ def test_a_fold_checkpoint_counts_as_a_result(tmp_path):
     (run.fold_dir(0) / "checkpoints" / "last").mkdir(parents=True)
     (run.fold_dir(0) / "checkpoints" / "last" / "optimizer.pt").write_bytes(b"x")
     assert run.holds_results() and not run.discard_if_empty() and run.root.exists()
+
+
+def _finished_folder(tmp_path: Path, *extra: str):
+    """A finished run folder (provenance, config, cv.json) of a config on a small demo, no training."""
+    from vlmexp.demo import make_demo
+    from vlmexp.fingerprint import competition_fingerprint
+    from vlmexp.tables import write_json
+
+    data = make_demo(tmp_path / "data", seed=1, n_train=24, n_test=12)
+    cfg = _cfg(tmp_path, f"data.dir={data}", f"leaderboard={tmp_path / 'lb.csv'}", *extra)
+    run = RunDir.for_config(cfg)
+    run.start(cfg, {}, fingerprint=competition_fingerprint(cfg.data))
+    write_json({"metric": "macro_f1", "mean": 0.5}, run.cv_path)
+    return cfg, run, data
+
+
+def test_a_finished_run_is_reused_only_for_its_own_config_and_data(tmp_path):
+    """`name=smoke` rerun with other settings once handed back the old run's numbers as if they were
+    the new config's; edited data likewise. Both are refused now, as for an unfinished folder."""
+    from vlmexp.recipe import run_once
+
+    cfg, run, data = _finished_folder(tmp_path, "name=smoke", "train.epochs=2")
+    assert run_once(cfg).root == run.root  # the same config on the same data: reused as it is
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1.0))
+    with pytest.raises(ConfigError, match="holds config"):
+        run_once(other)
+    with (data / "train.csv").open("a", encoding="utf-8") as f:
+        f.write("images/train_0001.png,invoice,extra row\n")
+    with pytest.raises(ConfigError, match="other data"):
+        run_once(cfg)
+    assert run.cv_path.exists()  # refused: nothing removed
+
+
+def test_git_sha_is_the_code_checkouts_not_the_current_folders(tmp_path, monkeypatch):
+    import subprocess
+
+    from vlmexp.rundir import git_state
+
+    repo = tmp_path / "elsewhere"
+    repo.mkdir()
+    git = ["git", "-c", "user.email=a@b", "-c", "user.name=a"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=repo, check=True)
+    other = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
+    monkeypatch.chdir(repo)
+    sha = git_state()["sha"]
+    assert sha != other.strip()
+    code = Path(__file__).resolve().parents[1] / "vlmexp"
+    here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=code, capture_output=True, text=True)
+    assert sha == (here.stdout.strip() if here.returncode == 0 else "unknown")
+    assert git_state(repo)["sha"] == other.strip()  # a folder asked for by name: its own repository

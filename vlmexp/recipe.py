@@ -124,7 +124,10 @@ def run_once(cfg: Config, force: bool = False) -> RunDir:
     t0 = time.time()
     run = RunDir.for_config(cfg)  # refuses a name that is not one plain folder, before anything is touched
     if run.finished and not force:
-        # A sweep or a pseudo-label chain meets finished runs again: reuse them, as they are.
+        # A sweep or a pseudo-label chain meets finished runs again: reuse them, as they are, but only
+        # the same config on the same data (a `name=` reused for other settings is refused).
+        if run.is_run:
+            run.same_run(cfg, competition_fingerprint(cfg.data))
         log.info("%s already finished (cv.json); reusing it (--force redoes it)", run.root.name)
         _post_leaderboard_row(run, cfg)
         return run

@@ -30,14 +30,20 @@ _VERSIONED = ("vlmexp", "torch", "transformers", "peft", "trl", "accelerate", "b
 
 
 def git_state(cwd: Path | None = None) -> dict:
-    """{"sha": ..., "dirty": bool}; sha "unknown" outside a git checkout (e.g. an installed wheel)."""
+    """{"sha": ..., "dirty": bool} of the vlmexp checkout whose code runs (or of `cwd`'s repository),
+    wherever the command is started: from /tmp/comp, the current folder's repository (or none) says
+    nothing about the code. sha "unknown" when vlmexp is not a tracked file of a git checkout (an
+    installed wheel, or a virtualenv inside some other repository)."""
+    here = Path(__file__).resolve()
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+            ["git", *args], cwd=cwd or here.parent, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
 
     try:
+        if cwd is None:
+            git("ls-files", "--error-unmatch", here.name)  # fails unless this file is tracked there
         return {
             "sha": git("rev-parse", "HEAD"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
@@ -189,13 +195,7 @@ class RunDir:
                 )
             shutil.rmtree(self.root)
         if self.is_run:
-            old = read_json(self.provenance_path)
-            if old.get("config_hash") != h:
-                raise ConfigError(
-                    f"run folder {self.root} holds config {old.get('config_hash')}, this config is {h}; "
-                    "choose another name=..., or pass --force to redo it from scratch"
-                )
-            _refuse_other_data(self.root, old.get("data_fingerprint"), fingerprint)
+            old = self.same_run(cfg, fingerprint)
             old["resumed_at"] = old.get("resumed_at", []) + [time.strftime("%Y-%m-%dT%H:%M:%S")]
             write_json(old, self.provenance_path)
             return old
@@ -217,6 +217,20 @@ class RunDir:
             prov["data_fingerprint"] = fingerprint  # fingerprint.competition_fingerprint: the folds' data
         write_json(prov, self.provenance_path)
         return prov
+
+    def same_run(self, cfg: Config, fingerprint: dict | None = None) -> dict:
+        """This folder's provenance, once it is known to hold `cfg`'s run on the same data: a `name=...`
+        reused for another config (e.g. train.epochs=1 where the folder ran 2) or a folder whose data
+        was edited since is refused, finished or not, instead of handing back results it did not make."""
+        old = read_json(self.provenance_path)
+        h = config_hash(cfg)
+        if old.get("config_hash") != h:
+            raise ConfigError(
+                f"run folder {self.root} holds config {old.get('config_hash')}, this config is {h}; "
+                "choose another name=..., or pass --force to redo it from scratch"
+            )
+        _refuse_other_data(self.root, old.get("data_fingerprint"), fingerprint)
+        return old
 
     def overrides(self) -> dict:
         return json.loads((self.root / "overrides.json").read_text(encoding="utf-8"))
