@@ -278,6 +278,36 @@ def test_cli_data_check_lists_run_files_and_submit_names_data_limit(comp, tmp_pa
     got = runner.invoke(app, ["submit", str(run), "--sample", str(comp / "sample_submission.csv")])
     assert got.exit_code == 2, got.output
     assert "data.limit=5" in got.output and "data.train_limit" in got.output
+    # Without --sample too: checked against the whole test.csv, not the 5 rows the run read.
+    got = runner.invoke(app, ["submit", str(run), "--out", str(tmp_path / "sub.csv")])
+    assert got.exit_code == 2, got.output
+    assert "15 of 20 test ids have no prediction" in got.output and "data.limit=5" in got.output
+    assert not (tmp_path / "sub.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_run_that_cut_the_test_set_writes_no_submission(comp, tmp_path):
+    """data.limit=16 predicts 16 of the 20 test rows: a submission.csv of them would look submittable."""
+    from vlmexp.recipe import run_experiment
+    from vlmexp.tables import read_json
+
+    cfg = load_config(
+        [
+            f"data.dir={comp}",
+            f"runs_dir={tmp_path / 'runs'}",
+            f"model.cache_dir={tmp_path / 'tiny'}",
+            f"leaderboard={tmp_path / 'leaderboard.csv'}",
+            "data.limit=16",
+            "folds=2",
+            "train.epochs=1",
+            "train.eval=false",
+            "predict.batch_size=16",
+        ]
+    )
+    run = run_experiment(cfg).root
+    assert len(read_table(run / "test_probs.csv")) == 16
+    assert not (run / "submission.csv").exists()
+    assert read_json(run / "leaderboard_row.json")["submission"] == ""
 
 
 def cfg_label(comp: Path) -> str:

@@ -69,6 +69,6 @@ def test_validation_lists_every_problem():
 
 
 def test_missing_prediction_refused(run_dir, tmp_path):
-    with pytest.raises(SubmissionError, match="test ids missing|no label"):
+    with pytest.raises(SubmissionError, match="1 of 4 test ids have no prediction.*004"):
         make_submission(run_dir, [*TEST_IDS, "004"], LABELS, out=tmp_path / "s.csv")
     assert not (tmp_path / "s.csv").exists()

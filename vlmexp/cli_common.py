@@ -127,9 +127,12 @@ def _print_cv(root: Path) -> None:
 
     cv = RunDir(root).cv()
     folds = " ".join(f"{s:.4f}" for s in cv["folds"])
+    sub = root / "submission.csv"
+    # A data.limit run predicted part of the test set and wrote none (recipe.finalize says why).
+    where = escape(str(sub)) if sub.exists() else "no submission (data.limit cut the test set)"
     console.print(
         f"[bold green]{escape(root.name)}[/]: CV {cv['metric']} {cv['mean']:.4f} ± {cv['std']:.4f} "
-        f"(folds {folds}; accuracy {cv['accuracy']:.4f}) -> {escape(str(root))}/submission.csv"
+        f"(folds {folds}; accuracy {cv['accuracy']:.4f}) -> {where}"
     )
     if cv.get("flag"):  # sanity.run_flags: e.g. "one_class near_majority"; the log said what helps
         majority = cv.get(f"majority_{cv['metric']}", float("nan"))

@@ -6,6 +6,7 @@ and names a run by its folder, from anywhere, or by its name under runs_dir.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -97,7 +98,8 @@ def submit(
             f"run {root} was made with data.dir={cfg.data.dir}, which is not a folder from here "
             f"({Path.cwd()}); run this where the run was made, or add data.dir=PATH"
         )
-    comp = load_competition(cfg.data)
+    # Validated against the whole test set, also for a run made with data.limit (which cut it).
+    comp = load_competition(dataclasses.replace(cfg.data, limit=0, train_limit=0))
     try:
         path = make_submission(
             root,

@@ -417,14 +417,29 @@ def finalize(exp: Experiment, started: float) -> RunDir:
     write_table(suspect_labels(oof, labels, cfg.ensemble.suspect_confidence), run.path("suspect_labels.csv"))
 
     # -- save: submission, the leaderboard row, cv.json (it marks the run finished), the append ------
-    sub = make_submission(
-        run.root,
-        exp.comp.test["id"].tolist(),
-        labels,
-        out=run.path("submission.csv"),
-        force=True,
-        id_col=cfg.data.id_col,
-    )
+    # data.limit=60 predicts the first 60 of 200 test rows: no submission.csv that looks submittable.
+    test_rows = (exp.prov.get("data_fingerprint") or {}).get("files", {}).get(cfg.data.test_csv, {})
+    cut = bool(cfg.data.limit) and test_rows.get("rows") not in (None, len(exp.comp.test))
+    if cut:
+        sub = ""
+        log.warning(
+            "no submission.csv: data.limit=%d predicted %d of %s test rows; data.train_limit=%d cuts only "
+            "the training rows, for a quick run that can be submitted",
+            cfg.data.limit,
+            len(exp.comp.test),
+            test_rows["rows"],
+            cfg.data.limit,
+        )
+        run.path("submission.csv").unlink(missing_ok=True)
+    else:
+        sub = make_submission(
+            run.root,
+            exp.comp.test["id"].tolist(),
+            labels,
+            out=run.path("submission.csv"),
+            force=True,
+            id_col=cfg.data.id_col,
+        )
     test_scores = _score_answers(cfg, exp, final, majority)
     cv["duration_s"] = round(time.time() - started, 1)
     row = {

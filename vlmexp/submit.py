@@ -95,6 +95,13 @@ def make_submission(
     else:
         sid, slabel = id_col, "label"
         order = pd.Series([str(i) for i in test_ids], dtype=object)
+    wanted = {str(i) for i in test_ids}
+    unpredicted = [i for i in order if i in wanted and i not in pred_of.index]
+    if unpredicted:  # e.g. a run made with data.limit=60 predicted 60 of 200 test rows
+        raise SubmissionError(
+            f"submission refused:\n- {len(unpredicted)} of {len(wanted)} test ids have no prediction in "
+            f"{probs_path}: {_some(unpredicted)}"
+        )
     df = pd.DataFrame({sid: order.to_numpy(), slabel: order.map(pred_of).to_numpy()})
     validate_submission(df, test_ids, labels, sid, slabel)
     return write_table(df, out)
