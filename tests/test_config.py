@@ -83,8 +83,20 @@ def test_bad_values():
 
 
 def test_missing_experiment_lists_available(exp_dir):
-    with pytest.raises(ConfigError, match="experiments here: mine"):
+    with pytest.raises(ConfigError, match="experiments: mine"):
         load_config(["experiment=nope"], experiments_dir=exp_dir)
+    with pytest.raises(ConfigError, match="did you mean 'mine'"):
+        load_config(["experiment=mien"], experiments_dir=exp_dir)
+    assert load_config(["experiment=mine.yaml"], experiments_dir=exp_dir).experiment == "mine"
+
+
+def test_shipped_experiments_are_found_from_any_folder(tmp_path, monkeypatch):
+    """`exp run experiment=demo` from a competition folder of its own found no experiments/demo.yaml."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config(["experiment=demo"]).experiment == "demo"
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "demo.yaml").write_text("folds: 3\n")  # the folder's own comes first
+    assert load_config(["experiment=demo"]).folds == 3
 
 
 def test_hash_is_stable_and_ignores_name():
@@ -232,3 +244,44 @@ def test_cls_head_refuses_a_server_backend_and_generation():
         load_config(["model.head=cls", "predict.backend=openai", "predict.base_url=http://h:1/v1",
                      "predict.mode=generate"])  # fmt: skip
     assert "predict.backend=local" in str(e.value) and "predict.mode=score" in str(e.value)
+
+
+@pytest.mark.parametrize("arg", ["data=1", "train=abc", "lora=[1]"])
+def test_a_value_for_a_whole_section_names_a_key_inside_it(arg):
+    section = arg.split("=")[0]
+    with pytest.raises(
+        ConfigError, match=rf"'{section}' is a section; set a key inside it, e.g. {section}\.\w+="
+    ):
+        load_config([arg])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train: [\n", r"broken\.yaml line 2: not valid YAML"),
+        ("- a\n- b\n", r"broken\.yaml: holds a list, not a mapping"),
+        ("data: 1\n", r"broken\.yaml: 'data' is a section"),
+    ],
+)
+def test_an_experiment_yaml_that_is_not_a_mapping_of_settings_is_named(tmp_path, text, message):
+    (tmp_path / "broken.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(["experiment=broken"], experiments_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        (
+            "train.scheduler=cosin",
+            r"'train\.scheduler=cosin' is not a transformers name; did you mean 'cosine'",
+        ),
+        ("train.optim=nosuch", r"'train\.optim=nosuch' is not a transformers name.*adamw_torch_fused"),
+        ("model.name=tiny:nosuch", r"'model\.name=tiny:nosuch' is not a tiny model.*tiny:qwen2_vl"),
+    ],
+)
+def test_trainer_and_tiny_model_names_are_checked_with_the_config(arg, message):
+    """They failed after the data was loaded and fold 0 had started, with a traceback."""
+    with pytest.raises(ConfigError, match=message):
+        load_config([arg])
+    load_config(["train.scheduler=linear", "train.optim=adamw_torch_fused", "model.name=tiny:llava"])

@@ -96,6 +96,7 @@ def validate(cfg: Config) -> None:
         )
     problems += _sharding_problems(cfg)
     problems += _head_problems(cfg)
+    problems += _name_problems(cfg)
     if problems:
         raise ConfigError(
             problems[0] if len(problems) == 1 else "bad config values:\n- " + "\n- ".join(problems)
@@ -108,6 +109,42 @@ def validate(cfg: Config) -> None:
         check_trainer_args(cfg.train.args)
     if cfg.predict.backend == "openai":
         _check_model_per_fold(cfg.predict.model_per_fold)
+
+
+def _name_problems(cfg: Config) -> list[str]:
+    """Names handed to transformers or the tiny-model builder, checked here rather than after the data
+    is loaded and fold 0 has started (train.scheduler=nosuch failed there with a traceback). The
+    choices are transformers' own enums (SchedulerType, OptimizerNames), so a newer transformers'
+    names pass without a list of ours to keep up; the defaults skip the import (training_args pulls in
+    bitsandbytes, which prints a line about its CPU kernels)."""
+    from vlmexp.config.schema import TrainConfig
+
+    problems = []
+    for key, value, default in (
+        ("train.scheduler", cfg.train.scheduler, TrainConfig.scheduler),
+        ("train.optim", cfg.train.optim, TrainConfig.optim),
+    ):
+        if value == default:
+            continue
+        if key == "train.scheduler":
+            from transformers.trainer_utils import SchedulerType as names_of
+        else:
+            from transformers.training_args import OptimizerNames as names_of
+        names = [e.value for e in names_of]
+        if value not in names:
+            near = difflib.get_close_matches(value, names, n=1, cutoff=0.5)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            problems.append(
+                f"'{key}={value}' is not a transformers name; {hint}choose one of: {', '.join(names)}"
+            )
+    if cfg.model.name.startswith("tiny:"):
+        from vlmexp.models.tiny import FAMILIES  # imports transformers: only for a tiny model
+
+        family = cfg.model.name.removeprefix("tiny:")
+    if cfg.model.name.startswith("tiny:") and family not in FAMILIES:
+        choices = ", ".join(f"tiny:{f}" for f in FAMILIES)
+        problems.append(f"'model.name={cfg.model.name}' is not a tiny model; choose one of: {choices}")
+    return problems
 
 
 def _head_problems(cfg: Config) -> list[str]:

@@ -3,6 +3,7 @@ unknown keys name the nearest valid one, environment values never name a run."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -24,8 +25,32 @@ def _check_keys(dotlist: list[str], source: str) -> None:
         if "=" not in item:
             raise ConfigError(f"{source}: '{item}' is not key=value; write e.g. prompt=label_desc")
         key = item.split("=", 1)[0].lstrip("+")
+        if key in _SECTIONS:
+            example = next(k for k in _all_keys() if k.startswith(key + ".") and k not in _SECTIONS)
+            raise ConfigError(f"{source}: '{key}' is a section; set a key inside it, e.g. {example}=...")
         if key not in valid and not key.startswith("train.args."):  # trainer options: checked in validate
             raise ConfigError(f"{source}: unknown key '{key}'; did you mean '{nearest_key(key)}'?")
+
+
+_SECTIONS = {k.rsplit(".", 1)[0] for k in _all_keys() if "." in k}  # e.g. "data", "train", "train.args"
+
+
+def _read_experiment(path: Path) -> dict:
+    """An experiment YAML's mapping; a file that is not one fails naming the file and the line."""
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: holds a {type(raw).__name__}, not a mapping of settings; write e.g. 'folds: 5' "
+            "and 'train: {lr: 1.0e-4}', one key per line"
+        )
+    return raw
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:
@@ -38,15 +63,27 @@ def _flatten(d: dict, prefix: str = "") -> list[str]:
     return out
 
 
+# The experiments shipped with the checkout (e.g. demo.yaml), found when the current folder has none of
+# that name: `exp run experiment=demo` from /tmp/comp read ./experiments only and found nothing.
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "experiments"
+
+
 def experiment_path(name: str, experiments_dir: Path | None = None) -> Path:
-    d = experiments_dir or EXPERIMENTS_DIR
-    path = d / f"{name}.yaml"
-    if not path.exists():
-        have = sorted(p.stem for p in d.glob("*.yaml")) if d.exists() else []
-        raise ConfigError(
-            f"experiment '{name}': no file {path}; experiments here: {', '.join(have) or 'none'}"
-        )
-    return path
+    """experiments/<name>.yaml of the current folder (or `experiments_dir`), else the shipped one."""
+    name = name.removesuffix(".yaml")  # experiment=demo.yaml means demo
+    dirs = [experiments_dir or EXPERIMENTS_DIR]
+    if experiments_dir is None and SHIPPED_DIR.is_dir() and SHIPPED_DIR.resolve() != dirs[0].resolve():
+        dirs.append(SHIPPED_DIR)
+    for d in dirs:
+        if (d / f"{name}.yaml").exists():
+            return d / f"{name}.yaml"
+    have = sorted({p.stem for d in dirs if d.exists() for p in d.glob("*.yaml")})
+    near = difflib.get_close_matches(name, have, n=1)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    raise ConfigError(
+        f"experiment '{name}': no file {' or '.join(str(d / f'{name}.yaml') for d in dirs)}; "
+        f"{hint}experiments: {', '.join(have) or 'none'}"
+    )
 
 
 def load_config(overrides: list[str] | None = None, experiments_dir: Path | None = None) -> Config:
@@ -56,10 +93,10 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
     cfg: DictConfig = OmegaConf.structured(Config)
     cli = _merge(OmegaConf.structured(Config), _dotlist(overrides), "argument")
     _refuse_env_names(_env_values(OmegaConf.to_container(cli, resolve=False)), "argument")
-    experiment = cli.experiment
+    experiment = cli.experiment.removesuffix(".yaml")  # experiment=demo.yaml names the run demo-...
     if experiment:
         path = experiment_path(experiment, experiments_dir)
-        raw = _cleared(OmegaConf.to_container(OmegaConf.load(path)) or {})
+        raw = _cleared(_read_experiment(path))
         _check_keys(_flatten(raw), str(path))
         cfg = _merge(cfg, OmegaConf.create(raw), str(path))
     cfg = _merge(cfg, _dotlist(overrides), "argument")
@@ -160,6 +197,5 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
     except (ValidationError, ConfigKeyError) as e:
         key = e.full_key or "?"
         want = getattr(_field(key), "type", "?") if key in set(_all_keys()) else "?"
-        raise ConfigError(
-            f"{source}: bad value for '{key}': {e.msg.splitlines()[0]} (expected {want})"
-        ) from None
+        msg = (e.msg or str(e) or type(e).__name__).splitlines()[0]
+        raise ConfigError(f"{source}: bad value for '{key}': {msg} (expected {want})") from None
