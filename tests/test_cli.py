@@ -184,3 +184,20 @@ def test_submit_from_elsewhere_of_a_run_with_a_relative_data_dir_says_what_to_ad
     comp = tmp_path / "proj" / "comp"
     result = runner.invoke(app, ["submit", str(run), f"data.dir={comp}", "--out", "s.csv"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_flagged_run_says_what_helps_where_it_is_printed(tmp_path, capsys):
+    """A reused finished run logs no warning, so "see the warning above" pointed at nothing."""
+    import json
+
+    from vlmexp.cli_common import _print_cv
+
+    run = tmp_path / "smoke"
+    run.mkdir()
+    cv = {"metric": "macro_f1", "mean": 0.01, "std": 0.0, "folds": [0.01, 0.01], "accuracy": 0.1}
+    cv |= {"flag": "one_class", "majority_macro_f1": 0.02}
+    (run / "cv.json").write_text(json.dumps(cv))
+    _print_cv(run)
+    out = " ".join(capsys.readouterr().err.split())  # the CLI's console writes to stderr
+    assert "flagged: one_class" in out and "What usually helps" in out and "warning above" not in out
+    assert "no submission" in out  # no submission.csv in the folder

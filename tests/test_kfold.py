@@ -72,8 +72,18 @@ def test_rare_class_warns_but_works(tmp_path):
         warnings.simplefilter("always")
         folds = assign_folds(train, k=5, seed=0, store_dir=tmp_path)
     msgs = [str(w.message) for w in caught]
-    assert any("rare (2)" in m for m in msgs), msgs
+    assert any("rare (2)" in m and "use folds=2 or fewer" in m for m in msgs), msgs
     assert len(folds) == len(train) and sorted(folds.unique()) == [0, 1, 2, 3, 4]
+
+
+def test_a_one_row_class_at_two_folds_is_not_told_to_use_two_folds(tmp_path):
+    """folds=2 is the least there is; the fix said "use folds=2 or fewer" to a run at folds=2."""
+    train = _train({"a": 10, "b": 10, "single": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assign_folds(train, k=2, seed=0, store_dir=tmp_path)
+    [msg] = [str(w.message) for w in caught if "single (1)" in str(w.message)]
+    assert "use folds=" not in msg and "add rows to those classes" in msg
 
 
 def test_too_many_folds_and_bad_input(tmp_path):

@@ -72,3 +72,12 @@ def test_missing_prediction_refused(run_dir, tmp_path):
     with pytest.raises(SubmissionError, match="1 of 4 test ids have no prediction.*004"):
         make_submission(run_dir, [*TEST_IDS, "004"], LABELS, out=tmp_path / "s.csv")
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_an_out_path_that_is_a_folder_is_refused_with_a_file_path(run_dir, tmp_path):
+    (tmp_path / "outdir").mkdir()
+    for force in (False, True):  # --force once crashed with IsADirectoryError
+        with pytest.raises(
+            SubmissionError, match=r"is a folder; give a file path, e.g. --out .*outdir/submission.csv"
+        ):
+            make_submission(run_dir, TEST_IDS, LABELS, out=tmp_path / "outdir", force=force)

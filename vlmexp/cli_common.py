@@ -134,9 +134,10 @@ def _print_cv(root: Path) -> None:
         f"[bold green]{escape(root.name)}[/]: CV {cv['metric']} {cv['mean']:.4f} ± {cv['std']:.4f} "
         f"(folds {folds}; accuracy {cv['accuracy']:.4f}) -> {where}"
     )
-    if cv.get("flag"):  # sanity.run_flags: e.g. "one_class near_majority"; the log said what helps
+    if cv.get("flag"):  # sanity.run_flags: e.g. "one_class near_majority"; a reused run logged nothing
+        from vlmexp import sanity
+
         majority = cv.get(f"majority_{cv['metric']}", float("nan"))
         console.print(
-            f"[bold yellow]flagged: {cv['flag']}[/] (majority-class baseline {majority:.4f}); "
-            "see the warning above for what usually helps"
+            f"[bold yellow]flagged: {cv['flag']}[/] (majority-class baseline {majority:.4f}); {sanity.ADVICE}"
         )

@@ -71,6 +71,8 @@ def make_submission(
     """
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "submission.csv"
+    if out.is_dir():  # --force would not replace a folder: say so before anything else
+        raise SubmissionError(f"{out} is a folder; give a file path, e.g. --out {out / 'submission.csv'}")
     if out.exists() and not force:
         raise SubmissionError(f"{out} exists; pass --force to overwrite it")
     probs_path = run_dir / "test_probs.csv"

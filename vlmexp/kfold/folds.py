@@ -153,10 +153,11 @@ def _split(train: pd.DataFrame, k: int, seed: int) -> list[int]:
     rare = counts[counts < k]
     if len(rare):
         names = ", ".join(f"{label} ({n})" for label, n in rare.items())
-        fix = (
-            f"use folds={max(2, int(counts.max()) if len(rare) == len(counts) else int(rare.min()))} or "
-            "fewer, add rows to those classes, or merge or drop them (labels.json and train.csv)"
-        )
+        fewer = max(2, int(counts.max()) if len(rare) == len(counts) else int(rare.min()))
+        # folds=2 is the least there is: a class of 1 row cannot be in two folds however k is set.
+        fix = "add rows to those classes, or merge or drop them (labels.json and train.csv)"
+        if fewer < k:
+            fix = f"use folds={fewer} or fewer, {fix}"
         if len(rare) == len(counts):  # sklearn: "n_splits=5 cannot be greater than the number of members"
             raise FoldError(f"k={k} folds but every class has fewer than {k} rows: {names}; {fix}")
         warnings.warn(
