@@ -130,3 +130,13 @@ def test_cli_ensemble_command(tmp_path, comp):
     assert "pred_raw" in read_table(made[0] / "test_probs.csv").columns
     result = CliRunner().invoke(app, ["ensemble", "A", "nope", "--runs-dir", str(runs)])
     assert result.exit_code == 2
+
+
+def test_the_ensembles_row_goes_to_the_leaderboard_it_is_told(tmp_path, comp):
+    """`exp ensemble A B leaderboard=...` once wrote to the first member's leaderboard instead."""
+    a = _run(tmp_path, comp, "A", [0.9] * 8, [0.9, 0.2, 0.55])
+    b = _run(tmp_path, comp, "B", [0.8] * 8, [0.7, 0.6, 0.3])
+    mine = tmp_path / "mine" / "lb.csv"
+    ensemble_runs([a, b], RunDir(tmp_path / "runs" / "ens"), leaderboard=mine)
+    assert pd.read_csv(mine, dtype=str)["run"].tolist() == ["ens"]
+    assert not (tmp_path / "lb.csv").exists()

@@ -232,5 +232,5 @@ def ensemble(
     cfg = _settings(overrides, runs_dir=runs_dir)
     members = [find_run(r, cfg.runs_dir) for r in names]
     out = RunDir(Path(cfg.runs_dir) / (name or default_name(members, calibrate)))
-    ensemble_runs(members, out, calibrate=calibrate, force=force)
+    ensemble_runs(members, out, calibrate=calibrate, force=force, leaderboard=cfg.leaderboard)
     _print_cv(out.root)

@@ -9,6 +9,7 @@ first run's folds). With `calibrate="bias"` the mean is calibrated as `ensemble.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -63,10 +64,16 @@ def _mean(tables: list[pd.DataFrame], labels: list[str]) -> tuple[np.ndarray, np
 
 
 def ensemble_runs(
-    members: list[RunDir], out: RunDir, *, calibrate: str = "none", force: bool = False
+    members: list[RunDir],
+    out: RunDir,
+    *,
+    calibrate: str = "none",
+    force: bool = False,
+    leaderboard: Path | str | None = None,
 ) -> dict:
     """Write `out` (test_probs.csv, oof.csv, cv.json, submission.csv, members in provenance.json) and
-    append its leaderboard row. Returns its cv.json."""
+    append its leaderboard row to `leaderboard` (the command's `leaderboard=`; default: the first
+    member's). Returns its cv.json."""
     if calibrate not in ("none", "bias"):
         raise EnsembleError(f"calibrate={calibrate!r}; choose none or bias")
     if len(members) < 2 and calibrate == "none":
@@ -83,6 +90,8 @@ def ensemble_runs(
             raise EnsembleError(f"--force would delete {out.root}, which is not a vlmexp run folder")
         shutil.rmtree(out.root)
     cfg: Config = members[0].config()
+    if leaderboard is not None:
+        cfg = dataclasses.replace(cfg, leaderboard=str(leaderboard))
     metric = cfg.metric
 
     tests = [read_table(m.path("test_probs.csv")) for m in members]
