@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from vlmexp.submit import SubmissionError, make_submission, validate_submission
+from vlmexp.tables import read_table
 
 LABELS = ["cat", "dog"]
 TEST_IDS = ["007", "002", "003"]
@@ -81,3 +82,14 @@ def test_an_out_path_that_is_a_folder_is_refused_with_a_file_path(run_dir, tmp_p
             SubmissionError, match=r"is a folder; give a file path, e.g. --out .*outdir/submission.csv"
         ):
             make_submission(run_dir, TEST_IDS, LABELS, out=tmp_path / "outdir", force=force)
+
+
+def test_a_sample_with_the_label_column_first_keeps_its_column_order(run_dir, tmp_path):
+    """A sample of "Category,ImageId" was read id-first: every row refused."""
+    sample = tmp_path / "sample.csv"
+    pd.DataFrame({"Category": ["x", "x", "x"], "ImageId": ["003", "007", "002"]}).to_csv(sample, index=False)
+    out = make_submission(run_dir, TEST_IDS, LABELS, sample=sample, out=tmp_path / "sub.csv")
+    got = pd.read_csv(out, dtype=str)
+    assert list(got.columns) == ["Category", "ImageId"] and got["ImageId"].tolist() == ["003", "007", "002"]
+    want = read_table(run_dir / "test_probs.csv").set_index("id")["pred"]
+    assert got["Category"].tolist() == [want[i] for i in ["003", "007", "002"]]

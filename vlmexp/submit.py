@@ -92,10 +92,16 @@ def make_submission(
             ) from None
         if frame.shape[1] != 2:
             raise SubmissionError(f"sample {sample} has {frame.shape[1]} columns; expected 2 (id, label)")
-        sid, slabel = frame.columns
+        columns = list(frame.columns)
+        # The id column is the one holding the test ids, wherever it stands: a sample of "label,id"
+        # read as id-first once refused every row of a correct submission.
+        hits = {c: int(frame[c].astype(str).isin({str(i) for i in test_ids}).sum()) for c in columns}
+        sid = max(columns, key=lambda c: (hits[c], -columns.index(c)))
+        slabel = next(c for c in columns if c != sid)
         order = frame[sid].astype(str)
     else:
         sid, slabel = id_col, "label"
+        columns = [sid, slabel]
         order = pd.Series([str(i) for i in test_ids], dtype=object)
     wanted = {str(i) for i in test_ids}
     unpredicted = [i for i in order if i in wanted and i not in pred_of.index]
@@ -104,6 +110,6 @@ def make_submission(
             f"submission refused:\n- {len(unpredicted)} of {len(wanted)} test ids have no prediction in "
             f"{probs_path}: {_some(unpredicted)}"
         )
-    df = pd.DataFrame({sid: order.to_numpy(), slabel: order.map(pred_of).to_numpy()})
+    df = pd.DataFrame({sid: order.to_numpy(), slabel: order.map(pred_of).to_numpy()})[columns]
     validate_submission(df, test_ids, labels, sid, slabel)
     return write_table(df, out)
