@@ -26,7 +26,9 @@ def _missing(v: object) -> bool:
 
 
 def score(y_true, y_pred, labels: list[str]) -> dict:
-    """{"accuracy", "macro_f1", "n", "unparsed"} over the given samples."""
+    """{"accuracy", "macro_f1", "n", "unparsed"} over the given samples. Macro-F1 averages over every
+    class of `labels`, present or not (an absent class scores 0; scikit-learn's default would skip a
+    class absent from both truth and predictions), so every fold is averaged over the same classes."""
     t, p = as_labels(y_true), as_labels(y_pred)
     if len(t) != len(p):
         raise ValueError(f"y_true has {len(t)} values but y_pred has {len(p)}")
