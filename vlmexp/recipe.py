@@ -89,7 +89,8 @@ class Experiment:
     prov: dict
     comp: Competition
     train: pd.DataFrame  # original rows (after suspect handling); CV is scored on these only
-    train_all: pd.DataFrame  # train + pseudo-labelled test rows (column `pseudo`)
+    # what folds train on: train (suspects relabelled or dropped) + pseudo-labelled test rows (`pseudo`)
+    train_all: pd.DataFrame
     pseudo: pd.DataFrame
     folds: pd.Series  # id -> fold, shared by every run on this data
     template: object
@@ -180,12 +181,13 @@ def prepare(cfg: Config, force: bool = False) -> Experiment:
     run = RunDir.for_config(cfg)
     prov = run.start(cfg, template.sources, force=force, fingerprint=fingerprint)
     train = comp.train
-    if cfg.ensemble.suspects != "keep":
-        train = _apply_source_suspects(train, cfg)
 
     # -- folds: computed once per dataset/k/seed and shared by every run ------------
     store = Path(cfg.runs_dir) / "_folds"
     folds = assign_folds(train, cfg.folds, cfg.fold_seed, store_dir=store, fingerprint=fingerprint)
+    # A source run's suspect labels change what the folds train on, never what they are scored on:
+    # validation rows keep their labels as given (run_fold), so the CV stays comparable with other runs.
+    fit = _apply_source_suspects(train, cfg) if cfg.ensemble.suspects != "keep" else train
 
     # -- pseudo-labels: confident, agreeing test predictions of a finished run ------
     pseudo = pd.DataFrame()
@@ -195,7 +197,7 @@ def prepare(cfg: Config, force: bool = False) -> Experiment:
         pseudo = select_pseudo(test_probs, comp.labels, cfg.pseudo.min_agree, cfg.pseudo.min_confidence)
         log.info("pseudo-labels from %s: %d of %d test rows", src.name, len(pseudo), len(comp.test))
         write_table(pseudo, run.path("pseudo_labels.csv"))
-    train_all = add_pseudo(train, comp.test, pseudo)
+    train_all = add_pseudo(fit, comp.test, pseudo)
 
     # -- OCR text, read once per image and cached by content hash -------------------
     ocr = _ocr_texts(cfg, comp)
@@ -224,7 +226,8 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
     cfg, labels, fdir = exp.cfg, exp.labels, exp.run.fold_dir(k)
     if progress:
         progress.start_fold(k)
-    train_split, val_split = split_with_pseudo(exp.train_all, exp.folds, k)
+    train_split, _ = split_with_pseudo(exp.train_all, exp.folds, k)
+    _, val_split = split_with_pseudo(exp.train, exp.folds, k)  # scored on the labels as given
     train_split, before, after = resample(train_split, cfg.balance, seed=cfg.seed + k)
     n_pseudo = int(train_split["pseudo"].sum())
     write_json({"before": before, "after": after, "pseudo_rows": n_pseudo}, fdir / "class_counts.json")
@@ -569,7 +572,17 @@ def _ocr_texts(cfg: Config, comp: Competition) -> dict[str, str] | None:
 def _apply_source_suspects(train: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     src = find_run(cfg.ensemble.suspects_from, cfg.runs_dir).root
     suspects = read_table(src / "suspect_labels.csv")
+    hit = suspects["id"].astype(str).isin(train["id"].astype(str))
+    share = int(hit.sum()) / max(len(train), 1)
     log.info("%s %d suspect labels from %s", cfg.ensemble.suspects, len(suspects), src.name)
+    if share > 0.2:  # a source run that learned little calls most labels suspect (e.g. 56 of 60)
+        log.warning(
+            "%s calls %.0f%% of the training labels suspect; %s them only if that run is good (its CV, "
+            "`exp leaderboard`): a run that answers one class flags every other class's rows",
+            src.name,
+            100 * share,
+            cfg.ensemble.suspects,
+        )
     return apply_suspects(train, suspects, how=cfg.ensemble.suspects)
 
 
