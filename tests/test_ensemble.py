@@ -116,3 +116,24 @@ def test_suspects_and_apply():
     with pytest.raises(ValueError, match="none of the"):
         apply_suspects(train, sus.assign(id=["x", "y"]), "drop")
     assert np.all(train["label"] == oof["label"])  # inputs untouched
+
+
+def test_vote_majority_is_not_undone_by_the_default_reconcile():
+    """Two folds vote A at 0.4, one votes B at 0.95: majority says A, the mean probabilities say B.
+    With the default reconcile=soft every disputed row was re-decided by the mean, so vote=majority
+    changed nothing."""
+    from vlmexp.config import load_config
+    from vlmexp.recipe import reconcile_policy
+
+    labels = ["A", "B", "C"]
+
+    def table(pred, a, b, c):
+        return pd.DataFrame({"id": ["x"], "pred": [pred], "p:A": [a], "p:B": [b], "p:C": [c]})
+
+    tables = [table("A", 0.4, 0.3, 0.3), table("A", 0.4, 0.3, 0.3), table("B", 0.025, 0.95, 0.025)]
+    cfg = load_config(["ensemble.vote=majority"])
+    final = reconcile(vote(tables, labels, "majority"), tables, labels, reconcile_policy(cfg))
+    assert final["pred"].tolist() == ["A"]
+    assert reconcile_policy(load_config([])) == "soft"
+    explicit = load_config(["ensemble.vote=majority", "ensemble.reconcile=confident"])
+    assert reconcile_policy(explicit) == "confident"

@@ -409,7 +409,7 @@ def finalize(exp: Experiment, started: float) -> RunDir:
     rerun = None
     if cfg.ensemble.reconcile == "rerun":
         rerun = read_table(find_run(cfg.ensemble.rerun_from, cfg.runs_dir).path("test_probs.csv"))
-    final = reconcile(ensemble, fold_tests, labels, cfg.ensemble.reconcile, rerun_table=rerun)
+    final = reconcile(ensemble, fold_tests, labels, reconcile_policy(cfg), rerun_table=rerun)
     if cfg.ensemble.calibrate == "bias":
         # Per-class offsets fitted on the OOF rows shift the test ensemble; the CV beside the raw one
         # is cross-fitted (each fold scored by offsets fitted on the others), so it stays honest.
@@ -567,6 +567,15 @@ def _ocr_texts(cfg: Config, comp: Competition) -> dict[str, str] | None:
     from vlmexp.ocr import ocr_text_for
 
     return ocr_text_for(comp.train["image"].tolist() + comp.test["image"].tolist(), cfg.ocr)
+
+
+def reconcile_policy(cfg: Config) -> str:
+    """The policy for the rows the folds disagree on. The default (soft) follows ensemble.vote=majority:
+    under soft it re-decided every disputed row by the mean probabilities, so vote=majority changed
+    nothing (2 folds voting A at 0.4 against one voting B at 0.95 came out B)."""
+    if cfg.ensemble.reconcile == "soft" and cfg.ensemble.vote == "majority":
+        return "majority"
+    return cfg.ensemble.reconcile
 
 
 def _apply_source_suspects(train: pd.DataFrame, cfg: Config) -> pd.DataFrame:

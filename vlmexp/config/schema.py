@@ -208,7 +208,7 @@ class EnsembleConfig:
     vote: str = choice("soft", "majority")  # soft: mean of fold probabilities
     reconcile: str = choice(
         "soft", "majority", "confident", "rerun"
-    )  # policy for samples the folds disagree on
+    )  # policy for samples the folds disagree on; soft (the default) follows vote=majority
     rerun_from: str = ""  # for reconcile=rerun: a finished run whose models re-predict the disputed samples
     suspect_confidence: float = ranged(0.9, ge=0, le=1)  # OOF prob of another label above this: suspect
     suspects: str = choice("keep", "relabel", "drop")  # what this run does with a source run's suspects
