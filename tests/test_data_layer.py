@@ -351,3 +351,27 @@ def test_na_looking_labels_through_a_tiny_run(na_comp, tmp_path):
     sub = read(run / "submission.csv")
     assert list(sub["id"]) == ["NA", "null"] and sub["label"].isin(NA_LABELS).all()
     assert read_json(run / "test_score.json")["test_rows"] == 2
+
+
+def test_a_source_run_of_another_competition_is_named_before_the_run(comp, tmp_path):
+    """pseudo.source / ensemble.rerun_from naming a run made on other labels or another test set once
+    failed mid-start with a traceback from pseudolabel/select.py."""
+    from vlmexp.data import check_competition
+
+    runs = tmp_path / "runs"
+    other = runs / "other"
+    other.mkdir(parents=True)
+    (other / "cv.json").write_text("{}")
+    write_table(pd.DataFrame({"id": ["z1"], "pred": ["cat"], "p:cat": [1.0]}), other / "test_probs.csv")
+    cfg = load_config([f"data.dir={comp}", f"runs_dir={runs}", "pseudo.source=other"])
+    result = check_competition(cfg.data, cfg)
+    [problem] = [p for p in result.problems if p.file == "pseudo.source"]
+    assert "was made with other labels" in problem.message and "this competition" in problem.fix
+    labels = list(json.loads((comp / "labels.json").read_text()))
+    probs = {f"p:{lab}": [1.0 / len(labels)] for lab in labels}
+    write_table(pd.DataFrame({"id": ["z1"], "pred": [labels[0]], **probs}), other / "test_probs.csv")
+    cfg = load_config(
+        [f"data.dir={comp}", f"runs_dir={runs}", "ensemble.reconcile=rerun", "ensemble.rerun_from=other"]
+    )
+    [problem] = [p for p in check_competition(cfg.data, cfg).problems if p.file == "ensemble.rerun_from"]
+    assert "predicted none of this test set's ids" in problem.message

@@ -29,11 +29,38 @@ def check_run_files(cfg: Config, out: CheckResult, labels: dict | None, test: pd
         out.add(cfg.prompts.dir, None, "prompts.dir is not a folder", "create it or clear prompts.dir=")
     runs = Path(cfg.runs_dir)
     if cfg.pseudo.source:
-        _finished_run(cfg.pseudo.source, runs, "test_probs.csv", "pseudo.source", out)
+        folder = _finished_run(cfg.pseudo.source, runs, "test_probs.csv", "pseudo.source", out)
+        _same_test_set(folder, "pseudo.source", labels, test, cfg.data.id_col, out)
     if cfg.ensemble.suspects != "keep":
         _finished_run(cfg.ensemble.suspects_from, runs, "suspect_labels.csv", "ensemble.suspects_from", out)
     if cfg.ensemble.reconcile == "rerun":
-        _finished_run(cfg.ensemble.rerun_from, runs, "test_probs.csv", "ensemble.rerun_from", out)
+        folder = _finished_run(cfg.ensemble.rerun_from, runs, "test_probs.csv", "ensemble.rerun_from", out)
+        _same_test_set(folder, "ensemble.rerun_from", labels, test, cfg.data.id_col, out)
+
+
+def _same_test_set(
+    folder: Path | None,
+    key: str,
+    labels: dict | None,
+    test: pd.DataFrame | None,
+    id_col: str,
+    out: CheckResult,
+) -> None:
+    """A source run's test_probs.csv made on this competition: a probability column for every label and
+    ids of this test set. A run of another competition failed mid-start with a traceback instead."""
+    if folder is None or labels is None:
+        return
+    from vlmexp.tables import prob_columns, read_table
+
+    table = read_table(folder / "test_probs.csv")
+    lacking = [c.removeprefix("p:") for c in prob_columns(list(labels)) if c not in table.columns]
+    fix = f"name a finished run of this competition (same labels.json and test.csv) as {key}"
+    if lacking:
+        msg = f"run {folder} was made with other labels: its test_probs.csv has no {', '.join(lacking[:5])}"
+        out.add(key, None, msg + ("..." if len(lacking) > 5 else ""), fix)
+    elif test is not None and id_col in test.columns and "id" in table.columns:
+        if not set(table["id"].astype(str)) & set(test[id_col].astype(str)):
+            out.add(key, None, f"run {folder} predicted none of this test set's ids", fix)
 
 
 def _answers(cfg: Config, out: CheckResult, labels: dict | None, test: pd.DataFrame | None) -> None:
@@ -86,17 +113,20 @@ def _writable_folder(path: Path, key: str, out: CheckResult) -> None:
         )
 
 
-def _finished_run(name: str, runs_dir: Path, table: str, key: str, out: CheckResult) -> None:
-    """A source run named by a setting: finished, with the table this run will read from it."""
+def _finished_run(name: str, runs_dir: Path, table: str, key: str, out: CheckResult) -> Path | None:
+    """A source run named by a setting: finished, with the table this run will read from it. Its folder,
+    or None after adding the problem."""
     if not name:
         out.add(key, None, f"{key} is empty but this run needs it", f"set {key}=<a finished run>")
-        return
+        return None
     from vlmexp.rundir import RunNotFound, find_run
 
     try:
         folder = find_run(name, runs_dir).root
     except RunNotFound as e:
         out.add(key, None, str(e), "finish that run first, or give its folder path (see `exp leaderboard`)")
-        return
+        return None
     if not (folder / table).is_file():
         out.add(key, None, f"run {folder} has no {table}", "rerun it to completion, or pick another")
+        return None
+    return folder
