@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 
@@ -156,9 +157,11 @@ def test_resolve_model_path_passes_others_through():
 
 
 def test_unknown_tiny_family_lists_families(tmp_path):
-    cfg = load_config(["model.name=tiny:gpt5", f"model.cache_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="is not a tiny model.*tiny:qwen2_vl.*tiny:smolvlm.*tiny:llava"):
+        load_config(["model.name=tiny:gpt5", f"model.cache_dir={tmp_path}"])  # refused with the config
+    cfg = load_config([f"model.cache_dir={tmp_path}"])
     with pytest.raises(ValueError, match="qwen2_vl.*qwen2_5_vl.*smolvlm.*llava"):
-        resolve_model_path(cfg.model)
+        resolve_model_path(dataclasses.replace(cfg.model, name="tiny:gpt5"))
     with pytest.raises(ValueError, match="unknown tiny family"):
         tiny.build_tiny("gpt5", tmp_path / "x")
 
