@@ -291,23 +291,28 @@ def test_a_run_that_cut_the_test_set_writes_no_submission(comp, tmp_path):
     from vlmexp.recipe import run_experiment
     from vlmexp.tables import read_json
 
-    cfg = load_config(
-        [
-            f"data.dir={comp}",
-            f"runs_dir={tmp_path / 'runs'}",
-            f"model.cache_dir={tmp_path / 'tiny'}",
-            f"leaderboard={tmp_path / 'leaderboard.csv'}",
-            "data.limit=16",
-            "folds=2",
-            "train.epochs=1",
-            "train.eval=false",
-            "predict.batch_size=16",
-        ]
-    )
-    run = run_experiment(cfg).root
+    run = run_experiment(tiny_run_config(comp, tmp_path, "data.limit=16")).root
     assert len(read_table(run / "test_probs.csv")) == 16
     assert not (run / "submission.csv").exists()
     assert read_json(run / "leaderboard_row.json")["submission"] == ""
+
+
+def tiny_run_config(data: Path, tmp_path: Path, *extra: str):
+    """A 2-fold, 1-epoch tiny-model run of `data` with everything it writes under `tmp_path`."""
+    return load_config(
+        [
+            f"data.dir={data}",
+            f"runs_dir={tmp_path / 'runs'}",
+            f"model.cache_dir={tmp_path / 'tiny'}",
+            f"leaderboard={tmp_path / 'leaderboard.csv'}",
+            "folds=2",
+            "train.epochs=1",
+            "train.eval=false",
+            "train.batch_size=8",
+            "predict.batch_size=16",
+            *extra,
+        ]
+    )
 
 
 def cfg_label(comp: Path) -> str:
@@ -328,21 +333,7 @@ def test_na_looking_labels_through_a_tiny_run(na_comp, tmp_path):
     from vlmexp.recipe import run_experiment
     from vlmexp.tables import read_json
 
-    cfg = load_config(
-        [
-            f"data.dir={na_comp}",
-            f"runs_dir={tmp_path / 'runs'}",
-            f"model.cache_dir={tmp_path / 'tiny'}",
-            f"leaderboard={tmp_path / 'leaderboard.csv'}",
-            "data.answers_csv=answers.csv",
-            "folds=2",
-            "train.epochs=1",
-            "train.eval=false",
-            "train.batch_size=8",
-            "predict.batch_size=16",
-        ]
-    )
-    run = run_experiment(cfg).root
+    run = run_experiment(tiny_run_config(na_comp, tmp_path, "data.answers_csv=answers.csv")).root
     oof = read_table(run / "oof.csv")
     assert sorted(oof["label"]) == sorted(NA_LABELS * 2)  # no label read back as missing
     assert oof["pred"].isin(NA_LABELS).all()
