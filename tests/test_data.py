@@ -301,3 +301,17 @@ def test_missing_labels_json_fix_is_written_from_train_labels(comp):
     shown = problem.fix[problem.fix.index("{") : problem.fix.index("}") + 1]
     assert list(json.loads(shown)) == want and want[:2] == ["类别1", "NA"]
     assert str(comp / "labels.json") in problem.fix and "data.labels_json" in problem.fix
+
+
+def test_an_image_over_pils_pixel_limit_is_told_to_be_resized(comp, monkeypatch):
+    """PIL refuses images over twice MAX_IMAGE_PIXELS (e.g. 14000 x 14000); opening and saving it
+    again, the usual fix for a broken file, cannot help there."""
+    from PIL import Image as PILImage
+
+    path = comp / read(comp / "test.csv").loc[2, "image"]
+    with PILImage.open(path) as im:
+        pixels = im.size[0] * im.size[1]
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", pixels // 3)  # this image is now a "bomb"
+    result = check_competition(comp)
+    [problem] = [p for p in result.problems if p.file == "test.csv" and p.row == 3 and "Bomb" in p.message]
+    assert "resize it" in problem.fix

@@ -262,6 +262,9 @@ def _decode_all(
         for (row, path), got in zip(ok, pool.map(_decode, [p for _, p in ok]), strict=True):
             if isinstance(got, str):
                 fix = "re-export the image (e.g. open and save it again) or drop the row"
+                # PIL's limit is twice 89 MP (e.g. 14000 x 14000): saving the file again cannot help
+                if got.startswith("DecompressionBombError"):
+                    fix = "resize it (e.g. to 4096 px on its longest side) or drop its row"
                 out.add(name, row, f"cannot decode image {os.path.relpath(path, out.root)}: {got}", fix)
             else:
                 sizes.append((name, row, got))
