@@ -107,6 +107,9 @@ def test_leaderboard_shows_the_configured_competition_by_default(tmp_path):
     assert "theirs" in result.output and "| mine" not in result.output
     result = runner.invoke(app, ["leaderboard", "--path", str(path), "--all"])  # the old flag
     assert "mine" in result.output and "theirs" in result.output
+    for top in ("0", "-1"):  # -1 once printed all rows but the last, 0 all of them
+        result = runner.invoke(app, ["leaderboard", f"leaderboard={path}", "--all", "--top", top])
+        assert result.exit_code == 2 and "--top" in result.output, result.output
 
 
 def test_prompts_show_row_out_of_range_is_a_clear_error(tmp_path):

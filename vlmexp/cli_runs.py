@@ -55,7 +55,7 @@ def leaderboard_cmd(
     all_: bool = typer.Option(False, "--all", help="every competition on the leaderboard"),
     path: Path = typer.Option(None, "--path", hidden=True, help="same as leaderboard=CSV"),
     md: Path = typer.Option(None, "--md", help="Markdown copy; default beside the CSV"),
-    top: int = typer.Option(30, "--top"),
+    top: int = typer.Option(30, "--top", min=1, help="rows to print (the Markdown copy holds every row)"),
 ) -> None:
     """Print one competition's leaderboard sorted by CV score and write it as Markdown."""
     from vlmexp import leaderboard
