@@ -61,6 +61,19 @@ def test_report_finds_runs_by_name_with_runs_dir_key(tmp_path):
     assert (out / "report.md").exists()
 
 
+def test_report_folder_names_its_baseline_and_a_run_is_not_compared_with_itself(tmp_path):
+    runs = tmp_path / "runs"
+    for name in ("a", "b", "c"):
+        _run_folder(runs / name, ["s0", "s1"])
+    for base in ("b", "c"):  # two baselines for the same pair of runs: two reports, not one overwritten
+        result = runner.invoke(app, ["report", "a", "b", "--baseline", base, f"runs_dir={runs}"])
+        assert result.exit_code == 0, result.output
+    assert (runs / "_reports" / "b-vs-a" / "report.md").exists()
+    assert (runs / "_reports" / "c-vs-a-vs-b" / "report.md").exists()
+    result = runner.invoke(app, ["report", "a", "a", f"runs_dir={runs}"])
+    assert result.exit_code == 2 and "two or more different runs" in result.output
+
+
 def test_report_of_an_unknown_run_says_where_it_looked(tmp_path):
     result = runner.invoke(app, ["report", "nope", f"runs_dir={tmp_path}"])
     assert result.exit_code == 2 and "no run 'nope'" in result.output

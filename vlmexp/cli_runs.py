@@ -43,7 +43,11 @@ def report(
     cfg = _settings(overrides, runs_dir=runs_dir)
     dirs = [_find(r, cfg) for r in names]
     base = _find(baseline, cfg) if baseline else None
-    out = out or Path(cfg.runs_dir) / "_reports" / "-vs-".join(d.name for d in dirs)[:120]
+    if len({d.resolve() for d in dirs} | ({base.resolve()} if base else set())) < 2:
+        raise ConfigError("a report compares two or more different runs; give another run to compare with")
+    # The baseline leads the folder name: "A --baseline B" and "A --baseline C" are two reports.
+    named = [base, *(d for d in dirs if d != base)] if base else dirs
+    out = out or Path(cfg.runs_dir) / "_reports" / "-vs-".join(d.name for d in named)[:120]
     console.print(f"report: {write_report(dirs, baseline=base, out=out, calibrated=not raw)}")
 
 
