@@ -220,3 +220,34 @@ def test_run_on_competition_counts_and_dedupes(images, tmp_path):
     assert (stats["images"], stats["unique"], stats["read"], stats["cached"]) == (3, 2, 2, 0)
     again = run_ocr_on_competition(DataConfig(dir=str(data)), cfg, workers=1)
     assert (again["read"], again["cached"], again["no_text"]) == (0, 2, 0)
+
+
+@pytest.mark.parametrize("broken", ["metadata", "import"])
+def test_a_broken_rapidocr_install_says_how_to_fix_it(tmp_path, monkeypatch, broken):
+    """Without the package's metadata this was a traceback; without an importable module, "an OCR
+    worker process died ... (out of memory or killed?)"."""
+    import builtins
+    from importlib.metadata import PackageNotFoundError
+
+    reader_mod._rapidocr_version.cache_clear()
+    if broken == "metadata":
+
+        def no_version(name):
+            raise PackageNotFoundError(name)
+
+        monkeypatch.setattr(reader_mod, "version", no_version)
+    else:
+        real_import = builtins.__import__
+
+        def no_module(name, *args, **kwargs):
+            if name.startswith("rapidocr_onnxruntime"):
+                raise ImportError(f"No module named {name!r}")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", no_module)
+    Image.new("RGB", (40, 20), "white").save(tmp_path / "a.png")
+    try:
+        with pytest.raises(OcrError, match="pip install rapidocr-onnxruntime.*ocr.enabled=false"):
+            ocr_images([str(tmp_path / "a.png")], _cfg(tmp_path), workers=1, progress=False)
+    finally:
+        reader_mod._rapidocr_version.cache_clear()

@@ -13,6 +13,7 @@ a fork after onnxruntime has started its thread pool in the parent hangs (seen h
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -22,7 +23,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,23 @@ class OcrError(RuntimeError):
 
 def settings() -> dict:
     """What a cached record must have been made with to be reused, e.g. {..., "rapidocr": "1.4.4"}."""
-    return READER_SETTINGS | {"text_score": _TEXT_SCORE, "rapidocr": version("rapidocr-onnxruntime")}
+    return READER_SETTINGS | {"text_score": _TEXT_SCORE, "rapidocr": _rapidocr_version()}
+
+
+@functools.cache
+def _rapidocr_version() -> str:
+    """rapidocr-onnxruntime's version, once it is known to import in this process: a broken install
+    otherwise surfaced as a traceback, or as "an OCR worker process died" from the worker pool."""
+    try:
+        found = version("rapidocr-onnxruntime")
+        import rapidocr_onnxruntime  # noqa: F401  (onnxruntime + cv2: ~0.5 s, once per process)
+    except (PackageNotFoundError, ImportError) as e:
+        raise OcrError(
+            f"ocr.enabled=true needs rapidocr-onnxruntime, which cannot be loaded ({type(e).__name__}: {e}); "
+            "fix: pip install rapidocr-onnxruntime (a vlmexp dependency, so pip install -e . brings it), "
+            "or set ocr.enabled=false"
+        ) from None
+    return found
 
 
 def make_engine(threads: int = 1):
