@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from vlmexp import leaderboard
-from vlmexp.balance import resample
+from vlmexp.balance import UNDERSAMPLE_FLOOR, resample
 from vlmexp.config import Config, ConfigError, config_hash, diff_from_defaults, run_name
 from vlmexp.data import Competition, preflight, read_answers
 from vlmexp.engine import heap, vision_prepass
@@ -229,6 +229,14 @@ def run_fold(exp: Experiment, k: int, progress: RunProgress | None = None) -> No
     train_split, _ = split_with_pseudo(exp.train_all, exp.folds, k)
     _, val_split = split_with_pseudo(exp.train, exp.folds, k)  # scored on the labels as given
     train_split, before, after = resample(train_split, cfg.balance, seed=cfg.seed + k)
+    if cfg.balance != "none" and before == after:
+        log.warning(
+            "fold %d: balance=%s changed no class count (undersample never cuts a class below %d rows, "
+            "and the others never shrink one); the split trains as it is",
+            k,
+            cfg.balance,
+            UNDERSAMPLE_FLOOR,
+        )
     n_pseudo = int(train_split["pseudo"].sum())
     write_json({"before": before, "after": after, "pseudo_rows": n_pseudo}, fdir / "class_counts.json")
 
