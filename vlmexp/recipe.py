@@ -88,7 +88,7 @@ class Experiment:
     run: RunDir
     prov: dict
     comp: Competition
-    train: pd.DataFrame  # original rows (after suspect handling); CV is scored on these only
+    train: pd.DataFrame  # original rows with their labels as given: validation and CV use these only
     # what folds train on: train (suspects relabelled or dropped) + pseudo-labelled test rows (`pseudo`)
     train_all: pd.DataFrame
     pseudo: pd.DataFrame

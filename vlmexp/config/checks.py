@@ -140,10 +140,9 @@ def _name_problems(cfg: Config) -> list[str]:
     if cfg.model.name.startswith("tiny:"):
         from vlmexp.models.tiny import FAMILIES  # imports transformers: only for a tiny model
 
-        family = cfg.model.name.removeprefix("tiny:")
-    if cfg.model.name.startswith("tiny:") and family not in FAMILIES:
-        choices = ", ".join(f"tiny:{f}" for f in FAMILIES)
-        problems.append(f"'model.name={cfg.model.name}' is not a tiny model; choose one of: {choices}")
+        if cfg.model.name.removeprefix("tiny:") not in FAMILIES:
+            choices = ", ".join(f"tiny:{f}" for f in FAMILIES)
+            problems.append(f"'model.name={cfg.model.name}' is not a tiny model; choose one of: {choices}")
     return problems
 
 
