@@ -74,7 +74,7 @@ def make_submission(
     if out.is_dir():  # --force would not replace a folder: say so before anything else
         raise SubmissionError(f"{out} is a folder; give a file path, e.g. --out {out / 'submission.csv'}")
     if out.exists() and not force:
-        raise SubmissionError(f"{out} exists; pass --force to overwrite it")
+        raise SubmissionError(f"{out} exists; pass --force to overwrite it, or --out another file")
     probs_path = run_dir / "test_probs.csv"
     if not probs_path.exists():
         raise SubmissionError(f"{probs_path} not found: the run has not predicted the test set yet")
