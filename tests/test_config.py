@@ -285,3 +285,24 @@ def test_trainer_and_tiny_model_names_are_checked_with_the_config(arg, message):
     with pytest.raises(ConfigError, match=message):
         load_config([arg])
     load_config(["train.scheduler=linear", "train.optim=adamw_torch_fused", "model.name=tiny:llava"])
+
+
+def test_a_bad_value_set_by_an_experiment_yaml_names_the_file(tmp_path):
+    (tmp_path / "f1.yaml").write_text("folds: 1\n")
+    with pytest.raises(ConfigError, match=r"f1\.yaml: 'folds=1' is out of range"):
+        load_config(["experiment=f1"], experiments_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^'folds=1' is out of range"):  # the argument's own value
+        load_config(["experiment=f1", "folds=1"], experiments_dir=tmp_path)
+    assert load_config(["experiment=f1", "folds=3"], experiments_dir=tmp_path).folds == 3
+
+
+def test_an_experiment_yaml_naming_another_experiment_is_refused(tmp_path):
+    """It was ignored silently: the named experiment's settings never applied."""
+    (tmp_path / "nest.yaml").write_text("experiment: demo\nfolds: 3\n")
+    with pytest.raises(ConfigError, match=r"nest\.yaml: an experiment YAML cannot name another experiment"):
+        load_config(["experiment=nest"], experiments_dir=tmp_path)
+
+
+def test_a_list_option_given_one_value_says_how_to_write_a_list():
+    with pytest.raises(ConfigError, match=r"write a list, e.g. lora\.modules_to_save=\[a,b\]"):
+        load_config(["lora.modules_to_save=lm_head"])

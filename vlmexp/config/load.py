@@ -97,11 +97,26 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
     if experiment:
         path = experiment_path(experiment, experiments_dir)
         raw = _cleared(_read_experiment(path))
+        if "experiment" in raw:
+            raise ConfigError(
+                f"{path}: an experiment YAML cannot name another experiment ('experiment: "
+                f"{raw['experiment']}'); copy the settings it needs into this file"
+            )
         _check_keys(_flatten(raw), str(path))
         cfg = _merge(cfg, OmegaConf.create(raw), str(path))
+        from_yaml = {item.split("=", 1)[0] for item in _flatten(raw)}
     cfg = _merge(cfg, _dotlist(overrides), "argument")
     cfg.experiment = experiment
-    config = _to_config(cfg, "argument")
+    try:
+        config = _to_config(cfg, "argument")
+    except ConfigError as e:
+        # A bad value the YAML set (and no argument overrode) names the file: "'folds=1' is out of range"
+        # alone sent users looking through their command line.
+        given = {item.split("=", 1)[0].lstrip("+") for item in overrides}
+        keys = re.findall(r"'([\w.]+)=", str(e))
+        if experiment and keys and all(k in from_yaml and k not in given for k in keys):
+            raise ConfigError(f"{path}: {e}") from None
+        raise
     check_prompt(config)
     return config
 
@@ -198,4 +213,7 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         key = e.full_key or "?"
         want = getattr(_field(key), "type", "?") if key in set(_all_keys()) else "?"
         msg = (e.msg or str(e) or type(e).__name__).splitlines()[0]
-        raise ConfigError(f"{source}: bad value for '{key}': {msg} (expected {want})") from None
+        hint = ""
+        if str(want).startswith("list"):  # lora.modules_to_save=lm_head: OmegaConf's message names its nodes
+            hint = f"; write a list, e.g. {key}=[a,b] (quoted in a shell: '{key}=[a,b]')"
+        raise ConfigError(f"{source}: bad value for '{key}': {msg} (expected {want}){hint}") from None
