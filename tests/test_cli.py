@@ -120,6 +120,11 @@ def test_leaderboard_shows_the_configured_competition_by_default(tmp_path):
     assert "theirs" in result.output and "| mine" not in result.output
     result = runner.invoke(app, ["leaderboard", "--path", str(path), "--all"])  # the old flag
     assert "mine" in result.output and "theirs" in result.output
+    md = path.with_suffix(".md")
+    before = md.read_text()
+    result = runner.invoke(app, ["leaderboard", f"leaderboard={path}", "--data", str(tmp_path / "nope")])
+    assert result.exit_code == 0 and "left as it was" in result.output
+    assert md.read_text() == before  # once overwritten with "_no runs on .../nope yet_"
     for top in ("0", "-1"):  # -1 once printed all rows but the last, 0 all of them
         result = runner.invoke(app, ["leaderboard", f"leaderboard={path}", "--all", "--top", top])
         assert result.exit_code == 2 and "--top" in result.output, result.output

@@ -167,3 +167,15 @@ def test_counts_stay_whole_numbers_beside_rows_that_lack_them(tmp_path):
     row = next(ln for ln in to_markdown(load(path)).splitlines() if "| solo |" in ln)
     cells = [c.strip() for c in row.split("|")]
     assert "400" in cells and "12" in cells and "400.0000" not in row
+
+
+def test_the_table_shows_each_cvs_provenance_and_seconds_plainly(tmp_path):
+    """fold_scores and config_hash were in the CSV but not in the printed table; duration 28.3000."""
+    path = tmp_path / "lb.csv"
+    append({**_row("a", 0.7), "config_hash": "3f9a1c2b", "git_sha": "090e7e86", "duration_s": 28.3}, path)
+    append(_row("ens", 0.8), path)  # no duration: an empty cell, not "nan"
+    md = to_markdown(load(path))
+    header = next(ln for ln in md.splitlines() if "| run |" in ln)
+    assert all(c in header for c in ("fold_scores", "config_hash", "git_sha"))
+    row = next(ln for ln in md.splitlines() if "| a |" in ln)
+    assert "3f9a1c2b" in row and "| 28.3 |" in row and "28.3000" not in row and "nan" not in md

@@ -70,11 +70,14 @@ def leaderboard_cmd(
         raise FileNotFoundError(f"no leaderboard at {path}: finish a run first (exp run ...)")
     shown = None if all_ else (data or cfg.data.dir)
     md = md or path.with_suffix(".md")
-    leaderboard.write_markdown(path, md, data=shown)
     df = leaderboard.load(path)
     typer.echo(leaderboard.to_markdown(df, top=top, data=shown))
     if shown is not None:
         console.print(f"competition: {shown} (--data DIR for another, --all for every one)")
+    if shown is not None and not leaderboard.same_data(df, shown).any():
+        console.print(f"{md} left as it was: no run on {shown}")  # not overwritten with an empty table
+        return
+    leaderboard.write_markdown(path, md, data=shown)
     console.print(f"written: {md}")
 
 

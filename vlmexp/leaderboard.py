@@ -208,6 +208,13 @@ def _fmt(v: object) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def _md_cell(v: object, column: str) -> str:
+    """A table cell: seconds to one decimal (duration_s 28.3), other numbers as `_fmt` writes them."""
+    if column == "duration_s" and isinstance(v, float) and not math.isnan(v):
+        return f"{v:.1f}"
+    return _fmt(v)
+
+
 def to_markdown(
     df: pd.DataFrame, metric: str | None = None, top: int | None = None, data: str | Path | None = None
 ) -> str:
@@ -233,14 +240,17 @@ def to_markdown(
     majority = [c for c in df.columns if c.startswith("majority_")]
     shown = [
         c
-        for c in ["run", "metric", "cv_mean", "cv_std", *majority, "flag", "accuracy", "macro_f1"]
+        # every CV with its provenance: the fold scores behind it, the config hash and the git sha
+        for c in ["run", "metric", "cv_mean", "cv_std", "fold_scores", *majority, "flag", "accuracy"]
         + [
+            "macro_f1",
             "test_accuracy",
             "test_macro_f1",
             "train_size",
             "pseudo_count",
             "overrides",
             "data",
+            "config_hash",
             "git_sha",
             "duration_s",
         ]
@@ -248,7 +258,7 @@ def to_markdown(
     ]
     lines = ["| # | " + " | ".join(shown) + " |", "|" + "---|" * (len(shown) + 1)]
     for rank, (_, r) in enumerate(df.iterrows(), start=1):
-        lines.append(f"| {rank} | " + " | ".join(_fmt(r[c]) for c in shown) + " |")
+        lines.append(f"| {rank} | " + " | ".join(_md_cell(r[c], c) for c in shown) + " |")
     return "\n".join(lines) + "\n" + note
 
 
