@@ -94,6 +94,7 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
     cli = _merge(OmegaConf.structured(Config), _dotlist(overrides), "argument")
     _refuse_env_names(_env_values(OmegaConf.to_container(cli, resolve=False)), "argument")
     experiment = cli.experiment.removesuffix(".yaml")  # experiment=demo.yaml names the run demo-...
+    path, from_yaml = None, set()  # the experiment YAML and the keys it sets, e.g. {"train.lr"}
     if experiment:
         path = experiment_path(experiment, experiments_dir)
         raw = _cleared(_read_experiment(path))
@@ -102,9 +103,10 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
                 f"{path}: an experiment YAML cannot name another experiment ('experiment: "
                 f"{raw['experiment']}'); copy the settings it needs into this file"
             )
-        _check_keys(_flatten(raw), str(path))
+        flat = _flatten(raw)
+        _check_keys(flat, str(path))
         cfg = _merge(cfg, OmegaConf.create(raw), str(path))
-        from_yaml = {item.split("=", 1)[0] for item in _flatten(raw)}
+        from_yaml = {item.split("=", 1)[0] for item in flat}
     cfg = _merge(cfg, _dotlist(overrides), "argument")
     cfg.experiment = experiment
     try:
@@ -114,7 +116,7 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
         # alone sent users looking through their command line.
         given = {item.split("=", 1)[0].lstrip("+") for item in overrides}
         keys = re.findall(r"'([\w.]+)=", str(e))
-        if experiment and keys and all(k in from_yaml and k not in given for k in keys):
+        if keys and all(k in from_yaml and k not in given for k in keys):
             raise ConfigError(f"{path}: {e}") from None
         raise
     check_prompt(config)

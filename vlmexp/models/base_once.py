@@ -87,19 +87,18 @@ class BaseModel:
         self._base, self._lent = model.unload(), None
 
 
-def _restore_saved_modules(model: torch.nn.Module) -> int:
+def _restore_saved_modules(model: torch.nn.Module) -> None:
     """Put back the original of every `lora.modules_to_save` module (e.g. lm_head, merger). peft's
     `unload()` leaves the fold's *trained* copy in its place (merge semantics: `unload` keeps what the
     adapter learned), so fold 1 started from fold 0's trained lm_head, whose training rows include fold
     1's validation rows: the demo's CV rose fold by fold (0.006, 0.028, 0.059 against 0.005 a fold when
-    loading per fold). Returns how many were put back."""
+    loading per fold)."""
     from peft.utils.other import AuxiliaryTrainingWrapper  # ModulesToSaveWrapper, TrainableTokensWrapper
 
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
-    for name, wrapper in wrapped:
+    for name, wrapper in wrapped:  # a list first: the loop replaces modules named_modules() walks
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, wrapper.original_module)
-    return len(wrapped)
 
 
 _TRAINING_SWITCHES = ("use_cache", "output_router_logits")
