@@ -118,6 +118,22 @@ def test_report_writes_markdown_and_plots(tmp_path):
         assert f"({png})" in md
 
 
+def test_report_rewritten_in_its_folder_drops_only_its_own_stale_plots(tmp_path):
+    y, pa, pb = _preds(4, 60, 0.55, 0.9)
+    folds = np.arange(60) % 3
+    base = _fake_run(tmp_path, "base", pa, y, folds, {"prompt": "baseline"})
+    b = _fake_run(tmp_path, "b", pb, y, folds, {"prompt": "label_desc"})
+    c = _fake_run(tmp_path, "c", pa, y, folds, {"prompt": "cot"})
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "mine.png").write_bytes(b"user file")  # not linked by a report: left alone
+    write_report([base, b], None, rep)
+    assert (rep / "confusion-b.png").exists()
+    write_report([base, c], None, rep)
+    left = {p.name for p in rep.glob("*.png")}
+    assert left == {"mine.png", "confusion-base.png", "confusion-c.png", "f1-change-c.png"}
+
+
 def test_report_refuses_unfinished_run(tmp_path):
     y, pa, _ = _preds(2, 30, 0.5, 0.5)
     base = _fake_run(tmp_path, "base", pa, y, np.arange(30) % 3, {"prompt": "baseline"})

@@ -8,6 +8,7 @@ differ. Because every run on a dataset uses the same stored folds, per-fold delt
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,4 +295,20 @@ def write_report(run_dirs: list[Path], baseline: Path | None, out: Path, calibra
                 fig_dir / f"f1-change-{run.name}.png",
             )
             lines.append(f"![per-class F1 change {run.name}]({png.name})")
-    return write_text("\n".join(lines) + "\n", md_path)
+    text = "\n".join(lines) + "\n"
+    _drop_stale_plots(md_path, text)
+    return write_text(text, md_path)
+
+
+_PLOT_LINK = re.compile(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)")
+
+
+def _drop_stale_plots(md_path: Path, new_text: str) -> None:
+    """Delete the plots the report at `md_path` linked before and the new one does not: a folder that
+    compared runs a, b and then a, c would otherwise keep `confusion-b.png` beside a report that never
+    names it. Only files the old report linked by name are touched, never other files in the folder."""
+    if not md_path.is_file():
+        return
+    old = set(_PLOT_LINK.findall(md_path.read_text(encoding="utf-8", errors="replace")))
+    for name in old - set(_PLOT_LINK.findall(new_text)):
+        (md_path.parent / name).unlink(missing_ok=True)
