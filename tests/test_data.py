@@ -12,7 +12,8 @@ from PIL import Image
 from rich.console import Console
 
 from vlmexp.config import DataConfig
-from vlmexp.data import DataError, check_competition, format_check, load_competition, open_image
+from vlmexp.data import DataError, check_competition, load_competition, open_image
+from vlmexp.data_check import format_check
 from vlmexp.demo import make_demo
 
 

@@ -16,10 +16,10 @@ from vlmexp.config import Config, ConfigError, DataConfig, config_hash, load_con
 from vlmexp.data import (
     DataError,
     check_competition,
-    format_check,
     image_paths,
     load_competition,
 )
+from vlmexp.data_check import format_check
 from vlmexp.demo import make_demo
 from vlmexp.fingerprint import competition_fingerprint, fingerprint_changes
 from vlmexp.kfold.folds import FoldError, assign_folds, check_oof_ids

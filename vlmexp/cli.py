@@ -121,7 +121,8 @@ def data_check(
     overrides: list[str] = OVERRIDES,
 ) -> None:
     """Load a competition folder, print a summary and every problem with file, row and fix."""
-    from vlmexp.data import check_competition, format_check
+    from vlmexp.data import check_competition
+    from vlmexp.data_check import format_check
 
     cfg = load_config([*(overrides or []), f"data.dir={directory}"])
     result = check_competition(cfg.data, run_cfg=cfg)  # with key=value...: the files that run would read

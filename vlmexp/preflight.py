@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from vlmexp.config import Config
-from vlmexp.data import CheckResult, _check_labels, _read_csv
+from vlmexp.data import CheckResult
+from vlmexp.data_check import _check_labels, _read_csv
 
 
 def check_run_files(cfg: Config, out: CheckResult, labels: dict | None, test: pd.DataFrame | None) -> None:
