@@ -59,7 +59,7 @@ def test_auto_takes_the_largest_batch_that_fits_and_scales_lr(tiny_models):
 
 
 def test_build_trainer_never_hands_auto_to_the_trainer(tiny_models, tmp_path):
-    from vlmexp.engine.train import build_trainer
+    from vlmexp.engine.trainer import build_trainer
 
     cfg = _auto(tiny_models)
     model = load_model(cfg, training=True)

@@ -12,7 +12,8 @@ from vlmexp.config import Config
 from vlmexp.engine.buckets import bucket_width, widths
 from vlmexp.engine.encode import Encoder, pad_rows
 from vlmexp.engine.samples import build_samples
-from vlmexp.engine.train import RowCollator, training_dataset
+from vlmexp.engine.train import training_dataset
+from vlmexp.engine.trainer import RowCollator
 from vlmexp.models.load import load_model, load_processor
 from vlmexp.prompts.render import load_template
 
@@ -160,7 +161,7 @@ def test_compiled_training_pads_to_buckets_only_for_static_shapes(
     """Dynamic compiled shapes (speed.compile_dynamic=true) take each batch as it is: padding
     to bucket widths and filling short batches would only add compute. Static ones need both."""
     from vlmexp.engine import speed
-    from vlmexp.engine.train import build_trainer
+    from vlmexp.engine.trainer import build_trainer
 
     cfg = Config()
     cfg.model.name = str(tiny_models("qwen2_vl"))

@@ -12,7 +12,8 @@ from PIL import Image
 from vlmexp.config import Config
 from vlmexp.engine.causal_only import RIGHT_PADDED, right_padded, without_padding_mask
 from vlmexp.engine.samples import build_samples
-from vlmexp.engine.train import build_trainer, training_dataset
+from vlmexp.engine.train import training_dataset
+from vlmexp.engine.trainer import build_trainer
 from vlmexp.models.load import load_model, load_processor
 from vlmexp.models.tiny import FAMILIES
 from vlmexp.prompts.render import load_template

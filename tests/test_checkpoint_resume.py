@@ -41,6 +41,7 @@ import os, sys, time
 from pathlib import Path
 from transformers import TrainerCallback
 import vlmexp.engine.train as train
+from vlmexp.engine.trainer import build_trainer as build
 
 class Hold(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -48,12 +49,11 @@ class Hold(TrainerCallback):
             Path(os.environ["HOLD_MARKER"]).write_text(str(state.global_step))
             time.sleep(3600)
 
-build = train.build_trainer
 def build_and_hold(*args, **kwargs):
     trainer = build(*args, **kwargs)
     trainer.add_callback(Hold())
     return trainer
-train.build_trainer = build_and_hold
+train.build_trainer = build_and_hold  # where train_fold looks it up
 from vlmexp.cli import app
 app()
 """

@@ -75,7 +75,7 @@ def test_a_run_decodes_each_image_once(demo, tmp_path, monkeypatch):
 
 
 def test_floating_point_ops_equal_transformers_and_count_parameters_once():
-    from vlmexp.engine.train import _SFTTrainer
+    from vlmexp.engine.trainer import _SFTTrainer
 
     class Model:
         main_input_name = "input_ids"

@@ -16,7 +16,8 @@ from vlmexp.engine import vision_cache
 from vlmexp.engine.encode import Encoder, RunCaches, image_key, rope_index_fn
 from vlmexp.engine.predict import _encode, predict
 from vlmexp.engine.samples import build_samples, split_turn
-from vlmexp.engine.train import build_trainer, train_fold, training_dataset
+from vlmexp.engine.train import train_fold, training_dataset
+from vlmexp.engine.trainer import build_trainer
 from vlmexp.models import tiny
 from vlmexp.models.load import load_model, load_processor
 from vlmexp.models.parts import unwrap

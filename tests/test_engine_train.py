@@ -16,7 +16,8 @@ from vlmexp.config import Config
 from vlmexp.engine.mix import mix_samples
 from vlmexp.engine.predict import predict
 from vlmexp.engine.samples import build_samples, split_turn
-from vlmexp.engine.train import build_trainer, train_fold, training_dataset
+from vlmexp.engine.train import train_fold, training_dataset
+from vlmexp.engine.trainer import build_trainer
 from vlmexp.metrics import score
 from vlmexp.models.load import load_for_inference, load_model, load_processor
 from vlmexp.prompts.render import load_template
@@ -275,7 +276,7 @@ def test_trainer_loss_is_the_plain_full_logits_loss_with_the_same_gradients(
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
 def test_probed_shape_from_the_run_encoder_equals_the_processors(tiny_models, colours, family):
     from vlmexp.engine.encode import RunCaches
-    from vlmexp.engine.train import _probe_shape
+    from vlmexp.engine.trainer import _probe_shape
 
     cfg = _cfg(tiny_models, family)
     processor = load_processor(cfg)
@@ -289,7 +290,7 @@ def test_probed_shape_from_the_run_encoder_equals_the_processors(tiny_models, co
 
 def test_checkpointing_decision_from_the_probed_shape(tiny_models, colours, tmp_path):
     from vlmexp.engine import memory
-    from vlmexp.engine.train import _probe_shape
+    from vlmexp.engine.trainer import _probe_shape
 
     cfg = _cfg(tiny_models, "qwen2_5_vl")
     processor = load_processor(cfg)

@@ -9,7 +9,7 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 from vlmexp.config import load_config
-from vlmexp.engine.train import autocasting
+from vlmexp.engine.trainer import autocasting
 from vlmexp.models.load import load_model
 
 
@@ -99,7 +99,7 @@ def test_bf16_prediction_runs_lora_in_bf16_and_keeps_the_predictions(tiny_models
 def test_the_trainer_step_turns_the_cast_off_and_back_on(tiny_models, tmp_path, monkeypatch):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    import vlmexp.engine.train as train
+    import vlmexp.engine.trainer as engine_trainer
     from vlmexp.models.load import load_processor
 
     cfg = load_config([f"model.name={tiny_models('qwen2_vl')}", "train.report_to=none", "train.batch_size=1"])
@@ -107,7 +107,7 @@ def test_the_trainer_step_turns_the_cast_off_and_back_on(tiny_models, tmp_path, 
     examples = [
         {"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "completion": "a", "images": []}
     ]
-    trainer = train.build_trainer(cfg, model, load_processor(cfg), examples, tmp_path)
+    trainer = engine_trainer.build_trainer(cfg, model, load_processor(cfg), examples, tmp_path)
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     during: list[set[bool]] = []
     real_loss = type(trainer).compute_loss
@@ -119,11 +119,11 @@ def test_the_trainer_step_turns_the_cast_off_and_back_on(tiny_models, tmp_path, 
     monkeypatch.setattr(type(trainer), "compute_loss", spy)
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.current_gradient_accumulation_steps = 1  # set by train(), which this step runs outside of
-    monkeypatch.setattr(train, "autocasting", lambda _t: True)  # as under a GPU's bf16 autocast
+    monkeypatch.setattr(engine_trainer, "autocasting", lambda _t: True)  # as under a GPU's bf16 autocast
     trainer.training_step(trainer.model, batch)
     found = trainer._tuner_layers
     assert found is not None and found[1] == layers  # every peft layer, found once for the fold
-    monkeypatch.setattr(train, "autocasting", lambda _t: False)  # fp32 CPU training: nothing changes
+    monkeypatch.setattr(engine_trainer, "autocasting", lambda _t: False)  # fp32 CPU training: nothing changes
     trainer.training_step(trainer.model, batch)
     assert layers and during == [{False}, {True}]
     assert trainer._tuner_layers is found  # the second step did not walk the model again

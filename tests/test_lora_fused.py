@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 
 from vlmexp.config import Config, load_config
 from vlmexp.engine.lora_fused import fused_lora
-from vlmexp.engine.train import build_trainer
+from vlmexp.engine.trainer import build_trainer
 from vlmexp.models.load import load_model, load_processor
 
 

@@ -19,7 +19,8 @@ from vlmexp.engine import vision_cache, vision_speed
 from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import _cut_at_marker, after_think
 from vlmexp.engine.samples import build_samples, split_turn
-from vlmexp.engine.train import build_trainer, training_dataset
+from vlmexp.engine.train import training_dataset
+from vlmexp.engine.trainer import build_trainer
 from vlmexp.models.load import load_model, load_processor
 from vlmexp.models.tiny_recent import RECENT_FAMILIES
 from vlmexp.prompts.render import load_template

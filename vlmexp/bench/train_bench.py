@@ -30,7 +30,8 @@ from vlmexp.config import Config, LoraConfig
 from vlmexp.engine import vision_speed
 from vlmexp.engine.compile import uncompile_blocks
 from vlmexp.engine.speed import forget as forget_prepared
-from vlmexp.engine.train import build_trainer, training_dataset
+from vlmexp.engine.train import training_dataset
+from vlmexp.engine.trainer import build_trainer
 from vlmexp.models.lora import select_target_modules
 
 MODULES = ("all-linear", "language")

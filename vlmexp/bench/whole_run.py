@@ -201,7 +201,8 @@ def _competition_samples(cfg):
 def _resolved(cfg, model, processor, samples: list[dict]):
     """cfg with train.batch_size=auto resolved as build_trainer resolves it for these rows (and lr)."""
     from vlmexp.engine import autobatch
-    from vlmexp.engine.train import _probe_shape, training_dataset
+    from vlmexp.engine.train import training_dataset
+    from vlmexp.engine.trainer import _probe_shape
 
     cuda = torch.cuda.is_available()
     shape = _probe_shape(cfg, processor, training_dataset(cfg, processor, samples[:32])) if cuda else None

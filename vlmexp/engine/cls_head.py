@@ -220,8 +220,8 @@ def build_head_trainer(cfg: Config, model, processor, train_samples, labels, out
     validation by EvalCallback), with prompt-only rows and cross-entropy on the head. The speed
     levers of label training (rows encoded once, cached vision features) are not used here."""
     from vlmexp.engine import autobatch
-    from vlmexp.engine.train import _SFTTrainer
     from vlmexp.engine.train_args import sft_config
+    from vlmexp.engine.trainer import _SFTTrainer
 
     class HeadTrainer(_SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
