@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText
 
 from vlmexp.engine import liger_ops
+from vlmexp.engine.fused_norm import fuse_norms
 from vlmexp.models.tiny import FAMILIES
 
 # SiLU-gated MLPs in the decoder (and Qwen2.5-VL's vision blocks); Gemma's are GELU
@@ -100,7 +101,8 @@ def test_a_gelu_mlp_and_another_rope_keep_their_code():
             return self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
 
     model = torch.nn.Sequential(GeluMLP(), SwappedMLP())
-    assert liger_ops.fuse(model, ops=(None, None)) == {"swiglu": 0, "rope": 0, "vision_rope": 0}
+    none = {"swiglu": 0, "rope": 0, "vision_rope": 0, "norm_infer": 0}
+    assert liger_ops.fuse(model, ops=(None, None)) == none
     assert not any("forward" in m.__dict__ for m in model)
 
     def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # pairs (2i, 2i+1), not halves
@@ -112,6 +114,35 @@ def test_a_gelu_mlp_and_another_rope_keep_their_code():
 
     assert not liger_ops._rope_same(interleaved)
     assert liger_ops._rope_same(liger_ops._reference_rope)
+
+
+def test_fused_norms_take_the_inference_kernel_only_without_gradients(tiny_models):
+    """Prediction's norms run the kernel with the weight's multiply inside; training's keep torch's
+    fused op (its backward computes no gradient for the frozen weight). A norm fuse_norms left alone
+    (another formula) gets no kernel."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models("qwen2_5_vl"), dtype=torch.float32)
+    norms = [m for m in model.modules() if type(m).__name__ == "Qwen2_5_VLRMSNorm"]
+    ops, calls = Counting(), []
+
+    def norm_kernel(x, weight, eps):  # the plain Llama arithmetic, counting its calls
+        calls.append(x.shape)
+        return weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    assert liger_ops.fuse(model, ops=(ops.silu_mul, ops.rope, norm_kernel))["norm_infer"] == 0  # none fused
+    fuse_norms(model)
+    assert liger_ops.fuse(model, ops=(ops.silu_mul, ops.rope, norm_kernel))["norm_infer"] == len(norms)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        inferred = model(input_ids=ids).logits
+    text_norms = 2 * model.config.get_text_config().num_hidden_layers + 1  # two a layer and the final one
+    assert len(calls) == text_norms
+    calls.clear()
+    trained = model(input_ids=ids).logits
+    assert calls == [] and trained.requires_grad
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # an input in another dtype than the weight: the plain path's fp32 output
+        out = norms[0](torch.ones(1, norms[0].weight.shape[0], dtype=torch.bfloat16))
+    assert calls == [] and out.dtype == torch.float32
 
 
 def _tower_features(model, seed: int = 2):
@@ -175,3 +206,24 @@ def test_liger_kernels_on_cuda_match_the_plain_model_in_bf16(tiny_models):
     torch.testing.assert_close(logits.float(), plain_logits.float(), rtol=5e-2, atol=5e-2)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name].float(), grad.float(), rtol=1e-1, atol=5e-2, msg=name)
+
+
+@pytest.mark.gpu
+def test_liger_norm_for_inference_on_cuda_matches_the_plain_norm_in_bf16():
+    """liger's RMSNorm with the weight inside, against transformers' plain forward on the 3B's width:
+    the same arithmetic but for the rms's reduction order, so at most one bf16 rounding apart."""
+    if liger_ops.kernels() is None:
+        pytest.skip("liger-kernel is not installed")
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+    torch.manual_seed(0)
+    norm = Qwen2_5_VLRMSNorm(2048).cuda().to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight)
+    x = (torch.randn(8, 570, 2048, device="cuda") * 3).to(torch.bfloat16)
+    with torch.no_grad():
+        plain = norm(x)
+        assert fuse_norms(norm) == 1 and liger_ops.fuse(norm)["norm_infer"] == 1
+        fused = norm(x)
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, plain, rtol=1.6e-2, atol=1e-2)
+    assert (fused == plain).float().mean() > 0.99

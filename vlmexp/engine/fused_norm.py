@@ -14,6 +14,13 @@ random input and a random weight (`_same_as_fused`), not a list of class names. 
 gated norm) fails the check and keeps its own forward.
 Patched per instance, so other models in the process are untouched. `engine/speed.py` applies it on
 CUDA, once per base model.
+
+Without gradients (prediction, validation, the vision pre-pass) a norm that `liger_ops.fuse` gave an
+inference kernel (`INFER_KERNEL`: liger's RMSNorm, Llama casting) runs that instead: the weight's
+multiply happens inside the same kernel. torch's fused op has no weight argument with this rounding (it
+would multiply in fp32 and round once), so the multiply was a second pass over the activations: 292
+launches, 16.2 of 439 ms of kernel time for 64 cached images on the 3B (run AL's profile). Training keeps
+torch's kernel, whose backward computes no gradient for the frozen weight (liger's always does).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch.nn.functional as F
 from vlmexp.models.parts import unwrap
 
 _CHECKED: dict[type, bool] = {}  # norm class -> whether its forward equals the fused one
+INFER_KERNEL = "_vlmexp_norm_infer"  # instance attribute: kernel(x, weight, eps) for gradient-free calls
 
 
 def _eps(module: torch.nn.Module) -> float | None:
@@ -38,6 +46,10 @@ def _eps(module: torch.nn.Module) -> float | None:
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    infer = self.__dict__.get(INFER_KERNEL)
+    # Same dtype only: a fp32 weight times a bf16 input gives fp32 in the plain forward, bf16 in the kernel.
+    if infer is not None and not torch.is_grad_enabled() and hidden_states.dtype == self.weight.dtype:
+        return infer(hidden_states, self.weight, _eps(self))
     # Autocast off inside: it may run norms in fp32 (as it does layer_norm), which would hand the next
     # matmul an fp32 input; the plain forward returns the input's dtype (bf16) times the weight.
     with torch.autocast(hidden_states.device.type, enabled=False):
@@ -83,6 +95,11 @@ def _same_as_fused(module: torch.nn.Module) -> bool:
                 same &= plain.dtype == fused.dtype and torch.equal(plain, fused)
         _CHECKED[cls] = bool(same)
     return _CHECKED[cls]
+
+
+def is_fused(module: torch.nn.Module) -> bool:
+    """Whether `fuse_norms` gave `module` the fused forward."""
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward
 
 
 def fuse_norms(model: torch.nn.Module) -> int:

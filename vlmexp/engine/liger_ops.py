@@ -8,6 +8,9 @@ LoRA all-linear, H200; scripts/layer_probe.py, run P1 in docs/performance.md) li
 took a training step from 69.6 to 63.2 ms. torch has no fused op for either, and compiling the layers
 costs more than a run saves (runs S and AA).
 
+Without gradients, the norms `fused_norm` fused also take liger's RMSNorm, whose kernel multiplies by
+the weight too (see `fused_norm`: a second pass over the activations otherwise).
+
 Same values up to bf16 rounding: liger computes silu(gate) * up in fp32 and rounds once (the plain
 forward rounds silu's output first), and RoPE in the inputs' dtype as the plain function does.
 
@@ -34,6 +37,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from vlmexp.engine.fused_norm import INFER_KERNEL, is_fused
 from vlmexp.models.parts import unwrap
 
 log = logging.getLogger(__name__)
@@ -43,14 +47,22 @@ _MLP_OK: dict[type, bool] = {}
 _ROPE_OK: dict[int, bool] = {}  # id(function) -> whether it is the half-rotation formula
 
 
-def kernels() -> tuple[Callable, Callable] | None:
-    """(silu_mul(a, b), rope(q, k, cos, sin)) from liger-kernel, or None when it is not installed."""
+def kernels() -> tuple[Callable, Callable, Callable] | None:
+    """(silu_mul(a, b), rope(q, k, cos, sin), rms_norm(x, weight, eps)) from liger-kernel, or None when it
+    is not installed."""
     try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
     except ImportError:
         return None
-    return LigerSiLUMulFunction.apply, liger_rotary_pos_emb
+
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # "llama" casting: the rms in fp32, the normalised row cast to x's dtype, then times the weight
+        # (exact in fp32 for bf16 operands, rounded once): the plain Llama/Qwen forward's arithmetic.
+        return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+
+    return LigerSiLUMulFunction.apply, liger_rotary_pos_emb, rms_norm
 
 
 def _reference_rope(q, k, cos, sin, unsqueeze_dim=1):
@@ -224,18 +236,24 @@ def _rope_module(module: torch.nn.Module):
     return home if fn is not None and _rope_same(fn) else None
 
 
-def fuse(model: torch.nn.Module, ops: tuple[Callable, Callable] | None = None) -> dict:
-    """Give `model`'s SiLU MLPs and half-rotation RoPE attentions liger's kernels; {"swiglu": n,
-    "rope": n, "vision_rope": n} (the last: Qwen-VL vision attentions batched by `vision_speed`, whose
-    RoPE is the same rotation on (S, heads, d) tensors). `ops`: (silu_mul, rope) to use instead of
-    liger's (tests use plain torch ones)."""
+def fuse(model: torch.nn.Module, ops: tuple[Callable, ...] | None = None) -> dict:
+    """Give `model`'s SiLU MLPs and half-rotation RoPE attentions liger's kernels, and its fused norms
+    (`fused_norm.fuse_norms`, applied before) liger's RMSNorm for gradient-free calls; {"swiglu": n,
+    "rope": n, "vision_rope": n, "norm_infer": n} (vision_rope: Qwen-VL vision attentions batched by
+    `vision_speed`, whose RoPE is the same rotation on (S, heads, d) tensors). `ops`: (silu_mul, rope[,
+    rms_norm]) to use instead of liger's (tests use plain torch ones)."""
     ops = ops or kernels()
     if ops is None:
         log.info("speed.liger: liger-kernel is not installed (pip install liger-kernel); left off")
         return {}
-    silu_mul, rope = ops
-    counts = {"swiglu": 0, "rope": 0, "vision_rope": 0}
+    silu_mul, rope, *rest = ops
+    norm = rest[0] if rest else None
+    counts = {"swiglu": 0, "rope": 0, "vision_rope": 0, "norm_infer": 0}
     for module in unwrap(model).modules():
+        if norm is not None and is_fused(module) and INFER_KERNEL not in module.__dict__:
+            module.__dict__[INFER_KERNEL] = norm
+            counts["norm_infer"] += 1
+            continue
         if _mlp_candidate(module) and _mlp_same(module):
             module.forward = types.MethodType(functools.partial(_fused_mlp, silu_mul=silu_mul), module)
             counts["swiglu"] += 1

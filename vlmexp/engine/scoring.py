@@ -22,10 +22,12 @@ Both equal scoring prompt + candidate from scratch (tests/test_engine_predict.py
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 
 import torch
 
 from vlmexp.engine.encode import rope_index_fn
+from vlmexp.engine.packed_gqa import packed_gqa
 from vlmexp.engine.transfer import long_tensor
 
 
@@ -118,7 +120,10 @@ def _tree(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, attn)
     pos = next_pos[:, None] + offset  # every candidate starts right after the prompt
     if positions.dim() == 3:  # M-RoPE (3, B, L): a text token has the same position on all three axes
         pos = pos[None].expand(positions.shape[0], -1, -1)
-    logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, **_cache_arg(model, cache)).logits
+    # sdpa: the query heads of each kv head stacked, the cache attended as it is (packed_gqa.py)
+    with packed_gqa() if attn == "sdpa" else nullcontext():
+        out = model(input_ids=inp, attention_mask=mask, position_ids=pos, **_cache_arg(model, cache))
+    logits = out.logits
     # Only real candidate tokens go to fp32: 25 labels x batch 32 x 152k vocab is 0.5 GB a position.
     sel = logits.flatten(0, 1).index_select(0, at).float()
     picked = sel.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)

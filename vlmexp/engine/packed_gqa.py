@@ -1,0 +1,96 @@
+"""Grouped-query attention under a mask without repeating the keys and values (the candidates' pass).
+
+With a mask, transformers' SDPA path repeats each key/value head for its query heads (`repeat_kv`:
+8x on the Qwen2.5-VL-3B, 16 query heads over 2 kv heads), because torch's fused kernels take no GQA
+with a mask on CUDA. In the candidates' pass of `scoring._tree` (batch 32 x ~50 candidate tokens over a
+cached ~620-token prompt) that copies the whole cache 8x in every layer, and SDPA copies the repeated
+tensors again into its kernel's layout: by run AL's profile about 3 of every 100 ms of a cached
+prediction's kernel time, for attention that reads ~60 query rows a head.
+
+Here each kv head's query heads are stacked along the query axis instead: (B, 16, T, D) queries become
+(B, 2, 8T, D), the mask is repeated along its rows to match (once per forward, not per layer: every layer
+gets the same mask tensor), and the kernel attends over the cache as it is. Every query row sees the same
+keys, values and mask entries as before, so each row's softmax and sum are the same computation
+(tests/test_packed_gqa.py: equal to transformers' path on the CPU; the gpu test on the memory-efficient
+kernel). The repeated mask costs 8x its rows, which is why this is for short query lengths (the
+candidates' tokens), not a prompt's prefill: there the mask is (prompt x prompt) and the prefill of an
+unpadded batch runs the flash kernel with native GQA anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+MAX_PACKED_ROWS = 4096  # query rows a kv head (T x heads per group); the candidates' pass: 50 x 8 = 400
+
+
+@contextmanager
+def packed_gqa() -> Iterator[None]:
+    """transformers' "sdpa" attention packs GQA query heads under a 4D mask for the calls inside.
+    Swapped on the global `ALL_ATTENTION_FUNCTIONS` (the modeling code looks it up at every call) and put
+    back on exit; calls it does not fit (no mask, no GQA, a per-head mask, long queries, dropout, extra
+    terms) go to transformers' own function unchanged."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    plain = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    masks: dict[tuple, torch.Tensor] = {}  # repeated masks of this context, by (mask, repeats)
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+        n_rep = getattr(module, "num_key_value_groups", 1)
+        fits = (
+            n_rep > 1
+            and attention_mask is not None
+            and attention_mask.dim() == 4
+            and attention_mask.shape[1] == 1
+            and 1 < query.shape[2] * n_rep <= MAX_PACKED_ROWS
+            and not dropout
+            and kw.get("position_bias") is None
+            and kw.get("softcap") is None
+            and not kw.get("output_attentions")
+        )
+        if not fits:
+            kw |= {"dropout": dropout, "scaling": scaling, "is_causal": is_causal}
+            return plain(module, query, key, value, attention_mask, **kw)
+        return packed_sdpa(query, key, value, attention_mask, scaling, masks), None
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = attention
+    try:
+        yield
+    finally:
+        if local:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = plain
+        else:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def packed_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float | None = None,
+    memo: dict | None = None,
+) -> torch.Tensor:
+    """SDPA of (B, Hq, T, D) queries over (B, Hkv, L, D) keys/values under a (B, 1, T, L) mask, as
+    transformers' sdpa function returns it: (B, T, Hq, D). Query head h belongs to kv head h // (Hq/Hkv),
+    as in `repeat_kv`; stacked, head g*n + r's token t is row r*T + t of group g, whose mask row is t."""
+    bsz, heads, length, dim = query.shape
+    groups = key.shape[1]
+    n_rep = heads // groups
+    packed = query.reshape(bsz, groups, n_rep * length, dim)
+    cache_key = (mask.data_ptr(), tuple(mask.shape), mask.dtype, n_rep)
+    held = memo.get(cache_key) if memo is not None else None
+    if held is None:
+        # (B, 1, n_rep * T, L): row r*T + t is mask row t. The mask is held beside it, so no other
+        # tensor can take its address (the memo's key) while the memo lives.
+        held = (mask, mask.repeat(1, 1, n_rep, 1))
+        if memo is not None:
+            memo[cache_key] = held
+    rows = held[1]
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=rows, scale=scaling)
+    return out.reshape(bsz, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
