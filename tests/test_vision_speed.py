@@ -85,7 +85,9 @@ def test_image_count_buckets_keep_each_images_features(qwen25):
 
 
 @pytest.mark.gpu
-def test_padded_and_compiled_tower_gives_the_same_features_on_cuda(tiny_models):
+def test_padded_and_compiled_tower_gives_the_same_features_on_cuda(tiny_models, monkeypatch):
+    # cuDNN's fp32 convolutions run in TF32 by default, the patch matmul in full fp32: compare like with like
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     path = tiny_models("qwen2_5_vl")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).cuda().eval()
     model.requires_grad_(False)
@@ -102,7 +104,8 @@ def test_padded_and_compiled_tower_gives_the_same_features_on_cuda(tiny_models):
 
     before = feats()
     cfg = Config()
-    assert vision_speed.prepare_tower(model, cfg) == {"vision_pad": len(model.model.visual.blocks)}
+    done = vision_speed.prepare_tower(model, cfg)
+    assert done == {"vision_pad": len(model.model.visual.blocks), "vision_patch_gemm": 1}
     cfg = dataclasses.replace(cfg, speed=dataclasses.replace(cfg.speed, vision_compile=True))
     assert vision_speed.prepare_tower(model, cfg)["vision_compile"] == len(model.model.visual.blocks)
     torch.testing.assert_close(feats(), before, atol=1e-4, rtol=0)  # compiled: fp32 within 1e-4
@@ -121,5 +124,30 @@ def test_quantised_or_vision_training_runs_leave_the_tower_alone(qwen25):
     cfg = Config()
     vision_run = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, vision=True))
     assert vision_speed.prepare_tower(model, vision_run) == {}  # the run trains the tower: nothing
-    assert vision_speed.prepare_tower(model, cfg) == {"vision_pad": len(model.model.visual.blocks) - 1}
+    done = vision_speed.prepare_tower(model, cfg)
+    assert done == {"vision_pad": len(model.model.visual.blocks) - 1, "vision_patch_gemm": 1}
     assert mlp.down_proj.in_features == inter and q.out_features == inter  # the quantised MLP untouched
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_patch_embedding_as_one_matmul_gives_the_same_features(tiny_models, family):
+    """Qwen3-VL's patch conv has a bias, Qwen2/2.5-VL's none: both the same as the convolution."""
+    path = tiny_models(family)
+    model = (
+        AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+    )
+    processor = AutoProcessor.from_pretrained(path)
+    images = _images([(112, 112), (84, 140)])
+    conv = model.model.visual.patch_embed.proj
+    before = _features(model, processor, images)
+    calls = []
+    plain = torch.nn.functional.conv3d
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "conv3d", lambda *a, **k: calls.append(1) or plain(*a, **k))
+        assert vision_speed.patch_embed_gemm(model) == 1
+        after = _features(model, processor, images)
+    assert calls == []  # the convolution did not run
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert vision_speed.patch_embed_gemm(model) == 0  # once only
+    other = torch.randn(2, conv.in_channels, *[2 * k for k in conv.kernel_size])  # not one window a patch
+    torch.testing.assert_close(conv(other), torch.nn.Conv3d.forward(conv, other))

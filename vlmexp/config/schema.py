@@ -166,6 +166,7 @@ class SpeedConfig:
     compile: bool = False  # torch.compile each decoder layer (CUDA only; each new batch length compiles)
     compile_dynamic: bool = False  # speed.compile: one graph for all batch shapes (3B demo run: slower)
     vision_pad: bool = True  # CUDA: zero-pad a frozen vision MLP 3420 -> 3456 (x128): same output, faster
+    vision_patch_gemm: bool = True  # CUDA: a frozen tower's patch-embedding conv as one matmul (same sums)
     vision_compile: bool = False  # CUDA: compile each frozen vision block, static shapes, image-count buckets
     vision_prepass: bool = True  # tower over a fold's new images first, one image size a call
     reuse_base: bool = True  # LoRA runs: load the base once per run, a fresh adapter per fold (base_once.py)
