@@ -69,7 +69,7 @@ def choose(model, tokens: int, patches: int, free_bytes: int | None = None) -> t
 
 def resolve(cfg, model, shape: tuple[int, int] | None, free_bytes: int | None = None):
     """`cfg` with train.batch_size a number and train.lr scaled by train.lr_rule when the batch size is
-    auto; `cfg` itself otherwise. `shape`: (tokens, patches) of the largest sample (train._probe_shape)."""
+    auto; `cfg` itself otherwise. `shape`: (tokens, patches) of the largest sample (trainer._probe_shape)."""
     t = cfg.train
     if t.batch_size != "auto":
         return cfg

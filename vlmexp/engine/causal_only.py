@@ -15,7 +15,7 @@ tiny family). Positions are unchanged too: Qwen-VL rows carry their 3D positions
 and the other families count each row's positions from 0, as right padding leaves them.
 
 Training steps only: prediction pads its prompts on the left, where the mask is needed. The training
-collator (`train.RowCollator`) marks a batch whose mask is ones-then-zeros in every row, checked on the
+collator (`trainer.RowCollator`) marks a batch whose mask is ones-then-zeros in every row, checked on the
 CPU before the batch goes to the GPU (a check there would wait for the GPU), and the trainer's step
 drops the mask from the model's forward for that batch only (`speed.causal_only`).
 """

@@ -206,7 +206,7 @@ def head_examples(processor, samples: list[dict], labels: list[str]) -> list[dic
 
 
 def trainer_builder(train_samples: list[dict], labels: list[str]):
-    """`train.build_trainer`'s signature for head=cls runs: its `examples` (prompt-completion rows) are
+    """`trainer.build_trainer`'s signature for head=cls runs: its `examples` (prompt-completion rows) are
     ignored, the rows are `train_samples`' prompts with their label indices."""
 
     def build(cfg: Config, model, processor, _examples, output_dir, callbacks=(), caches=None, **kw):

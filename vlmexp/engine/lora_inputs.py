@@ -1,5 +1,5 @@
 """LoRA layers that take their input as it comes under autocast, instead of copying it to their fp32
-weights' dtype: one switch for training steps (`train._SFTTrainer.training_step`) and prediction
+weights' dtype: one switch for training steps (`trainer._SFTTrainer.training_step`) and prediction
 (`predict.low_precision`).
 
 This is `peft.helpers.disable_input_dtype_casting` over a list of layers found beforehand: peft's

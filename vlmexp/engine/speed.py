@@ -1,6 +1,6 @@
 """The model prepared for speed once per run: the CUDA-only levers, applied once per base model.
 
-Training (`engine/train.py` `build_trainer`), prediction (`engine/predict.py` `predict`) and the vision
+Training (`engine/trainer.py` `build_trainer`), prediction (`engine/predict.py` `predict`) and the vision
 pre-pass (`engine/vision_prepass.py`) call `prepare(model, cfg)`. On CUDA it applies, each equal in
 result to the plain model:
 - the batched vision window attention (`vision_speed.patch_vision_attention`; `vision_patch=False`

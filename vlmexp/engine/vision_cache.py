@@ -195,7 +195,7 @@ class VisionFeatureCache:
 
     def fill(self, model: torch.nn.Module, inputs: dict, keys: Sequence[str], index, encoder=None) -> dict:
         """A batch's inputs with cached features standing in for its pixels: the one step training
-        (`train._SFTTrainer.compute_loss`) and prediction (`predict._context`) share. `keys`: the batch's
+        (`trainer._SFTTrainer.compute_loss`) and prediction (`predict._context`) share. `keys`: the batch's
         image keys; `index`: positions in `keys` whose pixels the batch holds (None: all). Qwen-VL batches
         carry `image_grid_thw` (`features`), Gemma 3's do not (`pixel_features`; pan-and-scan crops keep
         their pixels). `encoder`: the run's Encoder, whose kept pixels of cached images are let go."""

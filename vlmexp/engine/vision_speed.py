@@ -29,7 +29,7 @@ images/s against 113 for cached ones (Qwen2.5-VL-3B shape, docs/performance.md).
   through cuBLAS is a fraction of that. The same products and sums in another order: equal up to rounding.
 
 `prepare_tower(model, cfg)` applies the MLP padding and the compile as `speed.*` switches them on;
-`engine/speed.py` (`prepare`, called by engine/train.py `build_trainer` and engine/predict.py
+`engine/speed.py` (`prepare`, called by engine/trainer.py `build_trainer` and engine/predict.py
 `predict`) applies it and the window attention on CUDA, once per base model.
 """
 
