@@ -121,6 +121,9 @@ def remember_lengths(cu_seqlens: torch.Tensor, lengths: list[int]) -> None:
     _LENGTHS[id(cu_seqlens)] = (cu_seqlens, lengths)
 
 
+@torch.compiler.disable  # a compiled block (speed.vision_compile) would guard on the tensor's id: a
+# recompile every call (run AP's compiled tower row: 28 images/s against 187 eager); here it is a graph
+# break, and the lengths come back as ints whose values the rest of the block is specialised on.
 def window_lengths(cu_seqlens: torch.Tensor) -> list[int]:
     """The attention windows' lengths, e.g. [64, 64, ..., 48]: known from `tower_inputs`, else read
     from the GPU once per tower forward.
