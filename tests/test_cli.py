@@ -176,12 +176,14 @@ def test_config_refuses_a_run_name_that_is_not_one_folder(tmp_path):
 
 
 def test_bitsandbytes_missing_kernels_notice_is_not_logged_but_its_errors_are():
+    """Quiet from the start of every command, not only once a command sets up logging: `exp config
+    train.args.x=1` imports trl (and bitsandbytes) to check the name and never sets it up."""
     import logging
 
-    from vlmexp.cli import _setup_logging
-
-    _setup_logging()
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    bnb.setLevel(logging.NOTSET)
+    result = runner.invoke(app, ["config", "train.args.bogus=1"])
+    assert result.exit_code == 2 and "not an SFTConfig" in result.output
     assert not bnb.isEnabledFor(logging.WARNING) and bnb.isEnabledFor(logging.ERROR)
 
 

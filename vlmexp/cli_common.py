@@ -44,6 +44,10 @@ def _start() -> None:
     """K-fold SFT of VLMs for image classification."""
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    # bitsandbytes warns on every CPU import that an optional faster 4-bit kernel (the `kernels`
+    # package) is missing, whether or not the run quantises; 4-bit still works without it. Set before
+    # any command runs: `exp config train.args.x=1` imports trl (and so bitsandbytes) to check the name.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -56,9 +60,6 @@ def _setup_logging(verbose: bool = False) -> None:
     # transformers/trl chatter would bury our progress display; warnings still show.
     for noisy in ("transformers", "trl", "peft", "accelerate", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # bitsandbytes warns on every CPU import that an optional faster 4-bit kernel (the `kernels`
-    # package) is missing, whether or not the run quantises; 4-bit still works without it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def user_errors(fn):
