@@ -51,6 +51,36 @@ def test_the_swap_is_undone_and_calls_it_does_not_fit_go_to_transformers():
     assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
 
 
+def test_nested_contexts_and_other_threads(monkeypatch):
+    """Another thread's forward while one thread is inside goes to transformers' function; the entry is
+    put back only when the outermost context ends."""
+    import threading
+
+    plain = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    calls = []
+    real = packed_gqa.packed_sdpa
+    monkeypatch.setattr(packed_gqa, "packed_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    module, q, k, v, mask = _inputs()
+    seen = {}
+
+    def other_thread():
+        seen["out"] = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)(module, q, k, v, mask, scaling=0.25)
+
+    with packed_gqa.packed_gqa():
+        with packed_gqa.packed_gqa():
+            worker = threading.Thread(target=other_thread)
+            worker.start()
+            worker.join()
+            assert calls == []  # the other thread did not pack
+            ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)(module, q, k, v, mask, scaling=0.25)
+            assert calls == [1]
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not plain  # the outer context is still on
+        ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)(module, q, k, v, mask, scaling=0.25)
+        assert calls == [1, 1]
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is plain
+    torch.testing.assert_close(seen["out"][0], sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
+
+
 def test_the_candidates_pass_packs_every_layer_and_scores_the_same(tiny_models, monkeypatch):
     from transformers import AutoModelForImageTextToText
 

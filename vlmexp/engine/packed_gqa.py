@@ -19,6 +19,7 @@ unpadded batch runs the flash kernel with native GQA anyway.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,45 +28,63 @@ import torch.nn.functional as F
 
 MAX_PACKED_ROWS = 4096  # query rows a kv head (T x heads per group); the candidates' pass: 50 x 8 = 400
 
+# The swap of transformers' "sdpa" entry is shared by every thread: installed by the first context in,
+# put back by the last one out. Which calls pack is per thread (`_ACTIVE.memo`): a forward on another
+# thread (e.g. `exp serve`'s request threads) meanwhile goes to transformers' own function.
+_LOCK = threading.Lock()
+_SWAP: dict = {"depth": 0, "plain": None, "local": False}
+_ACTIVE = threading.local()
+
 
 @contextmanager
 def packed_gqa() -> Iterator[None]:
-    """transformers' "sdpa" attention packs GQA query heads under a 4D mask for the calls inside.
-    Swapped on the global `ALL_ATTENTION_FUNCTIONS` (the modeling code looks it up at every call) and put
-    back on exit; calls it does not fit (no mask, no GQA, a per-head mask, long queries, dropout, extra
-    terms) go to transformers' own function unchanged."""
+    """transformers' "sdpa" attention packs GQA query heads under a 4D mask for this thread's calls
+    inside. Swapped on the global `ALL_ATTENTION_FUNCTIONS` (the modeling code looks it up at every call)
+    and put back on exit; calls it does not fit (no mask, no GQA, a per-head mask, long queries, dropout,
+    extra terms) go to transformers' own function unchanged."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    plain = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
-    masks: dict[tuple, torch.Tensor] = {}  # repeated masks of this context, by (mask, repeats)
-
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
-        n_rep = getattr(module, "num_key_value_groups", 1)
-        fits = (
-            n_rep > 1
-            and attention_mask is not None
-            and attention_mask.dim() == 4
-            and attention_mask.shape[1] == 1
-            and 1 < query.shape[2] * n_rep <= MAX_PACKED_ROWS
-            and not dropout
-            and kw.get("position_bias") is None
-            and kw.get("softcap") is None
-            and not kw.get("output_attentions")
-        )
-        if not fits:
-            kw |= {"dropout": dropout, "scaling": scaling, "is_causal": is_causal}
-            return plain(module, query, key, value, attention_mask, **kw)
-        return packed_sdpa(query, key, value, attention_mask, scaling, masks), None
-
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = attention
+    with _LOCK:
+        if _SWAP["depth"] == 0:
+            _SWAP["plain"] = ALL_ATTENTION_FUNCTIONS["sdpa"]
+            _SWAP["local"] = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = _attention
+        _SWAP["depth"] += 1
+    outer = getattr(_ACTIVE, "memo", None)
+    _ACTIVE.memo = {}  # repeated masks of this context, by (mask, repeats)
     try:
         yield
     finally:
-        if local:
-            ALL_ATTENTION_FUNCTIONS["sdpa"] = plain
-        else:
-            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        _ACTIVE.memo = outer
+        with _LOCK:
+            _SWAP["depth"] -= 1
+            if _SWAP["depth"] == 0:
+                if _SWAP["local"]:
+                    ALL_ATTENTION_FUNCTIONS["sdpa"] = _SWAP["plain"]
+                else:
+                    del ALL_ATTENTION_FUNCTIONS["sdpa"]
+                # `plain` stays: a call that looked `_attention` up just before the swap went back uses it
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+    memo = getattr(_ACTIVE, "memo", None)
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    fits = (
+        memo is not None
+        and n_rep > 1
+        and attention_mask is not None
+        and attention_mask.dim() == 4
+        and attention_mask.shape[1] == 1
+        and 1 < query.shape[2] * n_rep <= MAX_PACKED_ROWS
+        and not dropout
+        and kw.get("position_bias") is None
+        and kw.get("softcap") is None
+        and not kw.get("output_attentions")
+    )
+    if not fits:
+        kw |= {"dropout": dropout, "scaling": scaling, "is_causal": is_causal}
+        return _SWAP["plain"](module, query, key, value, attention_mask, **kw)
+    return packed_sdpa(query, key, value, attention_mask, scaling, memo), None
 
 
 def packed_sdpa(
