@@ -25,7 +25,7 @@ from vlmexp import timing
 from vlmexp.bench.shapes import build_model, build_processor, get_shape
 from vlmexp.config import Config
 from vlmexp.engine import speed
-from vlmexp.engine.encode import RunCaches
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.engine.vision_cache import VisionFeatureCache
 from vlmexp.engine.vision_prepass import _by_grid, encode_images, image_inputs
 

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from vlmexp.config import Config
+from vlmexp.engine.batching import pad_rows
 from vlmexp.engine.buckets import bucket_width, widths
-from vlmexp.engine.encode import Encoder, pad_rows
+from vlmexp.engine.encode import Encoder
 from vlmexp.engine.samples import build_samples
 from vlmexp.engine.train import training_dataset
 from vlmexp.engine.trainer import RowCollator
@@ -110,8 +111,8 @@ def test_prediction_runs_compiled_layers_eagerly_and_compiles_nothing(tiny_model
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from vlmexp.engine.encode import RunCaches
     from vlmexp.engine.predict import predict
+    from vlmexp.engine.run_caches import RunCaches
 
     cfg, processor, model, samples, labels = _prediction_setup(tiny_models, tmp_path, rows=5, step=8)
     cfg.predict.batch_size = 2

@@ -13,8 +13,10 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from vlmexp.config import Config
 from vlmexp.engine import vision_cache
-from vlmexp.engine.encode import Encoder, RunCaches, image_key, rope_index_fn
+from vlmexp.engine.batching import rope_index_fn
+from vlmexp.engine.encode import Encoder, image_key
 from vlmexp.engine.predict import _encode, predict
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.engine.samples import build_samples, split_turn
 from vlmexp.engine.train import train_fold, training_dataset
 from vlmexp.engine.trainer import build_trainer

@@ -268,7 +268,7 @@ def test_the_next_batch_is_queued_before_the_last_ones_scores_are_read(tiny_mode
 def test_new_images_go_through_the_tower_by_size_before_scoring(tiny_models, rows, monkeypatch):
     """With the run's caches, predict() computes every new image's features first, in tower calls of one
     image size (`vision_prepass`), so scoring batches run on cached features only; same scores."""
-    from vlmexp.engine.encode import RunCaches
+    from vlmexp.engine.run_caches import RunCaches
     from vlmexp.engine.vision_cache import VisionFeatureCache
 
     cfg, model, processor, samples = _setup(tiny_models, "qwen2_5_vl", rows)

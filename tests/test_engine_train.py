@@ -275,7 +275,7 @@ def test_trainer_loss_is_the_plain_full_logits_loss_with_the_same_gradients(
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
 def test_probed_shape_from_the_run_encoder_equals_the_processors(tiny_models, colours, family):
-    from vlmexp.engine.encode import RunCaches
+    from vlmexp.engine.run_caches import RunCaches
     from vlmexp.engine.trainer import _probe_shape
 
     cfg = _cfg(tiny_models, family)

@@ -16,8 +16,8 @@ from PIL import Image
 
 from vlmexp.config import Config, load_config
 from vlmexp.engine import vision_cache, vision_speed
-from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import _cut_at_marker, after_think
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.engine.samples import build_samples, split_turn
 from vlmexp.engine.train import training_dataset
 from vlmexp.engine.trainer import build_trainer
@@ -125,7 +125,7 @@ def test_vision_cache_is_off_with_a_reason_where_the_forward_takes_no_features(f
     model = load_model(cfg, training=True)
     assert "takes no precomputed image features" in vision_cache.vision_cache_unsupported(model)
     caches = RunCaches.for_run(cfg, processor)
-    with caplog.at_level(logging.INFO, logger="vlmexp.engine.encode"):
+    with caplog.at_level(logging.INFO, logger="vlmexp.engine.run_caches"):
         assert caches.vision_for(model) is None and caches.vision_for(model, training=False) is None
     assert sum("vision_cache=auto" in r.message for r in caplog.records) == 1  # said once, not per call
     cfg.speed.vision_cache = "on"

@@ -16,8 +16,9 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 
 from vlmexp.config import Config, load_config
 from vlmexp.engine import vision_prepass
-from vlmexp.engine.encode import Encoder, RunCaches, image_key
+from vlmexp.engine.encode import Encoder, image_key
 from vlmexp.engine.pixel_memo import PixelMemo
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.engine.samples import build_samples, split_turn
 from vlmexp.engine.train import training_dataset
 from vlmexp.models import tiny

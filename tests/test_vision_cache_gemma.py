@@ -12,8 +12,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
 
 from vlmexp.config import Config
 from vlmexp.engine import vision_cache
-from vlmexp.engine.encode import RunCaches, image_key
+from vlmexp.engine.encode import image_key
 from vlmexp.engine.predict import predict
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.engine.samples import build_samples
 from vlmexp.engine.train import train_fold
 from vlmexp.models.load import load_model, load_processor

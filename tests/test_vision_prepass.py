@@ -14,8 +14,9 @@ from PIL import Image
 
 from vlmexp.config import Config, load_config
 from vlmexp.engine import vision_prepass
-from vlmexp.engine.encode import Encoder, RunCaches, image_key
+from vlmexp.engine.encode import Encoder, image_key
 from vlmexp.engine.predict import predict
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.engine.samples import build_samples, split_turn
 from vlmexp.engine.train import train_fold, training_dataset
 from vlmexp.models.load import load_model, load_processor

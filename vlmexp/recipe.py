@@ -24,8 +24,8 @@ from vlmexp.balance import UNDERSAMPLE_FLOOR, resample
 from vlmexp.config import Config, ConfigError, config_hash, diff_from_defaults, run_name
 from vlmexp.data import Competition, preflight, read_answers
 from vlmexp.engine import heap, vision_prepass
-from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.engine.samples import ImageMemo, build_samples
 from vlmexp.engine.train import FoldOutputs, train_fold
 from vlmexp.engine.tta import predict_tta

@@ -20,8 +20,8 @@ from vlmexp.bench.synth import candidate_ids, collate_prompts
 from vlmexp.config import Config
 from vlmexp.engine import speed
 from vlmexp.engine.compile import uncompile_blocks
-from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.predict import predict
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.tables import prob_columns
 
 

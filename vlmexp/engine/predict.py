@@ -32,10 +32,11 @@ from rich.progress import Progress
 
 from vlmexp.config import Config
 from vlmexp.engine import speed, vision_prepass
+from vlmexp.engine.batching import append_left_padded, stackable
 from vlmexp.engine.compile import eager_blocks
-from vlmexp.engine.encode import RunCaches, append_left_padded, stackable
 from vlmexp.engine.lora_inputs import no_input_cast, peft_layers
 from vlmexp.engine.lora_merge import merged_lora
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.engine.samples import Turn, prompt_messages, split_turn
 from vlmexp.engine.scoring import score_candidates
 from vlmexp.engine.transfer import tensors_to

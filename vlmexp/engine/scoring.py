@@ -26,7 +26,7 @@ from contextlib import nullcontext
 
 import torch
 
-from vlmexp.engine.encode import rope_index_fn
+from vlmexp.engine.batching import rope_index_fn
 from vlmexp.engine.packed_gqa import packed_gqa
 from vlmexp.engine.transfer import long_tensor
 

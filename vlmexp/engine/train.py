@@ -40,8 +40,8 @@ from vlmexp.config import Config
 from vlmexp.engine import cls_head
 from vlmexp.engine.async_save import PENDING_SUFFIX
 from vlmexp.engine.callbacks import EvalCallback, JsonlLog, LogRelay, SkipFinalSave, SkipRepeatedSave
-from vlmexp.engine.encode import RunCaches
 from vlmexp.engine.mix import mix_samples
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.engine.samples import to_prompt_completion
 from vlmexp.engine.trainer import build_trainer
 from vlmexp.launch import fsdp as fsdp_launch

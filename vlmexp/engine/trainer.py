@@ -21,12 +21,14 @@ from trl import SFTTrainer
 from vlmexp.config import Config
 from vlmexp.engine import autobatch, buckets, speed
 from vlmexp.engine.async_save import BackgroundWriter, cpu_copy
+from vlmexp.engine.batching import stackable, trl_collator
 from vlmexp.engine.callbacks import EvalCallback
 from vlmexp.engine.causal_only import RIGHT_PADDED, right_padded, without_padding_mask
 from vlmexp.engine.compile import dynamic_shapes
-from vlmexp.engine.encode import Encoder, RunCaches, stackable, trl_collator
+from vlmexp.engine.encode import Encoder
 from vlmexp.engine.lora_fused import fused_lora
 from vlmexp.engine.lora_inputs import no_input_cast, peft_layers
+from vlmexp.engine.run_caches import RunCaches
 from vlmexp.engine.train_args import sft_config
 from vlmexp.engine.vision_cache import VisionFeatureCache
 from vlmexp.launch import fsdp as fsdp_launch
