@@ -92,7 +92,7 @@ def score_row(
     cache. (Until run AL it was called once per batch, which showed neither its pipelined batches nor its
     tower pre-pass of new images.)
 
-    `mode` is the state of the run's caches (`encode.RunCaches`): `plain` uses none (the processor and
+    `mode` is the state of the run's caches (`run_caches.RunCaches`): `plain` uses none (the processor and
     the vision tower run on every batch); `fresh` starts them empty, as a run's first fold predicting
     the test set; `warm` fills them with one untimed pass first, as every later fold finds them (each
     fold re-predicts the same test images with the same frozen tower)."""

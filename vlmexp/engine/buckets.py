@@ -16,7 +16,7 @@ of its first row whose labels are all -100: the compiled step sees the full batc
 add nothing to the loss or the gradients (the loss counts supervised tokens only), only their compute.
 
 Used by the training collator when speed.compile is on (engine/train.py): widths through
-`encode.pad_rows`, rows through `fill_rows`. Prediction runs the layers eagerly
+`batching.pad_rows`, rows through `fill_rows`. Prediction runs the layers eagerly
 (`compile.eager_blocks`): a forward with a KV cache recompiles per layer whatever its widths.
 """
 

@@ -45,7 +45,7 @@ class EvalCallback(TrainerCallback):
         self.processor = processor
         self.val_samples = val_samples
         self.labels = labels
-        self.caches = caches  # encode.RunCaches: validation prompts are encoded once, not every epoch
+        self.caches = caches  # run_caches.RunCaches: validation prompts are encoded once, not every epoch
         self.every = cfg.train.eval_every
         # step -> the validation table at that step, e.g. {15: <80 rows>, 30: <80 rows>}: a few KB each
         self.tables: dict[int, pd.DataFrame] = {}

@@ -9,7 +9,7 @@ into the image token positions exactly as it does the tower's own output, and it
 mask comes from `token_type_ids`, not from pixel_values (tests/test_vision_cache_gemma.py does the
 same merge by hand: equal logits). Its SigLIP tower is 5.5 TFLOP per 896 px image
 against 2.1 TFLOP for a 330-token Gemma-3-4B language forward (bench/flops.py).
-`engine/encode.py` (`RunCaches.vision_for`) decides per model whether the cache serves it
+`engine/run_caches.py` (`RunCaches.vision_for`) decides per model whether the cache serves it
 (`vision_cache_unsupported`, `vision_frozen`); the trainer's `compute_loss` and `predict` use it.
 """
 

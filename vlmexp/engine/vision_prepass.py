@@ -78,7 +78,7 @@ def prepass(
     progress=False,
 ) -> dict:
     """`encode_images` over `images` when `speed.vision_prepass` is on and the run's feature cache
-    (`caches`: encode.RunCaches) serves `model`; {} otherwise. `training`: a training model, which tells
+    (`caches`: run_caches.RunCaches) serves `model`; {} otherwise. `training`: a training model, which tells
     whether its tower trains (`RunCaches.vision_for`); prediction (`predict.predict`) passes False and
     gets the pass only where training found the tower frozen. Images already cached cost a key lookup."""
     if not cfg.speed.vision_prepass or caches is None or cfg.model.head != "lm":
