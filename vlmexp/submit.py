@@ -82,6 +82,7 @@ def make_submission(
     if preds["id"].duplicated().any():
         raise SubmissionError(f"{probs_path} repeats ids: {_some(preds['id'][preds['id'].duplicated()])}")
     pred_of = preds.set_index("id")["pred"]
+    wanted = {str(i) for i in test_ids}
     if sample is not None:
         try:
             frame = pd.read_csv(sample, dtype=str, keep_default_na=False)
@@ -95,7 +96,7 @@ def make_submission(
         columns = list(frame.columns)
         # The id column is the one holding the test ids, wherever it stands: a sample of "label,id"
         # read as id-first once refused every row of a correct submission.
-        hits = {c: int(frame[c].astype(str).isin({str(i) for i in test_ids}).sum()) for c in columns}
+        hits = {c: int(frame[c].astype(str).isin(wanted).sum()) for c in columns}
         sid = max(columns, key=lambda c: (hits[c], -columns.index(c)))
         slabel = next(c for c in columns if c != sid)
         order = frame[sid].astype(str)
@@ -103,7 +104,6 @@ def make_submission(
         sid, slabel = id_col, "label"
         columns = [sid, slabel]
         order = pd.Series([str(i) for i in test_ids], dtype=object)
-    wanted = {str(i) for i in test_ids}
     unpredicted = [i for i in order if i in wanted and i not in pred_of.index]
     if unpredicted:  # e.g. a run made with data.limit=60 predicted 60 of 200 test rows
         raise SubmissionError(
