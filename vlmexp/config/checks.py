@@ -4,11 +4,12 @@ combinations that cannot work, all problems in one error that says how to fix ea
 from __future__ import annotations
 
 import difflib
+import importlib
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from vlmexp.config.schema import Config, ConfigError, _all_keys, _field
+from vlmexp.config.schema import Config, ConfigError, TrainConfig, _all_keys, _field
 
 
 def check_prompt(cfg: Config) -> None:
@@ -117,20 +118,15 @@ def _name_problems(cfg: Config) -> list[str]:
     choices are transformers' own enums (SchedulerType, OptimizerNames), so a newer transformers'
     names pass without a list of ours to keep up; the defaults skip the import (training_args pulls in
     bitsandbytes, which prints a line about its CPU kernels)."""
-    from vlmexp.config.schema import TrainConfig
-
     problems = []
-    for key, value, default in (
-        ("train.scheduler", cfg.train.scheduler, TrainConfig.scheduler),
-        ("train.optim", cfg.train.optim, TrainConfig.optim),
+    for key, value, default, enum in (
+        ("train.scheduler", cfg.train.scheduler, TrainConfig.scheduler, "trainer_utils.SchedulerType"),
+        ("train.optim", cfg.train.optim, TrainConfig.optim, "training_args.OptimizerNames"),
     ):
         if value == default:
             continue
-        if key == "train.scheduler":
-            from transformers.trainer_utils import SchedulerType as names_of
-        else:
-            from transformers.training_args import OptimizerNames as names_of
-        names = [e.value for e in names_of]
+        module, cls = enum.rsplit(".", 1)
+        names = [e.value for e in getattr(importlib.import_module(f"transformers.{module}"), cls)]
         if value not in names:
             near = difflib.get_close_matches(value, names, n=1, cutoff=0.5)
             hint = f"did you mean '{near[0]}'? " if near else ""
