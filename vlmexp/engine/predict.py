@@ -290,26 +290,31 @@ def score_completions(
         raise ValueError("every prompt needs the same number of candidate completions")
     shared = [_common_prefix(cands) for cands in ids]
     extra = [cands[0][:k] for cands, k in zip(ids, shared, strict=True)]
-    ctx = _context(model, processor, prompts, images, extra, caches)
+    ctx, unpadded = _context(model, processor, prompts, images, extra, caches)
     suffixes = [[c[k:] for c in cands] for cands, k in zip(ids, shared, strict=True)]
-    return score_candidates(model, ctx, suffixes, pad_id=tok.pad_token_id, on_device=on_device)
+    return score_candidates(
+        model, ctx, suffixes, pad_id=tok.pad_token_id, on_device=on_device, unpadded=unpadded
+    )
 
 
-def _context(model, processor, prompts, images, extra, caches: RunCaches | None) -> dict:
+def _context(model, processor, prompts, images, extra, caches: RunCaches | None) -> tuple[dict, bool]:
     """The left-padded prompts + `extra` ids on the model's device: from the run's encoded rows and
-    cached vision features when `caches` has them, else straight from the processor."""
+    cached vision features when `caches` has them, else straight from the processor; and whether no row
+    is padded, seen on the CPU before the move (`score_candidates(unpadded=...)`)."""
     encoder = caches.encoder if caches is not None else None
     rows = encoder.prompt_rows(prompts, images, extra) if encoder else None
     if not rows or not stackable(rows):
-        return tensors_to(_encode(processor, prompts, images, extra=extra), model.device)
+        enc = _encode(processor, prompts, images, extra=extra)
+        return tensors_to(enc, model.device), bool(enc["attention_mask"].all())
     vision = caches.vision_for(model, training=False)
     skip = vision.keys() if vision is not None else frozenset()
     ctx = encoder.pad_prompts(rows, skip_pixels=skip)
     keys, index = ctx.pop("image_keys"), ctx.pop("pixel_index", None)
+    unpadded = bool(ctx["attention_mask"].all())
     ctx = tensors_to(ctx, model.device)
     if vision is not None and keys:
         ctx = vision.fill(model, ctx, keys, index, encoder)
-    return ctx
+    return ctx, unpadded
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:

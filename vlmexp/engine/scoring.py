@@ -28,6 +28,7 @@ import torch
 
 from vlmexp.engine.batching import rope_index_fn
 from vlmexp.engine.packed_gqa import packed_gqa
+from vlmexp.engine.prefill import last_position_only, prefill_cache
 from vlmexp.engine.transfer import long_tensor
 
 
@@ -38,13 +39,16 @@ def score_candidates(
     pad_id: int | None = None,
     layout: str = "auto",
     on_device: bool = False,
+    unpadded: bool = False,
 ) -> torch.Tensor:
     """Summed log-probabilities (B, n), on the CPU, of each row's n candidate token-id sequences after
     its left-padded context `ctx` (processor output on the model's device; `mm_encoder_outputs` may
     stand in for `pixel_values`, e.g. features a `vision_cache.VisionFeatureCache` computed earlier).
     `layout`: tree, repeat, or auto (tree where the attention takes a 4D mask). `on_device`: left on the
     model's device, still being computed: the `tree` layout queues its work without a host sync, so the
-    caller can build the next batch meanwhile (`predict.predict`)."""
+    caller can build the next batch meanwhile (`predict.predict`). `unpadded`: the caller saw on the CPU
+    that no row of the mask is padding, so the prefill runs without it (transformers would otherwise read
+    the GPU mask back to find out, a host sync a batch)."""
     mask = ctx["attention_mask"]
     # Checked where it costs no host sync: a CPU mask, or a result read at once anyway. `on_device` on a
     # GPU is predict's own pipelined path, whose batches are left-padded by construction (`_context`).
@@ -64,16 +68,30 @@ def score_candidates(
     # torch 2.11's matmul ran the LM head on it as a batched GEMV that read the 152k x 2048 weight once
     # per row (4.6 ms a batch of 32 on an H200, run AL's profile); the indexed copy is contiguous, one GEMM.
     last = long_tensor([ctx["input_ids"].shape[1] - 1], mask.device)
-    out = model(**ctx, position_ids=positions, use_cache=True, logits_to_keep=last)
+    if mask.device.type == "cpu":
+        unpadded = unpadded or bool(mask.all())
+    # The prefill computes what is read of it only (prefill.py): the last layer's output at the last
+    # position, and a cache that holds the prompt's keys and values without copying them. Without a
+    # padding mask where no row is padded (tree layout: plain causal attention in every layer), the
+    # same causal attention as with an all-ones mask.
+    cache = prefill_cache(model) if layout == "tree" else None
+    if layout == "tree" and unpadded:
+        ctx = {k: v for k, v in ctx.items() if k != "attention_mask"}
+    with last_position_only(model):
+        out = model(
+            **ctx,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=last,
+            **(_cache_arg(model, cache) if cache is not None else {}),
+        )
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
     device = first.device
     firsts = long_tensor([[s[0] for s in cands] for cands in candidates], device)
     loglik = first.gather(1, firsts)  # (B, n)
     if max(len(s) for cands in candidates for s in cands) > 1:
         run = _tree if layout == "tree" else _repeat
-        rest = run(
-            model, out.past_key_values, ctx["attention_mask"], positions, next_pos, candidates, pad_id, attn
-        )
+        rest = run(model, out.past_key_values, mask, positions, next_pos, candidates, pad_id, attn)
         loglik = loglik + rest
     return loglik if on_device else loglik.cpu()
 
