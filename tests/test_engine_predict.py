@@ -320,3 +320,13 @@ def test_scoring_queues_its_work_without_a_host_sync_of_its_own(tiny_models, row
     ours = [site for site in syncs.sites if site.startswith("vlmexp/")]
     assert not ours, syncs.report(1)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_scoring_reads_the_cache_without_transformers_deprecation_warning(tiny_models, rows, caplog):
+    """transformers 5.24 renamed the output's `past_key_values` to `cache` and logs a warning when the old
+    name is read: every `exp run` printed it once."""
+    cfg, model, processor, samples = _setup(tiny_models, "qwen2_5_vl", rows)
+    logging.Logger.warning_once.cache_clear()  # logged once per process: another test may have had it
+    with caplog.at_level(logging.WARNING):
+        predict(cfg, model, processor, samples[:2], LABELS, progress=False)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]

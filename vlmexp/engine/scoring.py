@@ -91,7 +91,7 @@ def score_candidates(
     loglik = first.gather(1, firsts)  # (B, n)
     if max(len(s) for cands in candidates for s in cands) > 1:
         run = _tree if layout == "tree" else _repeat
-        rest = run(model, out.past_key_values, mask, positions, next_pos, candidates, pad_id, attn)
+        rest = run(model, _returned_cache(out), mask, positions, next_pos, candidates, pad_id, attn)
         loglik = loglik + rest
     return loglik if on_device else loglik.cpu()
 
@@ -199,6 +199,13 @@ def _cache_arg(model, cache) -> dict:
     works there but warns at every call), `past_key_values` before."""
     forward = getattr(model, "get_base_model", lambda: model)().forward
     return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
+
+
+def _returned_cache(out):
+    """The forward's KV cache: `out.cache` from transformers 5.24, whose `past_key_values` still works but
+    logs a deprecation warning in every run; `out.past_key_values` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _all_full_attention(model) -> bool:
