@@ -316,7 +316,7 @@ def test_scoring_queues_its_work_without_a_host_sync_of_its_own(tiny_models, row
             got = predict_mod.score_candidates(model, gpu, cands * len(samples), on_device=True)
         assert got.device.type == "cuda"
         want = predict_mod.score_candidates(model, gpu, cands * len(samples))  # read at once: on the CPU
-    assert sum(syncs.sites.values()) > 0  # the watch works: transformers' placeholder check syncs
+    assert sum(syncs.sites.values()) > 0  # the watch works: transformers' padding-mask check syncs
     ours = [site for site in syncs.sites if site.startswith("vlmexp/")]
     assert not ours, syncs.report(1)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)

@@ -14,7 +14,13 @@ from transformers.cache_utils import DynamicCache
 
 from vlmexp.engine import scoring
 from vlmexp.engine.predict import _encode
-from vlmexp.engine.prefill import KeepFirstLayer, last_decoder_layer, last_position_only, prefill_cache
+from vlmexp.engine.prefill import (
+    KeepFirstLayer,
+    last_decoder_layer,
+    last_position_only,
+    prefill_cache,
+    unchecked_placeholders,
+)
 from vlmexp.models import tiny
 
 FAMILIES = [f for f in tiny.FAMILIES if f != "qwen3_vl_moe"]
@@ -154,12 +160,20 @@ def test_an_unpadded_batch_prefills_without_a_mask_and_scores_as_a_padded_one(ti
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
-def test_scoring_prefills_through_both_levers(family, tiny_models):
+def test_scoring_prefills_through_the_levers(family, tiny_models, monkeypatch):
     """score_candidates' prefill: the last layer's MLP on one position, no copy of the prompt's keys
-    into the cache (full attention; Gemma 3's sliding layers keep the model's own cache); its candidates'
-    pass runs the layer whole."""
+    into the cache (full attention; Gemma 3's sliding layers keep the model's own cache), no placeholder
+    count check (Qwen-VL; Gemma 3 has no unchecked form); its candidates' pass runs the layer whole."""
+    import importlib
+
     model, processor, enc = _setup(tiny_models, family)
     mlp = _Shapes(last_decoder_layer(model).mlp)
+    modeling = importlib.import_module(type(model.model).__module__)
+    checks: list[bool] = []
+    real = modeling.torch_compilable_check
+    monkeypatch.setattr(
+        modeling, "torch_compilable_check", lambda *a, **k: (checks.append(True), real(*a, **k))
+    )
     tok = processor.tokenizer
     cands = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in ("red", "blue")]
     with torch.no_grad(), _Cats() as cats:
@@ -167,7 +181,9 @@ def test_scoring_prefills_through_both_levers(family, tiny_models):
     width = sum(len(c) - 1 for c in cands)
     assert mlp.seen[0][1] == 1
     assert mlp.seen[1][1] == (width if family == "qwen2_5_vl" else max(len(c) for c in cands) - 1)
-    assert (cats.shapes == []) == (family == "qwen2_5_vl")
+    qwen = family == "qwen2_5_vl"
+    assert (cats.shapes == []) == qwen
+    assert (checks == []) == qwen
 
 
 @pytest.mark.gpu
@@ -199,3 +215,42 @@ def test_on_cuda_with_the_speed_levers_the_scores_equal_the_whole_prefills(tiny_
         want = [scoring.score_candidates(model, padded, cands), scoring.score_candidates(model, same, cands)]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_placeholder_masks_come_without_the_count_check_inside_only(family, tiny_models, monkeypatch):
+    """Qwen-VL's `get_placeholder_mask` reads the image-token count back from the GPU to check it against
+    the features (a host sync); inside `unchecked_placeholders` it gives the same masks unchecked, and
+    outside it (later, or on another thread) it checks again. A deep copy binds its own copy."""
+    import copy
+    import importlib
+
+    model, _, enc = _setup(tiny_models, family)
+    core = model.model
+    modeling = importlib.import_module(type(core).__module__)
+    checks: list[bool] = []
+    real = modeling.torch_compilable_check
+    monkeypatch.setattr(
+        modeling, "torch_compilable_check", lambda *a, **k: (checks.append(True), real(*a, **k))
+    )
+    ids = enc["input_ids"]
+    embeds = core.get_input_embeddings()(ids)
+    n = int((ids == model.config.image_token_id).sum())
+    feats = torch.zeros(n, embeds.shape[-1])
+    want = core.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=feats)
+    assert checks
+    checks.clear()
+    with unchecked_placeholders(model):
+        got = core.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=feats)
+        other = threading.Thread(
+            target=lambda: core.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=feats)
+        )
+        other.start()
+        other.join()
+    assert len(checks) == 1  # the other thread's call only
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    core.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=feats)
+    assert len(checks) == 2
+    twin = copy.deepcopy(model)
+    assert twin.model.get_placeholder_mask.__self__ is twin.model

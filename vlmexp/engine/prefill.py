@@ -16,6 +16,11 @@ transformers' forward computes more than that, and two levers here leave the sur
   it holds, so the prefill copies each layer's keys and values once more into the cache (batch 32 x
   570 tokens on the 3B: 20 MB a layer; run AL's profile put all cache concatenation at 2.4% of a cached
   prediction's kernel time, half of it this copy). Its first update here keeps the tensors as given.
+- `unchecked_placeholders`: Qwen-VL's forward checks that the image tokens match the features by
+  reading their count back from the GPU (`get_placeholder_mask`: two host syncs a batch, each leaving
+  the GPU idle until the host queues work again). Features from the run's cache were placed by the
+  run's own encoder (or, without the caches, by the processor together with the tokens), so the scoring
+  prefill asks for the same masks without the check; training keeps it.
 
 Both give the same numbers as the plain forward (tests/test_prefill.py, and every family's scoring
 against full-sequence scoring in tests/test_engine_predict.py).
@@ -23,7 +28,9 @@ against full-sequence scoring in tests/test_engine_predict.py).
 
 from __future__ import annotations
 
+import inspect
 import threading
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -105,3 +112,37 @@ def prefill_cache(model: torch.nn.Module) -> DynamicCache | None:
         # config gave it (no state of its own is added).
         layer.__class__ = KeepFirstLayer
     return cache
+
+
+_UNCHECKED = threading.local()
+
+
+@contextmanager
+def unchecked_placeholders(model: torch.nn.Module) -> Iterator[None]:
+    """This thread's forwards inside get the image/video placeholder masks without the count check that
+    reads a GPU count back (module doc). For models whose `get_placeholder_mask` checks only when given
+    the features (`image_features=None` by default: Qwen2/2.5/3-VL); others are left as they are."""
+    core = getattr(unwrap(model), "model", None)
+    method = getattr(type(core), "get_placeholder_mask", None)
+    param = inspect.signature(method).parameters.get("image_features") if method is not None else None
+    if param is None or param.default is not None:
+        yield
+        return
+    if "get_placeholder_mask" not in vars(core):
+        # Once per model and kept: a bound method shadowing the class's, which passes every other thread's
+        # (and every later) call through unchanged; bound, so a deep copy of the model binds its copy.
+        core.get_placeholder_mask = types.MethodType(_placeholder_mask, core)
+    outer = getattr(_UNCHECKED, "on", False)
+    _UNCHECKED.on = True
+    try:
+        yield
+    finally:
+        _UNCHECKED.on = outer
+
+
+def _placeholder_mask(self, *args, **kwargs):
+    """The class's `get_placeholder_mask`, without the features (so without the check) on a thread inside
+    `unchecked_placeholders`: the same masks."""
+    if getattr(_UNCHECKED, "on", False):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("image_features", "video_features")}
+    return type(self).get_placeholder_mask(self, *args, **kwargs)

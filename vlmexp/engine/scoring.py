@@ -28,7 +28,7 @@ import torch
 
 from vlmexp.engine.batching import rope_index_fn
 from vlmexp.engine.packed_gqa import packed_gqa
-from vlmexp.engine.prefill import last_position_only, prefill_cache
+from vlmexp.engine.prefill import last_position_only, prefill_cache, unchecked_placeholders
 from vlmexp.engine.transfer import long_tensor
 
 
@@ -77,7 +77,7 @@ def score_candidates(
     cache = prefill_cache(model) if layout == "tree" else None
     if layout == "tree" and unpadded:
         ctx = {k: v for k, v in ctx.items() if k != "attention_mask"}
-    with last_position_only(model):
+    with last_position_only(model), unchecked_placeholders(model):
         out = model(
             **ctx,
             position_ids=positions,
