@@ -330,3 +330,36 @@ def test_scoring_reads_the_cache_without_transformers_deprecation_warning(tiny_m
     with caplog.at_level(logging.WARNING):
         predict(cfg, model, processor, samples[:2], LABELS, progress=False)
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def test_tree_scoring_reads_the_candidates_logits_in_one_pass(tiny_models, rows, monkeypatch):
+    """Every row's candidates as wide as the widest (one label set): no gather of the real positions, and
+    the log-probabilities from one log_softmax that casts inside its kernel; the same scores as the
+    padded layout, which still gathers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models("qwen2_5_vl")).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 7), generator=gen)
+    ctx = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    same = [[5, 6, 7], [5, 8]]
+    with torch.no_grad():
+        with Ops() as ops:
+            got = predict_mod.score_candidates(model, ctx, [same, same], layout="tree")
+        # a row with fewer candidate tokens pads the tree: the real ones are gathered
+        with Ops() as padded_ops:
+            mixed = predict_mod.score_candidates(model, ctx, [same, [[5, 6, 7], [5]]], layout="tree")
+    assert "index_select.default" not in ops.names and "logsumexp.default" not in ops.names
+    assert "index_select.default" in padded_ops.names
+    torch.testing.assert_close(got[0], mixed[0], rtol=1e-5, atol=1e-5)
+    want = predict_mod.score_candidates(model, ctx, [same, same], layout="repeat")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -36,6 +36,63 @@ def test_packed_attention_equals_transformers_repeated_keys():
     assert not torch.allclose(swapped, want, atol=1e-3)
 
 
+def test_the_repeated_mask_is_made_once_as_an_aligned_additive_bias():
+    """SDPA converts a boolean mask to an additive one, and the memory-efficient kernel copies a bias whose
+    rows are not 16-aligned, at every call: made once per forward here, the layers reuse it as it is."""
+    module, q, k, v, mask = _inputs(length=5, cache=11)  # 16 keys: aligned already; 13 is not
+    mask = mask[..., :13]
+    k, v = k[:, :, :13], v[:, :, :13]
+    memo: dict = {}
+    first = packed_sdpa(q, k, v, mask, scaling=0.25, memo=memo)
+    (held,) = memo.values()
+    bias = held[1]
+    assert bias.dtype == q.dtype and bias.shape == (2, 1, 4 * 5, 13)
+    assert bias.stride(-2) % 16 == 0  # rows padded to 16 elements in storage
+    assert (
+        torch.equal(bias == 0, mask.repeat(1, 1, 4, 1))
+        and bias[~mask.repeat(1, 1, 4, 1)].eq(-torch.inf).all()
+    )
+    again = packed_sdpa(q, k, v, mask, scaling=0.25, memo=memo)
+    assert len(memo) == 1 and torch.equal(first, again)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(first, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_output_comes_back_in_one_copy():
+    """(B, Hkv, n_rep * T, D) -> (B, T, Hq, D) is one permuted copy, not a reshape then a transposed copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (
+                torch.ops.aten.clone.default,
+                torch.ops.aten.copy_.default,
+                torch.ops.aten._unsafe_view.default,
+            ):
+                Copies.n += func is not torch.ops.aten._unsafe_view.default
+            return func(*args, **(kwargs or {}))
+
+    module, q, k, v, mask = _inputs()
+    q = (
+        q.transpose(1, 2).contiguous().transpose(1, 2)
+    )  # as the attention module hands it: (B, T, H, D) in memory
+    memo = {
+        (mask.data_ptr(), tuple(mask.shape), mask.dtype, 4, q.dtype): (
+            mask,
+            packed_gqa.additive_bias(mask.repeat(1, 1, 4, 1), q.dtype),
+        )
+    }
+    with Copies():
+        out = packed_sdpa(q, k, v, mask, scaling=0.25, memo=memo)
+    assert out.is_contiguous() and out.shape == (2, 5, 8, 16)
+    assert Copies.n <= 2  # the query's stacking and the output's, each once
+    torch.testing.assert_close(
+        out, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0], rtol=1e-6, atol=1e-6
+    )
+
+
 def test_the_swap_is_undone_and_calls_it_does_not_fit_go_to_transformers():
     plain = ALL_ATTENTION_FUNCTIONS["sdpa"]
     module, q, k, v, mask = _inputs()
