@@ -7,7 +7,10 @@ the run caches filled by one untimed call first, as every fold after the first f
 - one profiled call (CUDA kernels and CPU ops with shapes and python stacks): the kernel time by
   operator, and the memory-bound operators (copy, cat, mul, add, ...) grouped by their 6 innermost
   python frames, so each one is charged to the code that launched it;
-- the host syncs of one call, by site (`VLMEXP_SYNC_DEBUG`'s `SyncSites`).
+- the host syncs of one call, by site (`VLMEXP_SYNC_DEBUG`'s `SyncSites`);
+- one call profiled on the GPU side only (no host tracing to slow the host): the GPU's idle time between
+  its first and last kernel, split into short gaps (kernels queued back to back) and long ones, and the
+  longest gaps with the kernels on either side.
 Prints the tables. `python3 scripts/warm_predict_probe.py [N]` (default 128).
 """
 
@@ -67,6 +70,7 @@ def main(n: int = 128) -> None:
         call()
         torch.cuda.synchronize()
     print(syncs.report(10), flush=True)
+    gpu_gaps(call, n)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts, record_shapes=True, with_stack=True) as prof:
         call()
@@ -89,6 +93,34 @@ def main(n: int = 128) -> None:
     print("\nby input shape:")
     for e in rows[:30]:
         print(f"{e.key:24s} {e.device_time_total / 1e3:8.2f} ms {e.count:5d} calls  {e.input_shapes}")
+
+
+def gpu_gaps(call, n: int) -> None:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start
+    )
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    gaps = []
+    for a, b in zip(kernels, kernels[1:], strict=False):
+        gap = b.time_range.start - max(a.time_range.end, 0)
+        if gap > 0:
+            gaps.append((gap, a.name, b.name))
+    buckets = {"<20 us": (0, 20), "20-200 us": (20, 200), ">=200 us": (200, float("inf"))}
+    idle = {k: [g for g, *_ in gaps if lo <= g < hi] for k, (lo, hi) in buckets.items()}
+    print(
+        f"gpu-only profile: {n} images in {wall * 1e3:.1f} ms wall, {len(kernels)} kernels, "
+        f"busy {busy / 1e3:.1f} ms, first-to-last {span / 1e3:.1f} ms; idle in gaps "
+        + ", ".join(f"{k} {sum(v) / 1e3:.1f} ms ({len(v)})" for k, v in idle.items()),
+        flush=True,
+    )
+    for g, before, after in sorted(gaps, reverse=True)[:20]:
+        print(f"  {g:8.0f} us  after {before[:60]}  before {after[:60]}")
 
 
 if __name__ == "__main__":
