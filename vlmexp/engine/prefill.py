@@ -62,14 +62,23 @@ def last_position_only(model: torch.nn.Module) -> Iterator[None]:
     attn = getattr(layer, "self_attn", None)
     targets = [m for m in (getattr(attn, "o_proj", None), getattr(layer, "mlp", None)) if m is not None]
     handles = [m.register_forward_pre_hook(_cut_to_last, with_kwargs=True) for m in targets]
-    outer = getattr(_LAST_ONLY, "on", False)
-    _LAST_ONLY.on = True
+    try:
+        with _on_this_thread(_LAST_ONLY):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _on_this_thread(flag: threading.local) -> Iterator[None]:
+    """`flag.on` is True on this thread inside, and as it was before after (contexts nest)."""
+    outer = getattr(flag, "on", False)
+    flag.on = True
     try:
         yield
     finally:
-        _LAST_ONLY.on = outer
-        for h in handles:
-            h.remove()
+        flag.on = outer
 
 
 def _cut_to_last(_module, args, kwargs):
@@ -132,12 +141,8 @@ def unchecked_placeholders(model: torch.nn.Module) -> Iterator[None]:
         # Once per model and kept: a bound method shadowing the class's, which passes every other thread's
         # (and every later) call through unchanged; bound, so a deep copy of the model binds its copy.
         core.get_placeholder_mask = types.MethodType(_placeholder_mask, core)
-    outer = getattr(_UNCHECKED, "on", False)
-    _UNCHECKED.on = True
-    try:
+    with _on_this_thread(_UNCHECKED):
         yield
-    finally:
-        _UNCHECKED.on = outer
 
 
 def _placeholder_mask(self, *args, **kwargs):
