@@ -318,7 +318,9 @@ def test_pixels_built_by_several_workers_give_the_same_features(tiny_models, tab
     assert one_counts == two_counts and one_counts["calls"] == 3  # tower calls: one per batch of one grid
     assert [n for _, n in one_calls] == [3, 3, 2]
     assert [n for _, n in two_calls] == [2, 1, 2, 1, 1, 1]  # each batch split in two
-    assert len({name for name, _ in two_calls}) == 2
+    # on the pool's threads; not necessarily on both: a worker that finished its part before the next
+    # was handed out takes that one too (the pool reuses an idle thread), as a loaded CI machine showed
+    assert all(name.startswith("vlmexp-pixels") for name, _ in two_calls)
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=0, atol=0)
