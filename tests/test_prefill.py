@@ -154,8 +154,10 @@ def test_an_unpadded_batch_prefills_without_a_mask_and_scores_as_a_padded_one(ti
     with torch.no_grad():
         both = scoring.score_candidates(model, padded, [cands] * 2)
         one = scoring.score_candidates(model, alone, [cands])
+        wrong = scoring.score_candidates(model, padded, [cands] * 2, unpadded=True)  # a CPU mask says
     prefills = masks[0::2]  # each call: the prefill, then the candidates' pass
-    assert prefills[0] is not None and prefills[1] is None
+    assert prefills[0] is not None and prefills[1] is None and prefills[2] is not None
+    torch.testing.assert_close(wrong, both, rtol=0, atol=0)
     torch.testing.assert_close(one[0], both[0], rtol=1e-5, atol=1e-5)
 
 

@@ -68,8 +68,8 @@ def score_candidates(
     # torch 2.11's matmul ran the LM head on it as a batched GEMV that read the 152k x 2048 weight once
     # per row (4.6 ms a batch of 32 on an H200, run AL's profile); the indexed copy is contiguous, one GEMM.
     last = long_tensor([ctx["input_ids"].shape[1] - 1], mask.device)
-    if mask.device.type == "cpu":
-        unpadded = unpadded or bool(mask.all())
+    if mask.device.type == "cpu":  # known here without a sync: the mask itself, not the caller's word
+        unpadded = bool(mask.all())
     # The prefill computes what is read of it only (prefill.py): the last layer's output at the last
     # position, and a cache that holds the prompt's keys and values without copying them. Without a
     # padding mask where no row is padded (tree layout: plain causal attention in every layer), the
