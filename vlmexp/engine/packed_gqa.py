@@ -119,7 +119,7 @@ def packed_sdpa(
     return out.reshape(bsz, length, heads, -1).contiguous()
 
 
-MEM_EFFICIENT_ALIGN = 16  # elements: torch's memory-efficient kernel copies a bias whose rows are not
+MEM_EFFICIENT_ALIGN = 16  # torch's memory-efficient kernel copies a bias whose rows are not 16 elements apart
 
 
 def additive_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
