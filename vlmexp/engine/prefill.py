@@ -2,7 +2,7 @@
 
 `scoring.score_candidates` encodes each prompt once and reads two things from it: the next-token
 logits at the last position, and every layer's keys and values (the candidates' pass attends to them).
-transformers' forward computes more than that, and two levers here leave the surplus out:
+transformers' forward computes more than that, and three levers here leave the surplus out:
 
 - `last_position_only`: in the LAST decoder layer, keys and values are needed for every position (they
   go to the cache), but its attention output projection and MLP only for the last one, the only
@@ -22,7 +22,7 @@ transformers' forward computes more than that, and two levers here leave the sur
   run's own encoder (or, without the caches, by the processor together with the tokens), so the scoring
   prefill asks for the same masks without the check; training keeps it.
 
-Both give the same numbers as the plain forward (tests/test_prefill.py, and every family's scoring
+All three give the same numbers as the plain forward (tests/test_prefill.py, and every family's scoring
 against full-sequence scoring in tests/test_engine_predict.py).
 """
 
@@ -39,8 +39,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from vlmexp.models.parts import unwrap
 
-# Per thread: the hooks are on shared modules, and e.g. `exp serve` runs other requests' forwards on
-# other threads meanwhile, whose candidates' pass must see the whole layer.
+# Per thread: the hooks are on shared modules, and a forward of the same model on another thread (any
+# caller outside this context, e.g. a candidates' pass) must see the whole layer.
 _LAST_ONLY = threading.local()
 
 
