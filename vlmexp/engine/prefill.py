@@ -28,6 +28,7 @@ against full-sequence scoring in tests/test_engine_predict.py).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import types
@@ -132,9 +133,7 @@ def unchecked_placeholders(model: torch.nn.Module) -> Iterator[None]:
     reads a GPU count back (module doc). For models whose `get_placeholder_mask` checks only when given
     the features (`image_features=None` by default: Qwen2/2.5/3-VL); others are left as they are."""
     core = getattr(unwrap(model), "model", None)
-    method = getattr(type(core), "get_placeholder_mask", None)
-    param = inspect.signature(method).parameters.get("image_features") if method is not None else None
-    if param is None or param.default is not None:
+    if not _checks_only_given_features(type(core)):
         yield
         return
     if "get_placeholder_mask" not in vars(core):
@@ -143,6 +142,15 @@ def unchecked_placeholders(model: torch.nn.Module) -> Iterator[None]:
         core.get_placeholder_mask = types.MethodType(_placeholder_mask, core)
     with _on_this_thread(_UNCHECKED):
         yield
+
+
+@functools.cache
+def _checks_only_given_features(cls: type) -> bool:
+    """Whether `cls.get_placeholder_mask` takes `image_features=None` (it checks only when given them);
+    once per class, not at every prefill."""
+    method = getattr(cls, "get_placeholder_mask", None)
+    param = inspect.signature(method).parameters.get("image_features") if method is not None else None
+    return param is not None and param.default is None
 
 
 def _placeholder_mask(self, *args, **kwargs):

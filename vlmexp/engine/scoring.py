@@ -21,6 +21,7 @@ Both equal scoring prompt + candidate from scratch (tests/test_engine_predict.py
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import nullcontext
 
@@ -200,8 +201,15 @@ def _repeat_cache(cache, n: int) -> None:
 def _cache_arg(model, cache) -> dict:
     """The KV cache under the name this transformers takes: `cache` from 5.24 (`past_key_values` still
     works there but warns at every call), `past_key_values` before."""
-    forward = getattr(model, "get_base_model", lambda: model)().forward
-    return {"cache" if "cache" in inspect.signature(forward).parameters else "past_key_values": cache}
+    base = getattr(model, "get_base_model", lambda: model)()
+    return {_cache_name(type(base)): cache}
+
+
+@functools.cache
+def _cache_name(cls: type) -> str:
+    """`cls.forward`'s name for the cache, looked up once per class: every prefill and candidates' pass
+    passes a cache."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _returned_cache(out):
