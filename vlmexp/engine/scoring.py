@@ -146,9 +146,7 @@ def _tree(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, attn)
     # Only real candidate tokens go to fp32: 25 labels x batch 32 x 152k vocab is 0.5 GB a position. Where
     # every row is as wide as the widest (one label set, the usual case) all of them are real.
     sel = logits if len(targets) == logits.shape[0] else logits.index_select(0, at)
-    # log_softmax casting inside its kernel: one read of the bf16 logits and one fp32 write, where a cast
-    # then logsumexp made five passes over the fp32 copy (2.5 ms a batch of 32 x 25 labels, run AU).
-    picked = torch.log_softmax(sel, dim=-1, dtype=torch.float32).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    picked = _target_logprobs(sel, targets)
     rest = torch.zeros(bsz * n, dtype=picked.dtype, device=device)
     rest.index_put_((score,), picked, accumulate=True)  # deterministic on CUDA, unlike index_add_
     return rest.view(bsz, n)
@@ -176,10 +174,18 @@ def _repeat(model, cache, ctx_mask, positions, next_pos, candidates, pad_id, att
         input_ids=inp, attention_mask=full_mask, position_ids=pos, **_cache_arg(model, cache)
     ).logits
     real = mask.bool()
-    sel = logits[real].float()  # (real tokens, V)
-    picked = torch.zeros(mask.shape, dtype=sel.dtype, device=device)
-    picked[real] = sel.gather(-1, targets[real].unsqueeze(-1)).squeeze(-1) - sel.logsumexp(-1)
+    picked = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+    picked[real] = _target_logprobs(logits[real], targets[real])  # (real tokens, V) -> (real tokens,)
     return picked.sum(-1).view(len(candidates), n)
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probability of each row's target token under its (tokens, V) logits, by a log_softmax
+    that casts inside its kernel: one read of the bf16 logits and one fp32 write, where a cast then
+    logsumexp made five passes over the fp32 copy (2.5 ms a batch of 32 x 25 labels, run AU)."""
+    return (
+        torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    )
 
 
 def _repeat_cache(cache, n: int) -> None:
